@@ -1,0 +1,1 @@
+"""Benchmarks: fl against NVIDIA FLARE and Flower (see bench/anchors/README.md)."""

@@ -8,6 +8,7 @@ environment) every ``interval`` seconds with psutil and records:
   result says which),
 * peak summed RSS of the tree,
 * peak RSS of a chosen process (e.g. the FL server), picked by a predicate on its cmdline,
+* peak RSS per named role (``roles``: name -> cmdline predicate; the largest matching process),
 * the largest number of processes seen at once.
 
 A memory watchdog kills the whole tree it launched (only those PIDs, one by one, each checked
@@ -84,6 +85,7 @@ class TreeSampler:
         tag: str | None = None,
         tag_scan_s: float = 1.0,
         include_root: bool = True,
+        roles: dict[str, CmdlinePredicate] | None = None,
         on_kill: Callable[[str], None] | None = None,
     ) -> None:
         self.root_pid = root_pid
@@ -96,6 +98,9 @@ class TreeSampler:
         self.tag_scan_s = tag_scan_s
         self.include_root = include_root
         self.on_kill = on_kill
+        self.roles = dict(roles or {})
+        self.peak_role_rss: dict[str, int] = {}
+        self._role_of: dict[tuple[int, float], list[str]] = {}
 
         self.t_start = time.monotonic()
         self.peak_pss = 0
@@ -196,6 +201,19 @@ class TreeSampler:
                         self.server_cmdline = " ".join(cmd)[:300]
                 if is_server and rss > self.peak_server_rss:
                     self.peak_server_rss = rss
+            if self.roles:
+                key = _proc_key(p)
+                names = self._role_of.get(key)
+                if names is None:
+                    try:
+                        cmd = p.cmdline()
+                    except psutil.Error:
+                        cmd = []
+                    names = [n for n, pred in self.roles.items() if cmd and pred(cmd)]
+                    self._role_of[key] = names
+                for n in names:
+                    if rss > self.peak_role_rss.get(n, 0):
+                        self.peak_role_rss[n] = rss
         t = time.monotonic() - self.t_start
         with self._lock:
             self.samples += 1
@@ -289,6 +307,7 @@ class TreeSampler:
                 "peak_server_rss_bytes": self.peak_server_rss if self.server_seen else None,
                 "peak_server_rss_gib": round(self.peak_server_rss / GiB, 3) if self.server_seen else None,
                 "server_cmdline": self.server_cmdline,
+                "peak_role_rss_bytes": dict(self.peak_role_rss) if self.roles else None,
                 "max_procs": self.max_procs,
                 "samples": self.samples,
                 "sample_interval_s": self.interval,
@@ -324,6 +343,7 @@ def run_measured(
     stderr_path: str | None = None,
     nice: int | None = None,
     parse_json: bool = True,
+    roles: dict[str, CmdlinePredicate] | None = None,
 ) -> dict[str, Any]:
     """Run ``cmd`` under a :class:`TreeSampler`; return measurements and the command's outcome.
 
@@ -350,7 +370,7 @@ def run_measured(
     )
     sampler = TreeSampler(
         proc.pid, interval=interval, server_predicate=server_predicate, mem_cap_gib=mem_cap_gib,
-        min_available_gib=min_available_gib, timeout_s=timeout_s, tag=tag,
+        min_available_gib=min_available_gib, timeout_s=timeout_s, tag=tag, roles=roles,
     ).start()
     stdout_b = stderr_b = b""
     try:

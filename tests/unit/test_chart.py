@@ -1,0 +1,660 @@
+"""Static checks of the Helm chart charts/fl, without a cluster.
+
+`helm lint --strict` and `helm template` for the defaults and every scenario in charts/fl/ci/,
+`kubernetes-validate --strict` of every rendered object (Kubernetes 1.25 and the newest schemas it
+ships), and assertions on the rendered objects against docs/operations.md: one pod per site, GPU
+requests exactly where a site has GPUs, consistent labels and selectors, TLS mounted everywhere,
+probes, the secure defaults, the server port and address, the submit hook and the chart test.
+
+The tools come from `bash tools/install-tools.sh` (the cache folder it prints) or PATH; a test
+that needs a missing tool is skipped with a reason saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip(
+    "yaml", reason="PyYAML is missing from this venv: pip install pyyaml (it renders nothing without it)"
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "fl"
+SCENARIOS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+CASES = ["(chart defaults)", *SCENARIOS]
+RELEASE = "fl"
+NAMESPACE = "fl-test"
+TLS_DIR = "/etc/fl/tls"
+WORKSPACE = "/var/lib/fl/workspace"
+OLDEST_SCHEMA = "1.25.0"
+ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1"}
+
+Obj = dict[str, Any]
+
+
+# --- tools ---------------------------------------------------------------------------------------
+def tools_bin() -> Path:
+    cache = os.environ.get("FL_CACHE_DIR") or str(Path.home() / ".cache" / "fl")
+    return Path(cache) / "tools" / "bin"
+
+
+def find_tool(name: str) -> str:
+    """The tool's path from the installer's cache or PATH; skip the test when it is in neither."""
+    candidate = tools_bin() / name
+    if candidate.exists() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    pytest.skip(f"{name} not found in {tools_bin()} or on PATH; install it with: bash tools/install-tools.sh")
+
+
+def run(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def values_args(case: str) -> list[str]:
+    return [] if case not in SCENARIOS else ["-f", str(CHART / "ci" / case)]
+
+
+@functools.cache
+def _render(helm: str, case: str, extra: tuple[str, ...]) -> str:
+    cmd = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *values_args(case), *extra]
+    return run(cmd).stdout
+
+
+def render(case: str, *extra: str) -> list[Obj]:
+    text = _render(find_tool("helm"), case, tuple(extra))
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+# --- effective values (Helm's merge: maps merge, everything else replaces) ------------------------
+def deep_merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = copy.deepcopy(base)
+        for key, value in override.items():
+            out[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(override)
+
+
+def effective_values(case: str) -> Obj:
+    values: Obj = yaml.safe_load((CHART / "values.yaml").read_text())
+    if case in SCENARIOS:
+        values = deep_merge(values, yaml.safe_load((CHART / "ci" / case).read_text()) or {})
+    return values
+
+
+def effective_sites(values: Obj) -> list[Obj]:
+    """Each site with siteDefaults filled in, as the chart does: a key set on a site wins."""
+    defaults = values["siteDefaults"]
+    return [{**defaults, **site} for site in values["sites"]]
+
+
+# --- object helpers ------------------------------------------------------------------------------
+def by_kind(objs: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def component(obj: Obj) -> str | None:
+    labels: dict[str, str] = obj["metadata"].get("labels", {})
+    return labels.get("app.kubernetes.io/component")
+
+
+def pod_specs(objs: list[Obj]) -> Iterator[tuple[str, Obj, Obj]]:
+    """(description, pod metadata, pod spec) of every pod the render creates."""
+    for o in objs:
+        if o["kind"] in ("Deployment", "Job"):
+            yield (
+                f"{o['kind']}/{o['metadata']['name']}",
+                o["spec"]["template"]["metadata"],
+                o["spec"]["template"]["spec"],
+            )
+        elif o["kind"] == "Pod":
+            yield f"Pod/{o['metadata']['name']}", o["metadata"], o["spec"]
+
+
+def all_containers(spec: Obj) -> list[Obj]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def server_deployment(objs: list[Obj]) -> Obj:
+    servers = [d for d in by_kind(objs, "Deployment") if component(d) == "server"]
+    assert len(servers) == 1, (
+        f"expected one server Deployment, got {[d['metadata']['name'] for d in servers]}"
+    )
+    return servers[0]
+
+
+def site_deployments(objs: list[Obj]) -> dict[str, Obj]:
+    """Site Deployments by the site name in their `--name` argument."""
+    out: dict[str, Obj] = {}
+    for d in by_kind(objs, "Deployment"):
+        if component(d) != "site":
+            continue
+        args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        name = flag(args, "--name")
+        assert name not in out, f"two Deployments run site {name}"
+        out[name] = d
+    return out
+
+
+def flag(args: list[str], name: str) -> str:
+    assert name in args, f"{name} missing from {args}"
+    return str(args[args.index(name) + 1])
+
+
+def server_service(objs: list[Obj]) -> Obj:
+    services = by_kind(objs, "Service")
+    assert len(services) == 1, [s["metadata"]["name"] for s in services]
+    return services[0]
+
+
+def service_address(objs: list[Obj]) -> str:
+    svc = server_service(objs)
+    return f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
+
+
+def hook_job(objs: list[Obj]) -> Obj:
+    jobs = by_kind(objs, "Job")
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    return jobs[0]
+
+
+def container(spec: Obj, name: str) -> Obj:
+    for c in all_containers(spec):
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name} in {[c['name'] for c in all_containers(spec)]}")
+
+
+def gpu_quantities(resources: Obj) -> dict[str, Any]:
+    """Every nvidia.com/* quantity in requests or limits, keyed 'requests:<name>' / 'limits:<name>'."""
+    return {
+        f"{part}:{key}": value
+        for part in ("requests", "limits")
+        for key, value in (resources.get(part) or {}).items()
+        if key.startswith("nvidia.com/")
+    }
+
+
+# --- lint, render, schema validation --------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_helm_lint_strict_passes(case: str) -> None:
+    helm = find_tool("helm")
+    run([helm, "lint", "--strict", str(CHART), *values_args(case)])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_objects_validate_strictly_against_kubernetes_schemas(case: str, tmp_path: Path) -> None:
+    validator = find_tool("kubernetes-validate")
+    newest = re.search(r"Defaults to\s+(\d+\.\d+\.\d+)", run([validator, "--help"]).stdout)
+    assert newest, "cannot read kubernetes-validate's newest schema version from its --help"
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(_render(find_tool("helm"), case, ()))
+    proc = run(
+        [validator, "--strict", "--quiet", "-k", OLDEST_SCHEMA, "-k", newest.group(1), str(manifest)],
+        check=False,
+    )
+    assert proc.returncode == 0, f"schema validation failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_only_api_groups_that_kubernetes_1_20_serves(case: str) -> None:
+    versions = {o["apiVersion"] for o in render(case)}
+    assert versions <= ALLOWED_API_VERSIONS, versions - ALLOWED_API_VERSIONS
+
+
+def test_default_render_is_one_server_and_two_sites_with_one_gpu_each() -> None:
+    objs = render("(chart defaults)")
+    server_deployment(objs)
+    sites = site_deployments(objs)
+    assert sorted(sites) == ["site-1", "site-2"]
+    for name, d in sites.items():
+        resources = d["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == 1, name
+        assert resources["limits"]["nvidia.com/gpu"] == 1, name
+
+
+def test_cpu_scenario_requests_no_gpu_anywhere() -> None:
+    objs = render("cpu-values.yaml")
+    assert len(site_deployments(objs)) == 2
+    for where, _, spec in pod_specs(objs):
+        for c in all_containers(spec):
+            assert not gpu_quantities(c.get("resources") or {}), f"{where}/{c['name']} asks for a GPU"
+
+
+# --- sites ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_one_pod_template_per_site(case: str) -> None:
+    objs = render(case)
+    expected = [s["name"] for s in effective_values(case)["sites"]]
+    sites = site_deployments(objs)
+    assert sorted(sites) == sorted(expected)
+    for name, d in sites.items():
+        assert d["spec"]["replicas"] == 1, name
+        assert d["spec"]["template"]["metadata"]["labels"]["fl/site"] == name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_requests_and_limits_exactly_when_a_site_has_gpus(case: str) -> None:
+    objs = render(case)
+    sites = site_deployments(objs)
+    for site in effective_sites(effective_values(case)):
+        c = sites[site["name"]]["spec"]["template"]["spec"]["containers"][0]
+        gpus = gpu_quantities(c.get("resources") or {})
+        if site["gpus"] > 0:
+            resource = site["gpuResource"]
+            assert gpus == {f"requests:{resource}": site["gpus"], f"limits:{resource}": site["gpus"]}, site[
+                "name"
+            ]
+            assert not any(e["name"] == "NVIDIA_VISIBLE_DEVICES" for e in c.get("env", [])), site["name"]
+        else:
+            assert gpus == {}, f"{site['name']} has gpus=0 but asks for {gpus}"
+            assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in c["env"], site["name"]
+    # Nothing else in the release asks for a GPU.
+    for where, meta, spec in pod_specs(objs):
+        if meta["labels"].get("app.kubernetes.io/component") != "site":
+            for c in all_containers(spec):
+                assert not gpu_quantities(c.get("resources") or {}), f"{where}/{c['name']}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_site_dials_the_server_service_dns_name(case: str) -> None:
+    objs = render(case)
+    address = service_address(objs)
+    for name, d in site_deployments(objs).items():
+        args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[0] == "site"
+        assert flag(args, "--server") == address, name
+        assert flag(args, "--tls") == TLS_DIR
+        assert flag(args, "--workspace") == WORKSPACE
+
+
+def test_per_site_overrides_reach_their_own_pod_only() -> None:
+    objs = render("gpu-values.yaml")
+    sites = site_deployments(objs)
+    one = sites["site-1"]["spec"]["template"]["spec"]
+    two = sites["site-2"]["spec"]["template"]["spec"]
+    assert one["containers"][0]["resources"]["requests"]["cpu"] == "4"
+    assert two["containers"][0]["resources"]["requests"]["cpu"] == "1"
+    data = [m for m in one["containers"][0]["volumeMounts"] if m["name"] == "data"]
+    assert data == [{"name": "data", "mountPath": "/data", "readOnly": True}]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "site-1-cifar10"}} in one["volumes"]
+    assert not any(v["name"] == "data" for v in two["volumes"])
+    # env merges by name: the site's own value replaces the default, once.
+    env_two = [e for e in two["containers"][0]["env"] if e["name"] == "FL_LOG_LEVEL"]
+    assert env_two == [{"name": "FL_LOG_LEVEL", "value": "debug"}]
+    env_one = [e for e in one["containers"][0]["env"] if e["name"] == "FL_LOG_LEVEL"]
+    assert env_one == [{"name": "FL_LOG_LEVEL", "value": "info"}]
+    for spec in (one, two):
+        assert spec["runtimeClassName"] == "nvidia"
+        assert spec["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+
+
+def test_a_site_can_turn_its_gpus_off_against_the_default() -> None:
+    objs = render("(chart defaults)", "--set", "sites[0].name=a,sites[0].gpus=0,sites[1].name=b")
+    sites = site_deployments(objs)
+    assert gpu_quantities(sites["a"]["spec"]["template"]["spec"]["containers"][0]["resources"]) == {}
+    assert gpu_quantities(sites["b"]["spec"]["template"]["spec"]["containers"][0]["resources"]) == {
+        "requests:nvidia.com/gpu": 1,
+        "limits:nvidia.com/gpu": 1,
+    }
+
+
+# --- labels, selectors ---------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_labels_and_selectors_are_consistent(case: str) -> None:
+    objs = render(case)
+    deployments = by_kind(objs, "Deployment")
+    for d in deployments:
+        selector = d["spec"]["selector"]["matchLabels"]
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), d["metadata"]["name"]
+        assert selector["app.kubernetes.io/instance"] == RELEASE
+        assert selector["app.kubernetes.io/name"] == "fl"
+        assert selector["app.kubernetes.io/component"] in ("server", "site")
+        assert "app.kubernetes.io/version" not in selector and "helm.sh/chart" not in selector, (
+            "selectors must not change on upgrade"
+        )
+        # No Deployment's selector also matches another Deployment's pods.
+        for other in deployments:
+            if other is not d:
+                assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+    for o in objs:
+        labels = o["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE, o["metadata"]["name"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
+    svc_selector = server_service(objs)["spec"]["selector"]
+    matching = [where for where, meta, _ in pod_specs(objs) if svc_selector.items() <= meta["labels"].items()]
+    assert matching == [f"Deployment/{server_deployment(objs)['metadata']['name']}"]
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+def tls_secret_of(spec: Obj) -> str:
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secret = volumes["tls"]["secret"]
+    assert {i["key"] for i in secret["items"]} == {"ca.crt", "tls.crt", "tls.key"}
+    assert {i["path"] for i in secret["items"]} == {"ca.crt", "tls.crt", "tls.key"}
+    assert secret["defaultMode"] == 0o440
+    return str(secret["secretName"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tls_secrets_are_mounted_into_every_pod(case: str) -> None:
+    objs = render(case)
+    values = effective_values(case)
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objs, "Secret")}
+    generated = values["tls"]["mode"] == "generate"
+    expected: dict[str, str] = {}
+    server = server_deployment(objs)
+    expected[f"Deployment/{server['metadata']['name']}"] = (
+        "fl-server-tls" if generated else values["tls"]["existing"]["server"]
+    )
+    for site in values["sites"]:
+        name = site_deployments(objs)[site["name"]]["metadata"]["name"]
+        expected[f"Deployment/{name}"] = f"fl-site-{site['name']}-tls" if generated else site["tlsSecret"]
+    admin = "fl-admin-tls" if generated else values["tls"]["existing"]["admin"]
+    for where, _, spec in pod_specs(objs):
+        secret = tls_secret_of(spec)
+        assert secret == expected.get(where, admin), where
+        for c in all_containers(spec):
+            if c["name"] == "export":  # only job.py --export-dir; it talks to nobody
+                continue
+            mounts = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+            assert mounts == [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}], f"{where}/{c['name']}"
+        if generated:
+            assert secret in secrets, f"{where} mounts {secret}, which the chart does not make"
+            assert secrets[secret]["type"] == "kubernetes.io/tls"
+            assert set(secrets[secret]["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    if not generated:
+        assert secrets == {}, "existing TLS mode must not create Secrets"
+
+
+def test_generated_certificates_carry_the_contract_subjects() -> None:
+    x509 = pytest.importorskip("cryptography.x509", reason="cryptography (a project dependency) is missing")
+    import base64
+    import ipaddress
+
+    from cryptography.x509.oid import NameOID
+
+    objs = render("(chart defaults)")
+    secrets = {s["metadata"]["name"]: s["data"] for s in by_kind(objs, "Secret")}
+
+    def cert(name: str, key: str = "tls.crt") -> Any:
+        return x509.load_pem_x509_certificate(base64.b64decode(secrets[name][key]))
+
+    ca = cert("fl-ca", "ca.crt")
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    svc = server_service(objs)["metadata"]["name"]
+    for secret, cn, role in [
+        ("fl-server-tls", "server", "server"),
+        ("fl-admin-tls", "admin@org", "admin"),
+        ("fl-site-site-1-tls", "site-1", "site"),
+        ("fl-site-site-2-tls", "site-2", "site"),
+    ]:
+        c = cert(secret)
+        assert c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == cn
+        c.verify_directly_issued_by(ca)
+        assert base64.b64decode(secrets[secret]["ca.crt"]) == base64.b64decode(secrets["fl-ca"]["ca.crt"])
+        sans = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert f"{role}.role.fl.invalid" in sans.get_values_for_type(x509.DNSName), secret
+        if role == "server":
+            dns = set(sans.get_values_for_type(x509.DNSName))
+            assert {
+                svc,
+                f"{svc}.{NAMESPACE}",
+                f"{svc}.{NAMESPACE}.svc",
+                f"{svc}.{NAMESPACE}.svc.cluster.local",
+                "localhost",
+            } <= dns
+            assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+
+
+# --- probes, security ----------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_probes_run_fl_health_as_the_contract_says(case: str) -> None:
+    objs = render(case)
+    port = effective_values(case)["server"]["port"]
+    server = server_deployment(objs)["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["exec"]["command"] == [
+            "fl",
+            "health",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--tls",
+            TLS_DIR,
+        ], probe
+    for name, d in site_deployments(objs).items():
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = c[probe]["exec"]["command"]
+            assert command[:4] == ["fl", "health", "--site-workspace", WORKSPACE], (name, probe)
+            assert command[4] == "--max-age" and int(command[5]) > 0, (name, probe)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_pod_runs_with_the_secure_defaults(case: str) -> None:
+    for where, _, spec in pod_specs(render(case)):
+        assert spec["automountServiceAccountToken"] is False, where
+        assert spec["enableServiceLinks"] is False, where
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001 and psc["runAsGroup"] == 10001, where
+        assert psc["fsGroup"] == 10001, where
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}, where
+        for c in all_containers(spec):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert sc["runAsNonRoot"] is True, (where, c["name"])
+            assert "privileged" not in sc or sc["privileged"] is False
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts.get("/tmp") == "tmp", f"{where}/{c['name']} has no writable /tmp"
+            assert {"name": "HOME", "value": "/tmp"} in c["env"], f"{where}/{c['name']}"
+    # The workspaces are writable volumes, not the read-only root.
+    objs = render(case)
+    for d in [server_deployment(objs), *site_deployments(objs).values()]:
+        spec = d["spec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts[WORKSPACE] == "workspace"
+        assert "workspace" in {v["name"] for v in spec["volumes"]}
+
+
+def test_service_account_token_is_not_mounted() -> None:
+    objs = render("(chart defaults)")
+    (sa,) = by_kind(objs, "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False
+    for where, _, spec in pod_specs(objs):
+        assert spec["serviceAccountName"] == sa["metadata"]["name"], where
+
+
+# --- server --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "extra"), [(c, ()) for c in CASES] + [("(chart defaults)", ("--set", "server.port=9443"))]
+)
+def test_service_port_matches_the_server_port_flag(case: str, extra: tuple[str, ...]) -> None:
+    objs = render(case, *extra)
+    c = server_deployment(objs)["spec"]["template"]["spec"]["containers"][0]
+    port = int(flag(c["args"], "--port"))
+    assert c["args"][0] == "server"
+    assert flag(c["args"], "--tls") == TLS_DIR and flag(c["args"], "--workspace") == WORKSPACE
+    assert c["ports"] == [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+    (svc_port,) = server_service(objs)["spec"]["ports"]
+    assert svc_port["port"] == port and svc_port["targetPort"] == "grpc"
+    if extra:
+        assert port == 9443
+        assert service_address(objs).endswith(":9443")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_server_workspace_is_a_pvc_or_an_emptydir(case: str) -> None:
+    objs = render(case)
+    persistence = effective_values(case)["server"]["persistence"]
+    volumes = {v["name"]: v for v in server_deployment(objs)["spec"]["template"]["spec"]["volumes"]}
+    pvcs = by_kind(objs, "PersistentVolumeClaim")
+    if persistence["enabled"]:
+        (pvc,) = pvcs
+        assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    else:
+        assert pvcs == []
+        assert "emptyDir" in volumes["workspace"]
+
+
+def test_daemons_take_only_arguments_for_the_images_tini_fl_entrypoint() -> None:
+    objs = render("(chart defaults)")
+    for d in [server_deployment(objs), *site_deployments(objs).values()]:
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        assert "command" not in c, d["metadata"]["name"]
+        assert c["args"][0] in ("server", "site")
+
+
+def test_server_strategy_never_runs_two_servers() -> None:
+    assert server_deployment(render("(chart defaults)"))["spec"]["strategy"] == {"type": "Recreate"}
+
+
+# --- the submit hook and the chart test ----------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_submit_hook_exports_and_submits_the_configured_job(case: str) -> None:
+    objs = render(case)
+    values = effective_values(case)
+    job_values = values["job"]
+    job = hook_job(objs)
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "post-install"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert [c["name"] for c in spec["initContainers"]] == ["wait-for-server", "export"]
+    address = service_address(objs)
+    assert f"fl health --server {address} --tls {TLS_DIR}" in container(spec, "wait-for-server")["command"][2]
+
+    export = container(spec, "export")
+    assert export["image"].startswith("fl-server:")
+    assert export["command"] == ["python", "/opt/fl/jobs/hello-pt/job.py"]
+    assert export["workingDir"] == "/opt/fl/jobs/hello-pt"
+    args = export["args"]
+    assert flag(args, "--export-dir") == "/tmp/fl-export"
+    assert flag(args, "--n-clients") == str(job_values["nClients"] or len(values["sites"]))
+    assert flag(args, "--num-rounds") == str(job_values["numRounds"])
+    assert flag(args, "--dataset") == job_values["dataset"]
+    for key, option in (("trainSize", "--train-size"), ("testSize", "--test-size")):
+        if job_values[key]:
+            assert flag(args, option) == str(job_values[key])
+        else:
+            assert option not in args
+
+    submit = container(spec, "submit")
+    assert submit["command"] == ["fl"]
+    assert submit["args"] == [
+        "submit",
+        "/tmp/fl-export/hello-pt",
+        "--server",
+        address,
+        "--tls",
+        TLS_DIR,
+        "--wait",
+        "--timeout",
+        str(job_values["timeoutSeconds"]),
+    ]
+    assert job["spec"]["activeDeadlineSeconds"] > job_values["timeoutSeconds"]
+    # The export reaches the submit container through the shared /tmp emptyDir.
+    for c in (export, submit):
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+
+
+def test_submit_hook_options_and_switches() -> None:
+    objs = render(
+        "(chart defaults)",
+        "--set",
+        "job.wait=false,job.onUpgrade=true,job.nClients=1,job.extraArgs[0]=--seed,job.extraArgs[1]=7",
+    )
+    job = hook_job(objs)
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    spec = job["spec"]["template"]["spec"]
+    assert "--wait" not in container(spec, "submit")["args"]
+    args = container(spec, "export")["args"]
+    assert flag(args, "--n-clients") == "1"
+    assert args[-2:] == ["--seed", "7"]
+    assert by_kind(render("(chart defaults)", "--set", "job.submit=false"), "Job") == []
+
+
+def test_chart_test_pod_checks_health_and_lists_jobs_as_the_admin() -> None:
+    objs = render("(chart defaults)")
+    (pod,) = by_kind(objs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    address = service_address(objs)
+    assert container(pod["spec"], "health")["command"] == [
+        "fl",
+        "health",
+        "--server",
+        address,
+        "--tls",
+        TLS_DIR,
+    ]
+    assert container(pod["spec"], "jobs")["command"] == ["fl", "jobs", "--server", address, "--tls", TLS_DIR]
+    assert tls_secret_of(pod["spec"]) == "fl-admin-tls"
+    assert by_kind(render("(chart defaults)", "--set", "tests.enabled=false"), "Pod") == []
+
+
+# --- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("tls.mode=bogus", "tls.mode: bogus is not allowed; allowed values: generate, existing"),
+        ("logFormat=xml", "logFormat: xml is not allowed; allowed values: text, json"),
+        (
+            "job.dataset=imagenet",
+            "job.dataset: imagenet is not allowed; allowed values: auto, cifar10, synthetic",
+        ),
+        ("server.service.type=ExternalName", "allowed values: ClusterIP, NodePort, LoadBalancer"),
+        ("sites[0].name=a,sites[0].color=red", "sites[0].color: unknown key; allowed keys: name, gpus"),
+        ("sites[0].name=a,sites[1].name=a", 'sites[1].name: "a" is listed twice'),
+        ("sites[0].name=a,sites[0].gpus=-1", "sites[0].gpus: -1 must be a whole number >= 0"),
+        (
+            "tls.mode=existing,tls.existing.server=s,tls.existing.admin=a",
+            "tlsSecret: name the site's TLS Secret",
+        ),
+    ],
+)
+def test_bad_values_fail_with_the_allowed_values(values: str, message: str) -> None:
+    helm = find_tool("helm")
+    for schema in ([], ["--skip-schema-validation"]):
+        proc = run([helm, "template", RELEASE, str(CHART), "--set", values, *schema], check=False)
+        assert proc.returncode != 0, f"--set {values} {schema} rendered"
+        if schema:  # the template's own check, with the allowed values
+            assert message in proc.stderr, proc.stderr
+
+
+def test_schema_rejects_unknown_top_level_keys() -> None:
+    helm = find_tool("helm")
+    proc = run([helm, "template", RELEASE, str(CHART), "--set", "sever.port=1"], check=False)
+    assert proc.returncode != 0 and "sever" in proc.stderr, proc.stderr
+
+
+def test_kind_cluster_has_one_control_plane_and_two_workers() -> None:
+    cluster = yaml.safe_load((REPO / "kind-cluster.yaml").read_text())
+    assert cluster["kind"] == "Cluster" and cluster["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    assert [n["role"] for n in cluster["nodes"]] == ["control-plane", "worker", "worker"]

@@ -20,6 +20,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -176,8 +177,9 @@ def ensure_env(name: str, *, rebuild: bool = False, log=None, timeout: float = 3
     say(f"[bench.envs] building {name} {version} venv in {tmp} (log: {pip_log})")
     try:
         with open(pip_log, "w") as logf:
-            subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, stdout=logf, stderr=logf,
-                           timeout=600)
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(tmp)], check=True, stdout=logf, stderr=logf, timeout=600
+            )
             py = tmp / "bin" / "python"
             reqs = [
                 f"{spec['dist']}{spec['extras']}=={version}",
@@ -188,13 +190,21 @@ def ensure_env(name: str, *, rebuild: bool = False, log=None, timeout: float = 3
             ]
             logf.write(f"$ pip install {' '.join(reqs)}\n")
             logf.flush()
-            r = subprocess.run([str(py), "-m", "pip", "install", "--no-input", *reqs], stdout=logf,
-                               stderr=subprocess.STDOUT, timeout=timeout)
+            r = subprocess.run(
+                [str(py), "-m", "pip", "install", "--no-input", *reqs],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"pip install exited {r.returncode}")
             # Import check: the anchor must at least import next to this torch.
-            r = subprocess.run([str(py), "-c", f"import {spec['import']}, torch, torchvision, psutil"],
-                               stdout=logf, stderr=subprocess.STDOUT, timeout=600)
+            r = subprocess.run(
+                [str(py), "-c", f"import {spec['import']}, torch, torchvision, psutil"],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                timeout=600,
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"importing {spec['import']} failed (exit {r.returncode})")
         versions = _query_versions(py)
@@ -218,19 +228,19 @@ def ensure_env(name: str, *, rebuild: bool = False, log=None, timeout: float = 3
         shutil.move(str(pip_log), str(final / "pip-install.log"))
         failed_log.unlink(missing_ok=True)
         say(f"[bench.envs] {name} ready at {final}: {versions}")
-        return AnchorEnv(name, version, final, True, versions, built_now=True,
-                         build_seconds=marker["build_seconds"])  # type: ignore[arg-type]
+        return AnchorEnv(
+            name, version, final, True, versions, built_now=True, build_seconds=marker["build_seconds"]
+        )  # type: ignore[arg-type]
     except (subprocess.SubprocessError, OSError, RuntimeError) as e:
         tail = _tail(pip_log)
-        try:
+        with contextlib.suppress(OSError):
             shutil.move(str(pip_log), str(failed_log))
-        except OSError:
-            pass
         shutil.rmtree(tmp, ignore_errors=True)
         err = f"installing {spec['dist']}=={version} failed: {e}\n--- log tail ({failed_log}) ---\n{tail}"
         say(f"[bench.envs] {err}")
-        return AnchorEnv(name, version, final, False, error=err,
-                         build_seconds=round(time.monotonic() - t0, 1))
+        return AnchorEnv(
+            name, version, final, False, error=err, build_seconds=round(time.monotonic() - t0, 1)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

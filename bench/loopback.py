@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=1024, help="MiB to copy per repeat (default 1024)")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--sock-buf-kib", type=int, default=1024,
-                    help="SO_SNDBUF/SO_RCVBUF in KiB (default 1024, the fastest here); 0: kernel autotuning")
+    ap.add_argument(
+        "--sock-buf-kib",
+        type=int,
+        default=1024,
+        help="SO_SNDBUF/SO_RCVBUF in KiB (default 1024, the fastest here); 0: kernel autotuning",
+    )
     a = ap.parse_args(argv)
     print(json.dumps({"scenario": "loopback", **measure(a.mib * MiB, a.repeat, a.sock_buf_kib * 1024)}))
     return 0

@@ -25,6 +25,7 @@ benchmark and by the anchor scenario scripts that run inside the anchors' own ve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -243,10 +244,8 @@ class TreeSampler:
         if self.killed_reason is None:
             self.killed_reason = reason
             if self.on_kill is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self.on_kill(reason)
-                except Exception:
-                    pass
         for _ in range(3):
             procs = self._discover()
             if self._root is not None and _proc_key(self._root) not in {_proc_key(p) for p in procs}:
@@ -291,7 +290,7 @@ class TreeSampler:
 
     @property
     def pss_source(self) -> str:
-        """"pss", "rss" (PSS was never readable) or "pss+rss" (read for some processes only)."""
+        """ "pss", "rss" (PSS was never readable) or "pss+rss" (read for some processes only)."""
         if self._n_rss_fallback == 0:
             return "pss"
         return "rss" if self._n_pss_read == 0 else "pss+rss"
@@ -365,12 +364,23 @@ def run_measured(
     t_launch = time.time()
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        list(cmd), env=full_env, cwd=cwd, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL,
+        list(cmd),
+        env=full_env,
+        cwd=cwd,
+        stdout=out_f,
+        stderr=err_f,
+        stdin=subprocess.DEVNULL,
         preexec_fn=preexec if nice else None,
     )
     sampler = TreeSampler(
-        proc.pid, interval=interval, server_predicate=server_predicate, mem_cap_gib=mem_cap_gib,
-        min_available_gib=min_available_gib, timeout_s=timeout_s, tag=tag, roles=roles,
+        proc.pid,
+        interval=interval,
+        server_predicate=server_predicate,
+        mem_cap_gib=mem_cap_gib,
+        min_available_gib=min_available_gib,
+        timeout_s=timeout_s,
+        tag=tag,
+        roles=roles,
     ).start()
     stdout_b = stderr_b = b""
     try:

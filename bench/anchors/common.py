@@ -161,16 +161,40 @@ def versions(*dists: str) -> dict[str, str]:
 # The scenarios' parameters, the same for every anchor (and for fl).
 SCENARIOS: dict[str, dict[str, Any]] = {
     # hello-pt's CNN, 64 training samples per site, hello-pt's tutorial hyperparameters.
-    "overhead": {"sites": 2, "rounds": 5, "train_size": 64, "val_size": 0, "epochs": 1,
-                 "batch_size": 4, "lr": 0.001, "momentum": 0.9},
+    "overhead": {
+        "sites": 2,
+        "rounds": 5,
+        "train_size": 64,
+        "val_size": 0,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 0.001,
+        "momentum": 0.9,
+    },
     # One float32 tensor of `mib` MiB; each site returns params + 1, no training.
     "large": {"sites": 2, "rounds": 2, "mib": 100},
     # The same CNN, a little training per site (16 samples: 4 steps), many sites.
-    "scale": {"sites": 2, "rounds": 2, "train_size": 16, "val_size": 0, "epochs": 1,
-              "batch_size": 4, "lr": 0.001, "momentum": 0.9},
+    "scale": {
+        "sites": 2,
+        "rounds": 2,
+        "train_size": 16,
+        "val_size": 0,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 0.001,
+        "momentum": 0.9,
+    },
     # hello-pt on the offline dataset; the final global model evaluated on each site's "val" split.
-    "train": {"sites": 2, "rounds": 2, "train_size": 2048, "val_size": 512, "epochs": 1,
-              "batch_size": 4, "lr": 0.001, "momentum": 0.9},
+    "train": {
+        "sites": 2,
+        "rounds": 2,
+        "train_size": 2048,
+        "val_size": 512,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 0.001,
+        "momentum": 0.9,
+    },
 }
 
 
@@ -182,8 +206,12 @@ def base_parser(description: str, scenario: str | None = None) -> argparse.Argum
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the run is killed")
-    ap.add_argument("--mem-cap-gib", type=float, default=measure.DEFAULT_MEM_CAP_GIB,
-                    help="kill the run when the tree's summed RSS passes this (GiB)")
+    ap.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        default=measure.DEFAULT_MEM_CAP_GIB,
+        help="kill the run when the tree's summed RSS passes this (GiB)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the /tmp/fl-bench-* workspace")
     ap.add_argument("--log", default=None, help="file for the framework's own output (default: stderr)")
     return ap
@@ -228,9 +256,16 @@ def drive(
         else:
             cmd = [sys.executable, script, "--inner", "--workdir", str(ws), *argv]
         m = measure.run_measured(
-            cmd, env=env, cwd=str(ws), timeout_s=args.timeout, mem_cap_gib=args.mem_cap_gib,
-            server_predicate=server_predicate, stdout_path=str(ws / "inner.stdout"),
-            stderr_path=log_path, parse_json=False, roles=roles,
+            cmd,
+            env=env,
+            cwd=str(ws),
+            timeout_s=args.timeout,
+            mem_cap_gib=args.mem_cap_gib,
+            server_predicate=server_predicate,
+            stdout_path=str(ws / "inner.stdout"),
+            stderr_path=log_path,
+            parse_json=False,
+            roles=roles,
         )
         ev = read_events(events)
         inner = read_result(result)

@@ -85,8 +85,13 @@ def check_exact(values: Any, expected: float) -> dict[str, Any]:
             ok = False
             mismatches += bad
     first = float(t[0]) if n else None
-    return {"exact": ok, "elements": n, "mismatches": mismatches, "first_value": first,
-            "expected_value": expected}
+    return {
+        "exact": ok,
+        "elements": n,
+        "mismatches": mismatches,
+        "first_value": first,
+        "expected_value": expected,
+    }
 
 
 # --------------------------------------------------------------------------------------------

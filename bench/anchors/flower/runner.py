@@ -80,8 +80,12 @@ def _toml_value(v: Any) -> str:
 
 def main(scenario: str, argv: list[str] | None = None) -> int:
     ap = common.base_parser(f"Flower: the {scenario} scenario", scenario)
-    ap.add_argument("--client-cpus", type=int, default=1,
-                    help="Ray CPUs per ClientApp (Flower's client-resources-num-cpus); default 1")
+    ap.add_argument(
+        "--client-cpus",
+        type=int,
+        default=1,
+        help="Ray CPUs per ClientApp (Flower's client-resources-num-cpus); default 1",
+    )
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
 
@@ -94,14 +98,16 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
     if scenario == "large":
         run_config["model-mib"] = args.mib
     else:
-        run_config.update({
-            "train-size": args.train_size,
-            "val-size": args.val_size,
-            "local-epochs": args.epochs,
-            "batch-size": args.batch_size,
-            "learning-rate": float(args.lr),
-            "momentum": float(args.momentum),
-        })
+        run_config.update(
+            {
+                "train-size": args.train_size,
+                "val-size": args.val_size,
+                "local-epochs": args.epochs,
+                "batch-size": args.batch_size,
+                "learning-rate": float(args.lr),
+                "momentum": float(args.momentum),
+            }
+        )
     fed_config = {"num-supernodes": args.sites, "client-resources-num-cpus": args.client_cpus}
     flwr = str(Path(sys.executable).parent / "flwr")
     ray_tmp = Path(tempfile.mkdtemp(prefix="fl-bench-ray-", dir="/tmp"))
@@ -122,9 +128,15 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
 
     def command(ws: Path) -> list[str]:
         return [
-            flwr, "run", str(APP_DIR), "local", "--stream",
-            "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items()),
-            "--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in fed_config.items()),
+            flwr,
+            "run",
+            str(APP_DIR),
+            "local",
+            "--stream",
+            "--run-config",
+            " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items()),
+            "--federation-config",
+            " ".join(f"{k}={_toml_value(v)}" for k, v in fed_config.items()),
         ]
 
     def post(ws: Path, out: dict[str, Any]) -> dict[str, Any]:

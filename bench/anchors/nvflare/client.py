@@ -56,7 +56,7 @@ def main() -> None:
                 lr=args.lr,
                 momentum=args.momentum,
                 seed=pt._stable_seed(site, str(rnd)),
-                on_first_step=lambda: emit("first_step", site=site, round=rnd),
+                on_first_step=lambda r=rnd: emit("first_step", site=site, round=r),
             )
             params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             meta = {"NUM_STEPS_CURRENT_ROUND": int(stats["steps"])}

@@ -66,7 +66,8 @@ def inner(scenario: str, args: Any) -> None:
         train_args=train_args,
     )
     threads = args.threads if args.threads else args.sites
-    env = SimEnv(num_clients=args.sites, num_threads=threads, workspace_root=str(_sim_root(Path(args.workdir))))
+    sim_root = str(_sim_root(Path(args.workdir)))
+    env = SimEnv(num_clients=args.sites, num_threads=threads, workspace_root=sim_root)
     run = recipe.execute(env)
     common.write_result(job_result=str(run.get_result()))
 
@@ -97,8 +98,12 @@ def _post(scenario: str, args: Any) -> Any:
 
 def main(scenario: str, argv: list[str] | None = None) -> int:
     ap = common.base_parser(f"NVIDIA FLARE: the {scenario} scenario", scenario)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="simulator threads (client worker processes); default = sites, SimEnv's default")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="simulator threads (client worker processes); default = sites, SimEnv's default",
+    )
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
     if args.inner:

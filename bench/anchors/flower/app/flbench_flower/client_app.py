@@ -46,7 +46,7 @@ def train(msg: Message, context: Context) -> Message:
             lr=float(cfg["learning-rate"]),
             momentum=float(cfg["momentum"]),
             seed=pt._stable_seed(site, str(rnd)),
-            on_first_step=lambda: emit("first_step", site=site, round=rnd),
+            on_first_step=lambda r=rnd: emit("first_step", site=site, round=r),
         )
         reply_arrays = ArrayRecord(model.state_dict())
         metrics = {"num-examples": int(stats["num_examples"]), "train_loss": float(stats["train_loss"])}

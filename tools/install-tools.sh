@@ -16,7 +16,7 @@ set -euo pipefail
 CACHE_ROOT="${FL_CACHE_DIR:-${HOME}/.cache/fl}"
 TOOLS_DIR="${CACHE_ROOT}/tools"
 BIN_DIR="${TOOLS_DIR}/bin"
-VENV_DIR="${TOOLS_DIR}/venv"
+VENV_DIR="${TOOLS_DIR}/lint-venv"
 PYTHON="${PYTHON:-python3}"
 
 # --- pins --------------------------------------------------------------------------------------
@@ -38,6 +38,9 @@ has_pinned() {  # has_pinned FILE SHA256
 }
 
 mkdir -p "${BIN_DIR}"
+# One installer at a time (tests and a manual run may start together).
+exec 9>"${TOOLS_DIR}/.install-tools.lock"
+flock 9
 
 # --- helm + kubectl ----------------------------------------------------------------------------
 if has_pinned "${BIN_DIR}/helm" "${HELM_SHA256}" && has_pinned "${BIN_DIR}/kubectl" "${KUBECTL_SHA256}"; then

@@ -299,7 +299,7 @@ def drive(
             if not tail:
                 with contextlib.suppress(OSError):
                     tail = Path(log_path).read_text(errors="replace")[-4000:]
-            out["error_tail"] = tail[-3000:]
+            out["error_tail"] = (m.get("stdout_tail", "")[-1000:] + "\n" + tail[-3000:]).strip()
         if args.keep:
             out["workspace"] = str(ws)
         return out

@@ -296,7 +296,8 @@ def test_per_site_overrides_reach_their_own_pod_only() -> None:
     data = [m for m in one["containers"][0]["volumeMounts"] if m["name"] == "data"]
     assert data == [{"name": "data", "mountPath": "/data", "readOnly": True}]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "site-1-cifar10"}} in one["volumes"]
-    assert not any(v["name"] == "data" for v in two["volumes"])
+    assert {"name": "data", "emptyDir": {"sizeLimit": "2Gi"}} in two["volumes"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": False} in two["containers"][0]["volumeMounts"]
     # env merges by name: the site's own value replaces the default, once.
     env_two = [e for e in two["containers"][0]["env"] if e["name"] == "FL_LOG_LEVEL"]
     assert env_two == [{"name": "FL_LOG_LEVEL", "value": "debug"}]
@@ -560,6 +561,10 @@ def test_submit_hook_exports_and_submits_the_configured_job(case: str) -> None:
     assert flag(args, "--n-clients") == str(job_values["nClients"] or len(values["sites"]))
     assert flag(args, "--num-rounds") == str(job_values["numRounds"])
     assert flag(args, "--dataset") == job_values["dataset"]
+    if job_values["dataRoot"]:
+        assert flag(args, "--data-root") == job_values["dataRoot"]
+    else:
+        assert "--data-root" not in args
     for key, option in (("trainSize", "--train-size"), ("testSize", "--test-size")):
         if job_values[key]:
             assert flag(args, option) == str(job_values[key])

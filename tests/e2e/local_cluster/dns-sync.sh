@@ -23,7 +23,7 @@ read -r -d '' prog <<'JQ' || true
      (select(.hostname != null) | "\(.ip) \(.hostname).\($m.name).\($m.namespace).svc.cluster.local"))
 JQ
 while true; do
-  if json="$("$kubectl" --kubeconfig="$kubeconfig" --request-timeout=5s get services,endpoints -A -o json 2>/dev/null)"; then
+  if json="$("$kubectl" --kubeconfig="$kubeconfig" --cache-dir="$hosts_dir/../kube-cache" --request-timeout=5s get services,endpoints -A -o json 2>/dev/null)"; then
     jq -r "$prog" <<<"$json" | sort > "$hosts_dir/.svc.tmp"
     if ! cmp -s "$hosts_dir/.svc.tmp" "$hosts_dir/svc"; then
       mv -f "$hosts_dir/.svc.tmp" "$hosts_dir/svc"

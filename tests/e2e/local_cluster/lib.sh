@@ -66,8 +66,8 @@ my_memory_cgroup() { awk -F: '$2=="memory"{print $3}' /proc/self/cgroup; }
 
 # Run a command inside the cluster's network namespace (and, once up.sh made it, its mount namespace).
 in_ns() {
-  if [ -e "$ROOT/mntns" ] && mountpoint -q "$ROOT/mntns" 2>/dev/null; then
-    nsenter --net="/run/netns/$FL_CLUSTER_NETNS" --mount="$ROOT/mntns" "$@"
+  if [ -e "$ROOT/ns/mnt" ] && mountpoint -q "$ROOT/ns/mnt" 2>/dev/null; then
+    nsenter --net="/run/netns/$FL_CLUSTER_NETNS" --mount="$ROOT/ns/mnt" "$@"
   else
     nsenter --net="/run/netns/$FL_CLUSTER_NETNS" "$@"
   fi

@@ -19,7 +19,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need_root
 T0=$SECONDS
-UP_DEADLINE="${FL_CLUSTER_UP_TIMEOUT:-300}"   # seconds for the whole start, waits included
+UP_DEADLINE="${FL_CLUSTER_UP_TIMEOUT:-300}"   # seconds for the start (after any build), waits included
 
 NODE_IP="$(node_ip)"
 NETNS="$FL_CLUSTER_NETNS"
@@ -59,6 +59,7 @@ fi
 ensure_pkgs "${RUNTIME_PKGS[@]}"
 K8S_BIN="$("$LC_DIR/build-k8s.sh")"
 KUBECTL="$("$LC_DIR/tools.sh" kubectl)"
+T_START=$SECONDS   # the deadline counts from here, after any build
 
 # a fresh ROOT (never rm -rf through a mount)
 if [ -e "$ROOT" ]; then
@@ -96,7 +97,7 @@ trap on_exit EXIT
 # wait_for WHAT SECONDS CMD...: poll CMD until it succeeds, within the overall deadline
 wait_for() {
   local what="$1" secs="$2"; shift 2
-  local end=$((SECONDS + secs)); [ $end -gt $((T0 + UP_DEADLINE)) ] && end=$((T0 + UP_DEADLINE))
+  local end=$((SECONDS + secs)); [ $end -gt $((T_START + UP_DEADLINE)) ] && end=$((T_START + UP_DEADLINE))
   FAILED_WAIT="$what"
   until "$@" >/dev/null 2>&1; do
     [ $SECONDS -lt $end ] || { log "gave up waiting for $what"; return 1; }
@@ -199,7 +200,8 @@ kubeconfig "$ROOT/etc/kubelet.kubeconfig" "$(user_token "system:node:$NODE_NAME"
 kubeconfig "$ROOT/etc/controller-manager.kubeconfig" "$(user_token system:kube-controller-manager)" kube-controller-manager
 kubeconfig "$ROOT/etc/scheduler.kubeconfig" "$(user_token system:kube-scheduler)" kube-scheduler
 kubeconfig "$ROOT/etc/proxy.kubeconfig" "$(user_token system:kube-proxy)" kube-proxy
-K() { "$KUBECTL" --kubeconfig="$ROOT/admin.kubeconfig" --request-timeout=10s "$@"; }
+# (--cache-dir: kubectl's discovery cache stays in ROOT, not in ~/.kube)
+K() { "$KUBECTL" --kubeconfig="$ROOT/admin.kubeconfig" --cache-dir="$ROOT/kube-cache" --request-timeout=10s "$@"; }
 
 # ---------------------------------------------------------------------------------------------------------
 # 4. etcd and the control plane (all on the namespace's loopback / node address)

@@ -1,0 +1,174 @@
+"""``fl simulate | server | site | health | provision``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from fl.log import adapter, setup_logging
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+log = adapter("fl.cli")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"fl: {message}", file=sys.stderr)
+    return code
+
+
+def _tls_or_insecure(args: argparse.Namespace, who: str) -> tuple[object, int | None]:
+    """The TLS config from --tls, or None with --insecure; an exit code when neither is given."""
+    from fl.transport import TLSConfig
+
+    if args.tls:
+        try:
+            return TLSConfig.load(args.tls), None
+        except FileNotFoundError as exc:
+            return None, _fail(str(exc))
+    if args.insecure:
+        log.warning("INSECURE: %s runs without TLS; use this only on loopback or for tests", who)
+        return None, None
+    return None, _fail(f"{who}: give --tls DIR (made by `fl provision`) or --insecure")
+
+
+def _on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fl.simulator import simulate
+
+    setup_logging(args.log_format, args.log_level)
+    if not Path(args.job_dir).is_dir():
+        return _fail(f"{args.job_dir}: no such job folder")
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
+    return simulate(
+        args.job_dir,
+        args.workspace,
+        n_clients=args.n_clients,
+        threads=args.threads,
+        clients=clients,
+        gpu=args.gpu,
+        timeout=args.timeout,
+    )
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fl.server.app import FLServer
+
+    setup_logging(args.log_format, args.log_level)
+    if not args.workspace:
+        return _fail("fl server: give --workspace DIR (or FL_WORKSPACE)")
+    tls, error = _tls_or_insecure(args, "fl server")
+    if error is not None:
+        return error
+    server = FLServer(
+        Path(args.workspace),
+        host=args.host,
+        port=args.port,
+        tls=tls,  # type: ignore[arg-type]
+        lost_after=args.heartbeat_timeout,
+        site_wait_timeout=args.site_wait_timeout,
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        return _fail(f"fl server: {exc}", EXIT_UNREACHABLE)
+    stop = threading.Event()
+    _on_signals(stop)
+    stop.wait()
+    server.stop()
+    return EXIT_OK
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from fl.site.agent import SiteAgent
+
+    setup_logging(args.log_format, args.log_level)
+    if not args.name or not args.server or not args.workspace:
+        return _fail("fl site: give --name, --server HOST:PORT and --workspace (or FL_SITE_NAME, FL_SERVER, FL_WORKSPACE)")
+    tls, error = _tls_or_insecure(args, "fl site")
+    if error is not None:
+        return error
+    agent = SiteAgent(
+        args.name,
+        args.server,
+        Path(args.workspace),
+        tls=tls,  # type: ignore[arg-type]
+        server_name=args.server_name,
+        accepts_custom_code=not args.no_custom_code,
+    )
+    stop = threading.Event()
+    _on_signals(stop)
+    agent.start()
+    log.info("site %s started; connecting to %s", args.name, args.server)
+    stop.wait()
+    agent.stop("site daemon stopping")
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    if args.site_workspace:
+        status_file = Path(args.site_workspace) / "site-status.json"
+        try:
+            status = json.loads(status_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return _fail(f"site not ready: no readable {status_file}", EXIT_UNREACHABLE)
+        age = time.time() - float(status.get("updated", 0))
+        if not status.get("registered"):
+            return _fail(f"site not registered: {status.get('last_error') or 'connecting'}", EXIT_UNREACHABLE)
+        if age > args.max_age:
+            return _fail(f"site status is {age:.0f} s old (limit {args.max_age:.0f} s)", EXIT_UNREACHABLE)
+        print(f"site {status.get('site')} registered with {status.get('server')}")
+        return EXIT_OK
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fl.transport import TLSConfig, make_channel
+
+    if not args.server:
+        return _fail("fl health: give --server HOST:PORT or --site-workspace DIR")
+    tls = TLSConfig.load(args.tls) if args.tls else None
+    channel = make_channel(args.server, tls=tls, server_name=args.server_name)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(f"server not healthy: {exc.code().name}: {exc.details()}", EXIT_UNREACHABLE)
+    finally:
+        channel.close()
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return _fail(f"server status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", EXIT_UNREACHABLE)
+    print("SERVING")
+    return EXIT_OK
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from fl.provision import ProvisionError, provision
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    admins = [a.strip() for a in args.admins.split(",") if a.strip()]
+    try:
+        written = provision(
+            Path(args.out),
+            server_name=args.server_name,
+            server_dns=args.server_dns,
+            sites=sites,
+            admins=admins,
+            project=args.project,
+            days=args.days,
+        )
+    except ProvisionError as exc:
+        return _fail(str(exc))
+    for name, folder, created in written:
+        print(f"{'created' if created else 'kept   '} {name:<24} {folder}")
+    return EXIT_OK

@@ -1,0 +1,116 @@
+"""The ``fl`` command: simulator, daemons, admin commands, provisioning, probes.
+
+Exit codes: 0 success; 1 the job failed or was aborted; 2 bad usage or input; 3 cannot reach or
+authenticate to the server; 4 timed out. See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from fl import __version__
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=_env("FL_SERVER"), help="HOST:PORT of the fl server (env FL_SERVER)")
+    p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="TLS folder: ca.crt, tls.crt, tls.key (env FL_TLS_DIR)")
+    p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1", help="no TLS (loopback only)")
+    p.add_argument("--server-name", default=_env("FL_SERVER_NAME"), help="name to verify in the server's certificate")
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["text", "json"], default=_env("FL_LOG_FORMAT", "text"))
+    p.add_argument("--log-level", default=_env("FL_LOG_LEVEL", "INFO"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl", description="fl: federated learning for PyTorch")
+    parser.add_argument("--version", action="version", version=f"fl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="run an exported job with a server and N sites on this machine")
+    p.add_argument("job_dir", help="an exported job folder (FedJob.export_job)")
+    p.add_argument("-n", "--n-clients", type=int, help="number of sites (default: the job's sites)")
+    p.add_argument("-w", "--workspace", default="/tmp/fl/simulate", help="simulation workspace")
+    p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
+    p.add_argument("-c", "--clients", help="comma-separated site names")
+    p.add_argument("--gpu", help="comma-separated GPU ids, assigned to sites in turn")
+    p.add_argument("--timeout", type=float, help="abort if the job has not finished after this many seconds")
+    _add_logging(p)
+
+    p = sub.add_parser("server", help="run the fl server daemon")
+    p.add_argument("--workspace", default=_env("FL_WORKSPACE"), help="server workspace (env FL_WORKSPACE)")
+    p.add_argument("--host", default=_env("FL_HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(_env("FL_PORT", "8002") or 8002))
+    p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="server TLS folder (env FL_TLS_DIR)")
+    p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1")
+    p.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost")
+    p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
+    _add_logging(p)
+
+    p = sub.add_parser("site", help="run a site daemon")
+    p.add_argument("--name", default=_env("FL_SITE_NAME"), help="site name (env FL_SITE_NAME)")
+    p.add_argument("--workspace", default=_env("FL_WORKSPACE"), help="site workspace (env FL_WORKSPACE)")
+    p.add_argument("--no-custom-code", action="store_true", default=_env("FL_NO_CUSTOM_CODE") == "1",
+                   help="refuse jobs that carry custom code")
+    _add_connection(p)
+    _add_logging(p)
+
+    p = sub.add_parser("health", help="probe: exit 0 when the server serves / the site is registered")
+    _add_connection(p)
+    p.add_argument("--site-workspace", help="check a site's status file instead of the server")
+    p.add_argument("--max-age", type=float, default=60.0, help="site status older than this fails the probe")
+    p.add_argument("--timeout", type=float, default=5.0)
+
+    from fl.cli import admin
+
+    admin.add_commands(sub, _add_connection)
+
+    p = sub.add_parser("provision", help="make a project CA and certificates for server, sites and admins")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--server-name", default="server", help="the server's certificate name (CN)")
+    p.add_argument("--server-dns", action="append", default=[], help="a DNS name of the server (repeatable)")
+    p.add_argument("--sites", default="", help="comma-separated site names")
+    p.add_argument("--admins", default="", help="comma-separated admin names")
+    p.add_argument("--project", default="fl", help="project name (in the CA's subject)")
+    p.add_argument("--days", type=int, default=825, help="certificate validity")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "version":
+        print(f"fl {__version__}")
+        return EXIT_OK
+    from fl.cli import commands
+
+    handler = getattr(commands, f"cmd_{args.command}", None)
+    if handler is None:
+        from fl.cli import admin
+
+        handler = getattr(admin, f"cmd_{args.command}")
+    try:
+        return int(handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

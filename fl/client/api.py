@@ -1,0 +1,265 @@
+"""The Client API's implementation: one context per training script process.
+
+The script talks to the site agent that started it over the local channel (see
+:mod:`fl.channel`). ``receive`` returns the task's model loaded from the safetensors file the agent
+downloaded; ``send`` writes the result to a safetensors file and waits until the agent has
+delivered it to the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fl.channel import ChannelClosed, LineChannel
+from fl.client.model import FLMetaKey, FLModel, ParamsType
+
+__all__ = ["ClientAPI", "NotUnderAgentError"]
+
+TASK_TRAIN = "train"
+TASK_VALIDATE = "validate"
+TASK_SUBMIT_MODEL = "submit_model"
+
+
+class NotUnderAgentError(RuntimeError):
+    """The script was started by hand rather than by an fl site."""
+
+
+def _json_safe_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"metric {key!r} is not finite: {value}")
+        out[str(key)] = value
+    return out
+
+
+class ClientAPI:
+    """State of the Client API in one script process (the module-level functions delegate here)."""
+
+    def __init__(self) -> None:
+        self._channel: LineChannel | None = None
+        self._info: dict[str, Any] = {}
+        self._task: dict[str, Any] | None = None
+        self._task_consumed = False
+        self._ended = False
+        self._rank = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def init(self, rank: int | str | None = None) -> None:
+        if self._channel is not None:
+            return
+        if rank is None:
+            rank = os.environ.get("RANK", "0")
+        self._rank = int(rank)
+        fd = os.environ.get("FL_CHANNEL_FD")
+        if not fd:
+            raise NotUnderAgentError(
+                "fl.client.init(): this script was not started by an fl site (FL_CHANNEL_FD is not set). "
+                "Run it through a job: `fl simulate JOB_DIR` or `job.simulator_run(...)`."
+            )
+        if self._rank != 0:
+            raise NotImplementedError(
+                "fl.client: only rank 0 talks to the site; run the Client API in the rank-0 process"
+            )
+        sock = socket.socket(fileno=int(fd))
+        self._channel = LineChannel(sock)
+        self._channel.send({"op": "hello", "pid": os.getpid()})
+        welcome = self._channel.recv()
+        if welcome.get("op") != "welcome":
+            raise RuntimeError(f"fl.client: unexpected reply from the site agent: {welcome}")
+        self._info = {k: v for k, v in welcome.items() if k != "op"}
+        threads = self._info.get("torch_threads")
+        if threads:
+            _limit_torch_threads(int(threads))
+
+    def _require(self) -> LineChannel:
+        if self._channel is None:
+            self.init()
+        assert self._channel is not None
+        return self._channel
+
+    def shutdown(self) -> None:
+        if self._channel is not None:
+            try:
+                self._channel.send({"op": "bye"})
+            except ChannelClosed:
+                pass
+            self._channel.close()
+            self._channel = None
+
+    # ------------------------------------------------------------------ tasks
+    def _next_task(self, timeout: float | None) -> bool:
+        """Fetch the next task from the agent; False when the job has ended."""
+        if self._ended:
+            return False
+        channel = self._require()
+        channel.send({"op": "next_task", "timeout": timeout})
+        reply = channel.recv()
+        op = reply.get("op")
+        if op == "task":
+            self._task = reply["task"]
+            self._task_consumed = False
+            return True
+        if op == "end":
+            self._ended = True
+            self._task = None
+            return False
+        if op == "timeout":
+            return False
+        raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
+
+    def is_running(self) -> bool:
+        """True while the job runs; blocks until the next task arrives or the job ends."""
+        if self._task is not None and not self._task_consumed:
+            return True
+        return self._next_task(None)
+
+    def receive(self, timeout: float | None = None) -> FLModel | None:
+        """The current task's model; None once the job has ended (or on timeout)."""
+        if (self._task is None or self._task_consumed) and not self._next_task(timeout):
+            return None
+        assert self._task is not None
+        self._task_consumed = True
+        task = self._task
+        params = None
+        if task.get("model_path"):
+            params = self._load(task["model_path"])
+        meta = dict(task.get("meta") or {})
+        meta.setdefault(FLMetaKey.CURRENT_ROUND, task["round"])
+        meta.setdefault(FLMetaKey.TOTAL_ROUNDS, task["num_rounds"])
+        meta.setdefault(FLMetaKey.JOB_ID, self._info.get("job_id"))
+        meta.setdefault(FLMetaKey.SITE_NAME, self._info.get("site_name"))
+        return FLModel(
+            params_type=task.get("params_type") or ParamsType.FULL,
+            params=params,
+            current_round=task["round"],
+            total_rounds=task["num_rounds"],
+            meta=meta,
+        )
+
+    def _load(self, path: str) -> Any:
+        from fl.tensors import load_numpy, load_torch
+
+        if self._info.get("params_format", "pytorch") == "numpy":
+            return load_numpy(path)
+        return load_torch(path)
+
+    def send(self, model: FLModel, clear_cache: bool = True) -> bool:
+        """Send the result of the current task; returns whether the server accepted it."""
+        if self._task is None:
+            raise RuntimeError("fl.client.send(): no task received; call receive() first")
+        if not isinstance(model, FLModel):
+            raise TypeError(f"fl.client.send() takes an FLModel, got {type(model).__name__}")
+        task = self._task
+        channel = self._require()
+        message: dict[str, Any] = {
+            "op": "result",
+            "task_id": task["task_id"],
+            "meta": _json_meta(model.meta),
+            "metrics": _json_safe_metrics(model.metrics),
+            "params_type": getattr(model.params_type, "value", model.params_type) or ParamsType.FULL.value,
+            "path": None,
+        }
+        if model.params is not None:
+            from fl.tensors import write_tensors
+
+            path = Path(task["result_path"])
+            digest = hashlib.sha256()
+            write_tensors(path, dict(model.params), digest=digest)
+            message["path"] = str(path)
+            message["sha256"] = digest.hexdigest()
+        channel.send(message)
+        reply = channel.recv()
+        if reply.get("op") != "ack":
+            raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
+        if clear_cache:
+            self._task = None
+        if not reply.get("accepted", False):
+            warnings.warn(f"fl: the server did not accept this result: {reply.get('message')}", stacklevel=3)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ info
+    def _task_name(self) -> str | None:
+        if self._task is None and not self._ended:
+            self._next_task(None)
+        return None if self._task is None else str(self._task["name"])
+
+    def is_train(self) -> bool:
+        return self._task_name() == TASK_TRAIN
+
+    def is_evaluate(self) -> bool:
+        return self._task_name() == TASK_VALIDATE
+
+    def is_submit_model(self) -> bool:
+        return self._task_name() == TASK_SUBMIT_MODEL
+
+    def get_site_name(self) -> str:
+        self._require()
+        return str(self._info["site_name"])
+
+    def get_job_id(self) -> str:
+        self._require()
+        return str(self._info["job_id"])
+
+    def system_info(self) -> dict[str, Any]:
+        self._require()
+        return {"site_name": self._info["site_name"], "job_id": self._info["job_id"]}
+
+    def get_config(self) -> dict[str, Any]:
+        self._require()
+        return dict(self._info.get("config") or {})
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, key: str, value: Any, data_type: str = "SCALAR", global_step: int | None = None, **_: Any) -> None:
+        """Send one metric (or a dict of them for ``data_type="SCALARS"``) to the server."""
+        if self._rank != 0:
+            return
+        now = time.time()
+        records: list[dict[str, Any]] = []
+        if str(data_type).upper().endswith("SCALARS"):
+            for member, v in dict(value).items():
+                records.append(_record(key, v, global_step, now, str(member)))
+        else:
+            records.append(_record(key, value, global_step, now, ""))
+        self._require().send({"op": "metrics", "records": records})
+
+
+def _record(tag: str, value: Any, step: int | None, now: float, member: str) -> dict[str, Any]:
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        # TensorBoard can show NaN; JSON cannot carry it. Keep the point, say what it was.
+        print(f"fl: metric {tag!r} is {value}; sent as null", file=sys.stderr)
+        return {"tag": tag, "value": None, "step": step, "wall_time": now, "group_member": member}
+    return {"tag": tag, "value": value, "step": step, "wall_time": now, "group_member": member}
+
+
+def _json_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (meta or {}).items():
+        if hasattr(value, "item") and callable(value.item):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"meta {key!r} is not finite: {value}")
+        out[str(key)] = value
+    return out
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """Apply the agent's thread budget to torch if the script uses it (so N sites don't thrash)."""
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)

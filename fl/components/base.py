@@ -1,0 +1,45 @@
+"""The component interface: components react to a job's events."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+__all__ = ["Component", "Events"]
+
+
+class Events:
+    """Events a server-side job fires (``ctx.fire(name, **data)``)."""
+
+    JOB_STARTED = "job_started"
+    ROUND_STARTED = "round_started"
+    RESULT_RECEIVED = "result_received"
+    #: A global model version was evaluated by the sites: model_version, model_path, site_metrics, metrics.
+    MODEL_EVALUATED = "model_evaluated"
+    ROUND_COMPLETED = "round_completed"
+    #: Metrics a site's SummaryWriter sent: site, records.
+    ANALYTICS = "analytics"
+    JOB_FINISHED = "job_finished"
+
+
+def record_init_args(obj: Any, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Remember the arguments a component was built with (what ``FedJob.export_job`` writes)."""
+    try:
+        bound = inspect.signature(cls).bind_partial(*args, **kwargs)
+    except TypeError:
+        return  # __init__ raises the real error
+    obj._init_args = dict(bound.arguments)
+
+
+class Component:
+    """Base for components; override :meth:`handle_event` for the events of interest."""
+
+    _init_args: dict[str, Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super().__new__(cls)
+        record_init_args(obj, cls, args, kwargs)
+        return obj
+
+    def handle_event(self, event: str, data: dict[str, Any], ctx: Any) -> None:
+        """Called for every event of the job; the default ignores them."""

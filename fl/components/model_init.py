@@ -1,0 +1,59 @@
+"""Child process: build a job's initial model and write its state dict as safetensors.
+
+Run by :class:`fl.components.persistor.PTFileModelPersistor` with the job's custom folder on
+PYTHONPATH, so that the server process itself never imports a job's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _state_dict_from_checkpoint(path: Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        from fl.tensors import load_torch
+
+        return load_torch(path)
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fl.components.model_init")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", help='{"path": "module.Class", "args": {...}}')
+    parser.add_argument("--checkpoint")
+    args = parser.parse_args(argv)
+
+    from fl.config import instantiate
+    from fl.tensors import write_tensors
+
+    state: dict[str, Any]
+    if args.checkpoint:
+        state = _state_dict_from_checkpoint(Path(args.checkpoint))
+        if args.model:
+            model = instantiate(json.loads(args.model), allow_custom=True, recursive=True)
+            model.load_state_dict(state)
+            state = model.state_dict()
+    else:
+        model = instantiate(json.loads(args.model), allow_custom=True, recursive=True)
+        if not hasattr(model, "state_dict"):
+            raise TypeError(f"{type(model).__name__} has no state_dict(); the persistor needs a torch.nn.Module")
+        state = model.state_dict()
+    layout = write_tensors(args.out, state)
+    print(f"{len(layout.tensors)} tensors, {layout.data_bytes} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""The Job API: describe a federated job in Python, export it as a job folder, or simulate it.
+
+    job = FedJob(name="hello-pt", min_clients=2)
+    job.to(FedAvg(num_clients=2, num_rounds=2), "server")
+    job.to(SimpleNetwork(), "server")            # adds the PyTorch persistor and model locator
+    for i in range(2):
+        job.to(ScriptRunner("src/hello-pt_cifar10_fl.py"), f"site-{i + 1}")
+    job.export_job("/tmp/jobs")                  # /tmp/jobs/hello-pt/{meta.json, app_server, app_site-1, ...}
+    job.simulator_run("/tmp/workspace", n_clients=2)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl.components.base import Component
+from fl.components.convert_to_fed_event import ConvertToFedEvent
+from fl.components.model_locator import PTFileModelLocator
+from fl.components.model_selector import IntimeModelSelector
+from fl.components.persistor import PTFileModelPersistor
+from fl.components.script_executor import ScriptExecutor
+from fl.components.tb_receiver import TBAnalyticsReceiver
+from fl.components.validation_json import ValidationJsonGenerator
+from fl.server.jobstore import ALL_SITES, SITE_NAME
+from fl.workflows.base import Controller
+
+__all__ = ["FedJob", "JobConfigError", "PTModel", "ScriptRunner"]
+
+SERVER = "server"
+# What a script's folder contributes to a job's code: sources and small config files.
+CODE_SUFFIXES = {".py", ".json", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".txt", ".sh"}
+MAX_CODE_BYTES = 100 * 1024 * 1024
+
+
+class JobConfigError(ValueError):
+    """A job that cannot be exported as described; the message says what to change."""
+
+
+@dataclass
+class ScriptRunner:
+    """Run ``script`` on a site as the job's training script (in a process of its own).
+
+    Parameters
+    ----------
+    script:
+        Path of the script (relative to the current folder, or absolute). Its folder's code is
+        shipped with the job, so sibling modules import as usual.
+    script_args:
+        Command-line arguments for the script.
+    framework:
+        ``"pytorch"`` (params arrive as torch tensors) or ``"numpy"``.
+    command:
+        Interpreter command; default: the site's Python with unbuffered output.
+    launch_external_process:
+        Accepted for NVIDIA FLARE compatibility; fl always runs the script in its own process.
+    """
+
+    script: str
+    script_args: str = ""
+    framework: str = "pytorch"
+    command: str | None = None
+    launch_external_process: bool = True
+
+    def __post_init__(self) -> None:
+        if self.framework not in ("pytorch", "numpy"):
+            raise JobConfigError(f"ScriptRunner framework must be 'pytorch' or 'numpy', got {self.framework!r}")
+
+
+@dataclass
+class PTModel:
+    """An initial PyTorch model for the server (``job.to(PTModel(net), "server")``; a bare module works too)."""
+
+    model: Any
+    persistor_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _App:
+    components: list[dict[str, Any]] = field(default_factory=list)
+    workflows: list[dict[str, Any]] = field(default_factory=list)
+    executors: list[dict[str, Any]] = field(default_factory=list)
+    code: dict[str, Path] = field(default_factory=dict)  # path inside custom/ -> source file
+
+    def ids(self) -> set[str]:
+        return {c["id"] for c in self.components} | {w["id"] for w in self.workflows}
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise JobConfigError(f"{where}: {value!r} cannot be written to a JSON config") from None
+    return value
+
+
+def _class_path(cls: type) -> str:
+    module = cls.__module__
+    if module == "__main__":
+        raise JobConfigError(
+            f"{cls.__name__} is defined in the job script itself; put it in a module of its own "
+            "(e.g. src/model.py) so that the server and sites can import it"
+        )
+    return f"{module}.{cls.__qualname__}"
+
+
+def _component_config(obj: Any, cid: str) -> dict[str, Any]:
+    args = getattr(obj, "_init_args", None)
+    if args is None:
+        raise JobConfigError(f"{type(obj).__name__}: not an fl component (no recorded arguments)")
+    return {
+        "id": cid,
+        "path": _class_path(type(obj)),
+        "args": {k: _jsonable(v, f"{cid}.{k}") for k, v in args.items()},
+    }
+
+
+def _model_config(model: Any) -> dict[str, Any]:
+    """``{"path", "args"}`` of a torch module, from its constructor's parameters and attributes."""
+    cls = type(model)
+    args: dict[str, Any] = {}
+    for name, param in inspect.signature(cls).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if hasattr(model, name):
+            value = getattr(model, name)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                if param.default is param.empty:
+                    raise JobConfigError(
+                        f"{cls.__name__}({name}=...): the value is not JSON; pass "
+                        f'model={{"path": ..., "args": ...}} to PTFileModelPersistor instead'
+                    ) from None
+                continue
+            if param.default is param.empty or value != param.default:
+                args[name] = value
+        elif param.default is param.empty:
+            raise JobConfigError(
+                f"{cls.__name__}: cannot tell the value of its required argument {name!r} "
+                f"(store it as self.{name}, or give the persistor an explicit model config)"
+            )
+    return {"path": _class_path(cls), "args": args}
+
+
+def _module_code(cls: type) -> dict[str, Path]:
+    """The source files that define ``cls``: its module, or its whole top-level package."""
+    module = sys.modules.get(cls.__module__)
+    file = getattr(module, "__file__", None)
+    if not file:
+        raise JobConfigError(f"cannot find the source file of {cls.__module__}")
+    path = Path(file).resolve()
+    parts = cls.__module__.split(".")
+    depth = len(parts) - 1 if path.name != "__init__.py" else len(parts)
+    root = path.parents[depth] if depth else path.parent
+    if len(parts) == 1 and path.name != "__init__.py":
+        return {path.name: path}
+    return _collect_code(root / parts[0], root)
+
+
+def _collect_code(folder: Path, root: Path) -> dict[str, Path]:
+    """Source files under ``folder`` keyed by their path relative to ``root``."""
+    found: dict[str, Path] = {}
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and d != "__pycache__" and not (Path(dirpath) / d / "pyvenv.cfg").exists()
+        )
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix not in CODE_SUFFIXES or path.is_symlink():
+                continue
+            total += path.stat().st_size
+            if total > MAX_CODE_BYTES:
+                raise JobConfigError(
+                    f"the job's code under {folder} exceeds {MAX_CODE_BYTES // 2**20} MiB; keep data out of the code folder"
+                )
+            found[path.relative_to(root).as_posix()] = path
+    return found
+
+
+class FedJob:
+    """A federated job: what runs on the server and on each site.
+
+    Parameters
+    ----------
+    name:
+        The job's name (letters, digits, '_', '.', '-').
+    min_clients:
+        Sites that must be connected for the job to start.
+    key_metric:
+        Metric the best-model selector compares (``None``: no selector).
+    """
+
+    def __init__(self, name: str = "fed_job", min_clients: int = 1, key_metric: str | None = "accuracy") -> None:
+        if not SITE_NAME.match(name):
+            raise JobConfigError(f"job name {name!r}: use letters, digits, '_', '.', '-' (at most 63)")
+        if min_clients < 1:
+            raise JobConfigError(f"min_clients must be at least 1, got {min_clients}")
+        self.name = name
+        self.min_clients = min_clients
+        self.key_metric = key_metric
+        self._apps: dict[str, _App] = {}
+        self._base = Path.cwd()
+
+    # ------------------------------------------------------------------ building
+    def _app(self, target: str) -> _App:
+        if target != SERVER and target != ALL_SITES and not SITE_NAME.match(target):
+            raise JobConfigError(f"target {target!r}: 'server', '@ALL' or a site name")
+        app = self._apps.get(target)
+        if app is None:
+            app = self._apps[target] = _App()
+            if target == SERVER:
+                self._add_server_widgets(app)
+        return app
+
+    def _add_server_widgets(self, app: _App) -> None:
+        app.components.append(_component_config(ValidationJsonGenerator(), "json_generator"))
+        if self.key_metric:
+            selector = IntimeModelSelector(aggregation_weights={}, key_metric=self.key_metric)
+            app.components.append(_component_config(selector, "model_selector"))
+        app.components.append(_component_config(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), "receiver"))
+
+    def _unique_id(self, app: _App, wanted: str) -> str:
+        taken = app.ids()
+        if wanted not in taken:
+            return wanted
+        i = 1
+        while f"{wanted}_{i}" in taken:
+            i += 1
+        return f"{wanted}_{i}"
+
+    def to(self, obj: Any, target: str, id: str | None = None, **kwargs: Any) -> str:
+        """Add ``obj`` to ``target`` ("server", a site name, or "@ALL"); returns its component id.
+
+        Accepts a workflow (e.g. FedAvg), a torch ``nn.Module`` or :class:`PTModel` (server: the
+        initial model, with persistor and model locator), a :class:`ScriptRunner` (sites), any fl
+        component, or a path to a file or folder of code to ship.
+        """
+        if kwargs:
+            raise JobConfigError(f"unexpected arguments to FedJob.to: {', '.join(kwargs)}")
+        app = self._app(target)
+        if isinstance(obj, str | os.PathLike):
+            path = (self._base / obj).resolve()
+            if not path.exists():
+                raise JobConfigError(f"{obj}: no such file or folder")
+            app.code.update(_collect_code(path, path.parent) if path.is_dir() else {path.name: path})
+            return str(obj)
+        if isinstance(obj, Controller):
+            if target != SERVER:
+                raise JobConfigError("workflows run on the server: job.to(controller, 'server')")
+            cid = self._unique_id(app, id or "controller")
+            app.workflows.append(_component_config(obj, cid))
+            return cid
+        if isinstance(obj, ScriptRunner):
+            if target == SERVER:
+                raise JobConfigError("a ScriptRunner runs on sites: job.to(runner, 'site-1') or job.to_clients(runner)")
+            return self._add_script(app, obj)
+        if isinstance(obj, PTModel) or _is_torch_module(obj):
+            model, extra = (obj.model, obj.persistor_args) if isinstance(obj, PTModel) else (obj, {})
+            if target != SERVER:
+                raise JobConfigError("the initial model goes to the server: job.to(model, 'server')")
+            persistor = PTFileModelPersistor(model=_model_config(model), **extra)
+            pid = self._unique_id(app, id or "persistor")
+            app.components.append(_component_config(persistor, pid))
+            lid = self._unique_id(app, "model_locator")
+            app.components.append(_component_config(PTFileModelLocator(pt_persistor_id=pid), lid))
+            app.code.update(_module_code(type(model)))
+            return pid
+        if isinstance(obj, Component):
+            cid = self._unique_id(app, id or type(obj).__name__.lower())
+            app.components.append(_component_config(obj, cid))
+            return cid
+        raise JobConfigError(f"FedJob.to: don't know how to add a {type(obj).__name__}")
+
+    def to_server(self, obj: Any, id: str | None = None) -> str:
+        return self.to(obj, SERVER, id)
+
+    def to_clients(self, obj: Any, id: str | None = None) -> str:
+        """Add ``obj`` to every site (the "@ALL" app)."""
+        return self.to(obj, ALL_SITES, id)
+
+    def _add_script(self, app: _App, runner: ScriptRunner) -> str:
+        script = (self._base / runner.script).resolve()
+        if not script.is_file():
+            raise JobConfigError(f"ScriptRunner: script {runner.script!r} not found (from {self._base})")
+        try:
+            rel_dir = script.parent.relative_to(self._base)
+            root = self._base
+        except ValueError:
+            rel_dir = Path(script.parent.name)
+            root = script.parent.parent
+        if rel_dir == Path("."):
+            code = {p.name: p for p in sorted(script.parent.glob("*")) if p.is_file() and p.suffix in CODE_SUFFIXES}
+        else:
+            code = _collect_code(script.parent, root)
+        app.code.update(code)
+        if app.executors:
+            raise JobConfigError("a site runs one training script per job; this site already has one")
+        executor = ScriptExecutor(
+            task_script_path=script.relative_to(root).as_posix() if rel_dir != Path(".") else script.name,
+            task_script_args=runner.script_args,
+            params_exchange_format=runner.framework,
+            **({"command": runner.command} if runner.command else {}),
+        )
+        config = _component_config(executor, "executor")
+        app.executors.append({"tasks": ["*"], "executor": {"path": config["path"], "args": config["args"]}})
+        if "event_to_fed" not in app.ids():
+            convert = ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed.")
+            app.components.append(_component_config(convert, "event_to_fed"))
+        return "executor"
+
+    # ------------------------------------------------------------------ export
+    @property
+    def sites(self) -> list[str]:
+        return sorted(t for t in self._apps if t not in (SERVER, ALL_SITES))
+
+    def _check(self) -> None:
+        server = self._apps.get(SERVER)
+        if server is None or not server.workflows:
+            raise JobConfigError("the job has no workflow: job.to(FedAvg(...), 'server')")
+        site_apps = [a for t, a in self._apps.items() if t != SERVER]
+        if not site_apps:
+            raise JobConfigError("the job has no sites: job.to(ScriptRunner(...), 'site-1') or job.to_clients(...)")
+        for target, app in self._apps.items():
+            if target != SERVER and not app.executors:
+                raise JobConfigError(f"{target} has no training script: job.to(ScriptRunner(...), {target!r})")
+
+    def export_job(self, job_root: str | os.PathLike[str]) -> Path:
+        """Write the job folder ``job_root/<name>``; returns its path."""
+        self._check()
+        target = Path(job_root) / self.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=target.parent))
+        try:
+            deploy_map: dict[str, list[str]] = {}
+            for where, app in sorted(self._apps.items()):
+                folder = "app_server" if where == SERVER else ("app" if where == ALL_SITES else f"app_{where}")
+                deploy_map[folder] = [where]
+                config_dir = tmp / folder / "config"
+                config_dir.mkdir(parents=True)
+                if where == SERVER:
+                    config = {
+                        "format_version": 2,
+                        "workflows": app.workflows,
+                        "components": app.components,
+                        "task_data_filters": [],
+                        "task_result_filters": [],
+                    }
+                    name = "config_fed_server.json"
+                else:
+                    config = {
+                        "format_version": 2,
+                        "executors": app.executors,
+                        "components": app.components,
+                        "task_data_filters": [],
+                        "task_result_filters": [],
+                    }
+                    name = "config_fed_client.json"
+                (config_dir / name).write_text(json.dumps(config, indent=2) + "\n")
+                for rel, source in sorted(app.code.items()):
+                    dest = tmp / folder / "custom" / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, dest)
+            meta = {"name": self.name, "resource_spec": {}, "min_clients": self.min_clients, "deploy_map": deploy_map}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    # ------------------------------------------------------------------ simulation
+    def simulator_run(
+        self,
+        workspace: str | os.PathLike[str],
+        n_clients: int | None = None,
+        threads: int | None = None,
+        gpu: str | None = None,
+        clients: list[str] | None = None,
+    ) -> int:
+        """Export the job and run it in the simulator; returns the exit code (0: finished)."""
+        from fl.simulator import simulate
+
+        workspace = Path(workspace)
+        job_dir = self.export_job(workspace / "job_config")
+        if clients is None and n_clients is None and self.sites:
+            clients = self.sites
+        return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, clients=clients, gpu=gpu)
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)

@@ -1,0 +1,103 @@
+"""The fl server: site registry, job manager, transfers and the gRPC services on one port."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fl.log import adapter
+from fl.proto import federation_pb2_grpc as pb_grpc
+from fl.server.jobs import JobManager
+from fl.server.service import AdminServicer, FederationServicer
+from fl.server.sites import SiteRegistry
+from fl.server.tasks import TaskBroker
+from fl.server.transfers import BlobStore, UploadManager
+from fl.transport import TLSConfig, is_loopback, make_server
+
+__all__ = ["FLServer"]
+
+log = adapter("fl.server", site="server")
+SERVICE_NAME = "fl.v1.Federation"
+
+
+class FLServer:
+    """Everything the server runs, wired together; ``start`` binds the port, ``stop`` ends it."""
+
+    def __init__(
+        self,
+        workspace: Path,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 8002,
+        tls: TLSConfig | None = None,
+        heartbeat_interval: float = 5.0,
+        lost_after: float = 30.0,
+        site_wait_timeout: float = 600.0,
+        max_running_jobs: int = 1,
+        site_env: Callable[[str, int], dict[str, str]] | None = None,
+    ) -> None:
+        self.workspace = Path(workspace)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.requested_port = port
+        self.tls = tls
+        #: Admin RPCs without TLS only when serving on loopback (the simulator, tests).
+        self.allow_insecure_admin = tls is None and is_loopback(host)
+        self.staging_dir = self.workspace / "staging"
+        self.staging_dir.mkdir(exist_ok=True)
+        self.registry = SiteRegistry(heartbeat_interval=heartbeat_interval, lost_after=lost_after)
+        self.blobs = BlobStore()
+        self.uploads = UploadManager(self.workspace / "spool")
+        self.broker = TaskBroker(self.registry, self.blobs, self.uploads)
+        self.jobs = JobManager(
+            self.workspace,
+            self.registry,
+            self.broker,
+            self.blobs,
+            site_wait_timeout=site_wait_timeout,
+            max_running=max_running_jobs,
+            site_env=site_env,
+        )
+        self.health = health.HealthServicer()
+        self._grpc = None
+        self.port = 0
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
+        pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.start()
+        self._grpc = server
+        self.port = port
+        self.registry.start()
+        self.jobs.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "fl server listening on %s:%d (%s), workspace %s",
+            self.host,
+            port,
+            "mutual TLS" if self.tls else "INSECURE, no TLS",
+            self.workspace,
+        )
+        return port
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.jobs.stop()
+        self.registry.stop()
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait(grace + 1)
+        log.info("fl server stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()

@@ -1,0 +1,484 @@
+"""Jobs on the server: the queue, one thread per running job, status on disk, resume after restart.
+
+Every job lives in ``WORKSPACE/jobs/<job-id>/``: ``job/`` (the submitted folder), ``status.json``,
+``state.json`` (the workflow's last completed round), models, checkpoints, validation JSON,
+TensorBoard events and logs. A server that restarts picks up jobs that were running and resumes
+them from their last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl.config import build_component
+from fl.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from fl.log import adapter
+from fl.proto import federation_pb2 as pb
+from fl.server.jobstore import JobError, JobSpec, read_job, zip_folder
+from fl.server.sites import SiteRegistry, SiteSession
+from fl.server.tasks import JobCommunicator, TaskBroker
+from fl.server.transfers import BlobStore
+from fl.workflows.base import Controller, JobAborted
+
+__all__ = ["JobManager", "JobRecord", "JobRun", "TERMINAL"]
+
+TERMINAL = ("finished", "failed", "aborted")
+log = adapter("fl.server", site="server")
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    name: str
+    status: str = "submitted"
+    submitted: float = field(default_factory=time.time)
+    started: float = 0.0
+    ended: float = 0.0
+    message: str = ""
+    round: int = 0
+    num_rounds: int = 0
+    sites: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_proto(self) -> pb.JobInfo:
+        return pb.JobInfo(
+            job_id=self.job_id,
+            name=self.name,
+            status=self.status,
+            round=self.round,
+            num_rounds=self.num_rounds,
+            sites=self.sites,
+            message=self.message,
+            submitted=self.submitted,
+            started=self.started,
+            ended=self.ended,
+            summary_json=json.dumps(self.summary),
+        )
+
+
+class JobLogs:
+    """Per-site log files of a job, appendable and followable."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def append(self, source: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in source) or "unknown"
+        with self.cond:
+            with open(self.folder / f"{safe}.log", "a", encoding="utf-8") as f:
+                f.writelines(line.rstrip("\n") + "\n" for line in lines)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class JobRun:
+    """A running job: the JobContext its workflow and components see, and its life on the sites."""
+
+    def __init__(self, manager: JobManager, record: JobRecord, spec: JobSpec, *, resume: bool) -> None:
+        self.manager = manager
+        self.record = record
+        self.spec = spec
+        self.resume = resume
+        self.job_id = record.job_id
+        self.job_name = record.name
+        self.run_dir = manager.job_dir(record.job_id)
+        self.app_dir = spec.server_app
+        self.abort_event = threading.Event()
+        self.log = adapter("fl.server", site="server", job=record.job_id)
+        self.communicator = JobCommunicator(
+            manager.broker,
+            self.job_id,
+            self.abort_event,
+            self.log,
+            progress=lambda done, total: self.set_progress(sites_done=done, sites_total=total),
+        )
+        self.components: dict[str, Any] = {}
+        self.workflows: list[Controller] = []
+        self.participants: list[str] = []
+        self.failed_sites: dict[str, str] = {}
+        self.logs = JobLogs(self.run_dir / "logs")
+        self._site_apps: dict[str, pb.BlobRef] = {}
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"fl-job-{self.job_id[:8]}", daemon=True)
+
+    # ------------------------------------------------------------------ JobContext
+    @property
+    def sites(self) -> list[str]:
+        """Participants that can take tasks now: connected and not failed."""
+        connected = set(self.manager.registry.connected_sites())
+        return [s for s in self.participants if s in connected and s not in self.failed_sites]
+
+    def wait_for_sites(self, count: int, timeout: float) -> list[str]:
+        """Wait until ``count`` participants can take tasks (or the deadline); returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            available = self.sites
+            if len(available) >= count or time.monotonic() >= deadline:
+                return available
+            if self.abort_event.wait(0.5):
+                raise JobAborted("job aborted")
+
+    def fire(self, event: str, **data: Any) -> None:
+        for cid, component in list(self.components.items()):
+            handler = getattr(component, "handle_event", None)
+            if handler is None:
+                continue
+            try:
+                handler(event, data, self)
+            except Exception:
+                self.log.exception("component %r failed on event %s", cid, event)
+                if event in ("model_evaluated", "round_completed"):
+                    raise
+
+    def save_state(self, state: Mapping[str, Any]) -> None:
+        atomic_write_json(self.run_dir / "state.json", dict(state))
+
+    def load_state(self) -> dict[str, Any] | None:
+        return read_json(self.run_dir / "state.json") if self.resume else None
+
+    def set_progress(self, *, round: int | None = None, num_rounds: int | None = None, **summary: Any) -> None:
+        with self._lock:
+            if round is not None:
+                self.record.round = round
+            if num_rounds is not None:
+                self.record.num_rounds = num_rounds
+            self.record.summary.update(summary)
+        self.manager.save_record(self.record)
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        self.thread.start()
+
+    def abort(self, reason: str) -> None:
+        self.record.message = reason
+        self.abort_event.set()
+
+    def _build(self) -> None:
+        where = "config_fed_server.json"
+        for entry in self.spec.server_config.get("components", []):
+            cid, obj = build_component(entry, where=where)
+            if cid in self.components:
+                raise JobError(f"{where}: two components have the id {cid!r}")
+            self.components[cid] = obj
+        for entry in self.spec.server_config["workflows"]:
+            cid, obj = build_component(entry, where=where)
+            if not isinstance(obj, Controller):
+                raise JobError(f"{where}: workflow {cid!r} is not a workflow class")
+            self.workflows.append(obj)
+            self.components[cid] = obj
+
+    def _wait_for_sites(self) -> list[str]:
+        named = self.spec.named_sites
+        want_all = self.spec.all_sites_app is not None
+        timeout = self.manager.site_wait_timeout
+        need = len(named) if named and not want_all else self.spec.min_clients
+        self.manager.set_status(self.record, "waiting", f"waiting for sites ({', '.join(named) or f'{need} sites'})")
+        ready = self.manager.registry.wait_for(None if want_all else named, max(need, len(named)), timeout, self.abort_event)
+        if self.abort_event.is_set():
+            raise JobAborted("job aborted while waiting for sites")
+        if len(ready) < self.spec.min_clients:
+            missing = [s for s in named if s not in ready]
+            raise JobError(
+                f"only {len(ready)} of the {self.spec.min_clients} sites the job needs connected within {timeout:.0f} s"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+            )
+        return sorted(ready)
+
+    def _start_on_site(self, site: str) -> None:
+        app = self.spec.app_for(site)
+        if app is None:
+            raise JobError(f"the job has no app for site {site}")
+        with self._lock:
+            ref = self._site_apps.get(app)
+            if ref is None:
+                archive = self.run_dir / "apps" / f"{app}.zip"
+                atomic_write_bytes(archive, zip_folder(self.spec.folder / app), fsync=False)
+                blob = self.manager.blobs.add(archive, sites=None)
+                ref = self._site_apps[app] = pb.BlobRef(blob_id=blob.blob_id, size=blob.size, sha256=blob.sha256)
+        start = pb.StartJob(
+            job_id=self.job_id,
+            job_name=self.job_name,
+            app=ref,
+            has_custom_code=self.spec.has_custom_code(app),
+            num_rounds=self.record.num_rounds,
+            env=self.manager.site_env(site, len(self.participants)),
+        )
+        self.manager.registry.enqueue(site, pb.PollReply(start_job=start))
+
+    def site_joined(self, session: SiteSession) -> None:
+        """A participant (re)registered: start the job there unless it still runs it."""
+        if session.name in self.participants and self.record.status == "running" and self.job_id not in session.running_jobs:
+            self.manager.broker.fail_site(session.name, self.job_id, "site restarted")
+            self.failed_sites.pop(session.name, None)
+            self.log.info("starting the job again on %s", session.name)
+            self._start_on_site(session.name)
+
+    def site_state(self, site: str, state: str, message: str) -> None:
+        if state in ("failed", "finished") and self.record.status == "running":
+            reason = message or f"the site's job ended ({state})"
+            self.failed_sites[site] = reason
+            self.manager.broker.fail_site(site, self.job_id, reason)
+
+    def _end_on_sites(self, status: str, message: str) -> None:
+        for site in self.participants:
+            self.manager.registry.drop_directives(site, lambda d: d.WhichOneof("directive") == "task" and d.task.job_id == self.job_id)
+            self.manager.registry.enqueue(site, pb.PollReply(end_job=pb.EndJob(job_id=self.job_id, status=status, message=message)))
+
+    def _run(self) -> None:
+        status, message = "failed", ""
+        try:
+            self._build()
+            self.participants = self._wait_for_sites()
+            self.record.sites = self.participants
+            self.record.started = self.record.started or time.time()
+            self.manager.set_status(self.record, "running", "")
+            self.log.info("job %s running on %s", self.job_name, ", ".join(self.participants))
+            registry = self.manager.registry
+            for site in self.participants:
+                session = registry.session(site)
+                if not (self.resume and session is not None and self.job_id in session.running_jobs):
+                    self._start_on_site(site)
+            self.fire("job_started")
+            for workflow in self.workflows:
+                workflow.run(self)
+            status, message = "finished", ""
+        except JobAborted:
+            status, message = "aborted", self.record.message or "aborted"
+        except Exception as exc:  # the job fails; the server goes on
+            status, message = "failed", str(exc) or type(exc).__name__
+            if not isinstance(exc, JobError | ValueError | RuntimeError):
+                self.log.exception("job failed")
+        finally:
+            if self.manager.stopping.is_set() and status != "finished":
+                # The server is stopping, not the job: leave it "running" to resume after restart.
+                self.log.info("server stopping; the job will resume from its last completed round")
+                self.logs.close()
+                self.manager.job_done(self, None, "")
+                return
+            self._end_on_sites(status, message)
+            try:
+                self.fire("job_finished", status=status)
+            except Exception:
+                pass
+            self.logs.close()
+            self.manager.job_done(self, status, message)
+
+
+class JobManager:
+    """Accepts jobs, runs them when their sites are connected, remembers them across restarts."""
+
+    def __init__(
+        self,
+        workspace: Path,
+        registry: SiteRegistry,
+        broker: TaskBroker,
+        blobs: BlobStore,
+        *,
+        site_wait_timeout: float = 600.0,
+        max_running: int = 1,
+        site_env: Callable[[str, int], dict[str, str]] | None = None,
+    ) -> None:
+        self.workspace = workspace
+        self.jobs_dir = workspace / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
+        self.broker = broker
+        self.blobs = blobs
+        self.site_wait_timeout = site_wait_timeout
+        self.max_running = max_running
+        self._site_env = site_env
+        self.records: dict[str, JobRecord] = {}
+        self.runs: dict[str, JobRun] = {}
+        self._queue: list[tuple[str, bool]] = []  # (job id, resume)
+        self._lock = threading.Condition()
+        self.stopping = threading.Event()
+        self._listeners: list[Callable[[JobRecord], None]] = []
+        self._scheduler = threading.Thread(target=self._schedule, name="fl-scheduler", daemon=True)
+        registry.on_site_joined(self._site_joined)
+        self._load()
+
+    # ------------------------------------------------------------------ records
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def on_change(self, listener: Callable[[JobRecord], None]) -> None:
+        self._listeners.append(listener)
+
+    def save_record(self, record: JobRecord) -> None:
+        atomic_write_json(self.job_dir(record.job_id) / "status.json", asdict(record))
+        for listener in self._listeners:
+            listener(record)
+
+    def set_status(self, record: JobRecord, status: str, message: str) -> None:
+        record.status = status
+        record.message = message
+        if status in TERMINAL:
+            record.ended = time.time()
+        self.save_record(record)
+        with self._lock:
+            self._lock.notify_all()
+
+    def site_env(self, site: str, n_sites: int) -> dict[str, str]:
+        return self._site_env(site, n_sites) if self._site_env else {}
+
+    def _load(self) -> None:
+        for status_file in sorted(self.jobs_dir.glob("*/status.json")):
+            data = read_json(status_file)
+            try:
+                record = JobRecord(**data)
+            except TypeError:
+                log.warning("ignoring unreadable %s", status_file)
+                continue
+            self.records[record.job_id] = record
+            if record.status in ("running", "waiting", "submitted"):
+                resume = record.status == "running"
+                self._queue.append((record.job_id, resume))
+                log.info("job %s (%s) will %s", record.job_id, record.name, "resume" if resume else "start")
+
+    # ------------------------------------------------------------------ API
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for run in list(self.runs.values()):
+            run.abort_event.set()
+        with self._lock:
+            self._lock.notify_all()
+        for run in list(self.runs.values()):
+            run.thread.join(timeout=10)
+
+    def submit(self, folder: Path) -> JobRecord:
+        """Check a job folder (already unpacked into a staging folder) and queue it."""
+        spec = read_job(folder)
+        job_id = str(uuid.uuid4())
+        target = self.job_dir(job_id)
+        target.mkdir(parents=True)
+        shutil.move(str(folder), target / "job")
+        record = JobRecord(job_id=job_id, name=spec.name, num_rounds=spec.num_rounds)
+        self.records[job_id] = record
+        self.save_record(record)
+        with self._lock:
+            self._queue.append((job_id, False))
+            self._lock.notify_all()
+        log.info("job %s (%s) submitted", job_id, spec.name)
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        record = self.records.get(job_id)
+        if record is None:
+            matches = [r for r in self.records.values() if r.job_id.startswith(job_id)] if len(job_id) >= 4 else []
+            if len(matches) == 1:
+                record = matches[0]
+        return record
+
+    def is_active_for(self, job_id: str, site: str) -> bool:
+        """Whether ``site`` should keep running ``job_id`` (unknown or ended jobs: no)."""
+        record = self.records.get(job_id)
+        if record is None or record.status in TERMINAL:
+            return False
+        run = self.runs.get(job_id)
+        return run is None or not run.participants or site in run.participants
+
+    def abort(self, job_id: str) -> JobRecord | None:
+        record = self.get(job_id)
+        if record is None:
+            return None
+        run = self.runs.get(record.job_id)
+        if run is not None:
+            run.abort("aborted by admin")
+        elif record.status not in TERMINAL:
+            with self._lock:
+                self._queue = [(j, r) for j, r in self._queue if j != record.job_id]
+            self.set_status(record, "aborted", "aborted by admin before it started")
+        return record
+
+    def wait(self, job_id: str, timeout: float | None) -> JobRecord:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                record = self.records[job_id]
+                if record.status in TERMINAL:
+                    return record
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return record
+                self._lock.wait(1.0 if remaining is None else min(1.0, remaining))
+
+    def report(self, site: str, request: pb.ReportRequest) -> None:
+        """A site's metrics, output lines and job state changes."""
+        run = self.runs.get(request.job_id)
+        if run is None:
+            return
+        if site not in run.participants:
+            raise PermissionError(f"site {site} does not take part in job {request.job_id}")
+        if request.logs:
+            run.logs.append(site, [f"{time.strftime('%H:%M:%S', time.localtime(li.time))} {li.line}" for li in request.logs])
+        if request.metrics:
+            records = [
+                {
+                    "tag": m.tag,
+                    "value": m.value,
+                    "step": m.step,
+                    "wall_time": m.wall_time,
+                    "group_member": m.group_member,
+                }
+                for m in request.metrics
+            ]
+            run.fire("analytics", site=site, records=records)
+        if request.job_state:
+            if request.job_state == "failed":
+                run.log.error("site %s: job failed: %s", site, request.message)
+            run.site_state(site, request.job_state, request.message)
+
+    # ------------------------------------------------------------------ scheduling
+    def _site_joined(self, session: SiteSession, previous: SiteSession | None) -> None:
+        for run in list(self.runs.values()):
+            run.site_joined(session)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _schedule(self) -> None:
+        while not self.stopping.is_set():
+            with self._lock:
+                while not self.stopping.is_set() and (not self._queue or len(self.runs) >= self.max_running):
+                    self._lock.wait(1.0)
+                if self.stopping.is_set():
+                    return
+                job_id, resume = self._queue.pop(0)
+            record = self.records[job_id]
+            try:
+                spec = read_job(self.job_dir(job_id) / "job")
+            except JobError as exc:
+                self.set_status(record, "failed", f"job folder unusable: {exc}")
+                continue
+            run = JobRun(self, record, spec, resume=resume)
+            self.runs[job_id] = run
+            run.start()
+
+    def job_done(self, run: JobRun, status: str | None, message: str) -> None:
+        self.runs.pop(run.job_id, None)
+        if status is not None:
+            self.set_status(run.record, status, message)
+            log.info(
+                "job %s %s%s", run.job_id, status, f": {message}" if message else "",
+            )
+        with self._lock:
+            self._lock.notify_all()

@@ -1,0 +1,287 @@
+"""The gRPC servicers: thin; each RPC checks who is calling and hands off to a plain object.
+
+With mutual TLS, a site is who its certificate says (CN), and admin RPCs need a certificate whose
+role (OU) is ``admin``. Without TLS (simulator, loopback) a site is who it registered as.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+
+from fl import __version__
+from fl.log import adapter
+from fl.proto import federation_pb2 as pb
+from fl.proto import federation_pb2_grpc as pb_grpc
+from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
+from fl.server.sites import SiteSession
+from fl.server.transfers import TransferError
+from fl.transport import CHUNK_BYTES, peer_identity
+
+if TYPE_CHECKING:
+    from fl.server.app import FLServer
+
+__all__ = ["AdminServicer", "FederationServicer"]
+
+log = adapter("fl.server", site="server")
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+
+
+def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
+    context.abort(getattr(grpc.StatusCode, code), message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class _Base:
+    def __init__(self, server: FLServer) -> None:
+        self.server = server
+
+    def _identity(self, context: grpc.ServicerContext) -> tuple[str, str] | None:
+        if self.server.tls is None:
+            return None
+        identity = peer_identity(context)
+        if identity is None:
+            _abort(context, "UNAUTHENTICATED", "a client certificate is required")
+        return identity
+
+
+class FederationServicer(_Base, pb_grpc.FederationServicer):
+    def _site(self, context: grpc.ServicerContext, session_id: str) -> SiteSession:
+        session = self.server.registry.touch(session_id)
+        if session is None:
+            _abort(context, "UNAUTHENTICATED", "unknown session: register again")
+        identity = self._identity(context)
+        if identity is not None and identity[0] != session.name:
+            _abort(context, "PERMISSION_DENIED", f"certificate of {identity[0]!r} used with the session of {session.name!r}")
+        return session
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        name = request.site_name
+        if not SITE_NAME.match(name):
+            _abort(context, "INVALID_ARGUMENT", f"bad site name {name!r}: letters, digits, '_', '.', '@', '-'")
+        identity = self._identity(context)
+        if identity is not None:
+            cn, role = identity
+            if role != "site":
+                _abort(context, "PERMISSION_DENIED", f"certificate of {cn!r} has role {role!r}, not 'site'")
+            if cn != name:
+                _abort(context, "PERMISSION_DENIED", f"certificate is for {cn!r}; it cannot register as {name!r}")
+        session = self.server.registry.register(name, list(request.running_jobs), request.accepts_custom_code)
+        return pb.RegisterReply(
+            session_id=session.session_id,
+            heartbeat_interval_s=self.server.registry.heartbeat_interval,
+            server_version=__version__,
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        session = self.server.registry.touch(request.session_id, list(request.running_jobs))
+        if session is None:
+            return pb.HeartbeatReply(known=False)
+        self._site(context, request.session_id)
+        stop = [j for j in request.running_jobs if not self.server.jobs.is_active_for(j, session.name)]
+        return pb.HeartbeatReply(known=True, stop_jobs=stop)
+
+    def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
+        if self.server.registry.touch(request.session_id) is None:
+            return pb.PollReply(unknown_session=True)
+        self._site(context, request.session_id)
+        return self.server.registry.poll(request.session_id, request.wait_s)
+
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        session = self._site(context, request.session_id)
+        try:
+            first = True
+            for data, total in self.server.blobs.read(request.blob_id, session.name, request.offset):
+                yield pb.Chunk(data=data, total_size=total if first else 0)
+                first = False
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
+
+    def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            _abort(context, "INVALID_ARGUMENT", "an upload starts with its header")
+        header = first.header
+        session = self._site(context, header.session_id)
+        try:
+            expected, max_bytes = self.server.broker.expectation(
+                site=session.name, job_id=header.job_id, task_id=header.task_id
+            )
+            upload = self.server.uploads.begin(
+                upload_id=header.upload_id,
+                site=session.name,
+                job_id=header.job_id,
+                task_id=header.task_id,
+                offset=header.offset,
+                total_size=header.total_size,
+                expected=expected,
+                max_bytes=max_bytes,
+            )
+            for message in request_iterator:
+                if message.WhichOneof("part") != "data":
+                    _abort(context, "INVALID_ARGUMENT", "only data may follow an upload's header")
+                self.server.uploads.write(upload, message.data)
+                self.server.registry.touch(header.session_id)
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
+        if upload.complete and header.sha256 and header.sha256 != upload.sha256:
+            _abort(context, "DATA_LOSS", "upload's sha256 does not match what the site sent")
+        return pb.UploadReply(received=upload.received, complete=upload.complete)
+
+    def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:
+        session = self._site(context, request.session_id)
+        upload = self.server.uploads.status(request.upload_id, session.name)
+        if upload is None:
+            return pb.UploadReply(received=0, complete=False)
+        return pb.UploadReply(received=upload.received, complete=upload.complete)
+
+    def SubmitResult(self, request: pb.SubmitResultRequest, context: grpc.ServicerContext) -> pb.SubmitResultReply:
+        session = self._site(context, request.session_id)
+        accepted, message = self.server.broker.submit(session.name, request)
+        if not accepted:
+            log.warning("%s: %s", session.name, message, extra={"job": request.job_id})
+        return pb.SubmitResultReply(accepted=accepted, message=message)
+
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportReply:
+        session = self._site(context, request.session_id)
+        try:
+            self.server.jobs.report(session.name, request)
+        except PermissionError as exc:
+            _abort(context, "PERMISSION_DENIED", str(exc))
+        return pb.ReportReply()
+
+
+class AdminServicer(_Base, pb_grpc.AdminServicer):
+    def _admin(self, context: grpc.ServicerContext) -> str:
+        identity = self._identity(context)
+        if identity is None:
+            if not self.server.allow_insecure_admin:
+                _abort(context, "PERMISSION_DENIED", "admin commands need TLS with an admin certificate")
+            return "local-admin"
+        cn, role = identity
+        if role != "admin":
+            _abort(context, "PERMISSION_DENIED", f"certificate of {cn!r} has role {role!r}; admin commands need 'admin'")
+        return cn
+
+    def _record(self, context: grpc.ServicerContext, job_id: str):  # type: ignore[no-untyped-def]
+        record = self.server.jobs.get(job_id)
+        if record is None:
+            _abort(context, "NOT_FOUND", f"no job {job_id!r}")
+        return record
+
+    def SubmitJob(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.JobInfo:
+        admin = self._admin(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            _abort(context, "INVALID_ARGUMENT", "a job upload starts with its header")
+        total = first.header.total_size
+        if not 0 < total <= MAX_JOB_BYTES:
+            _abort(context, "INVALID_ARGUMENT", f"job archive of {total} bytes (limit {MAX_JOB_BYTES})")
+        staging = Path(tempfile.mkdtemp(prefix="submit-", dir=self.server.staging_dir))
+        try:
+            archive = staging / "job.zip"
+            received = 0
+            with open(archive, "wb") as f:
+                for message in request_iterator:
+                    received += len(message.data)
+                    if received > total:
+                        _abort(context, "INVALID_ARGUMENT", "job archive larger than announced")
+                    f.write(message.data)
+            if received != total:
+                _abort(context, "INVALID_ARGUMENT", f"job archive truncated: {received} of {total} bytes")
+            try:
+                extract_zip(archive, staging / "job")
+                record = self.server.jobs.submit(staging / "job")
+            except JobError as exc:
+                _abort(context, "INVALID_ARGUMENT", f"job refused: {exc}")
+            log.info("job %s submitted by %s", record.job_id, admin)
+            return record.to_proto()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsReply:
+        self._admin(context)
+        records = sorted(self.server.jobs.records.values(), key=lambda r: r.submitted)
+        return pb.ListJobsReply(jobs=[r.to_proto() for r in records])
+
+    def GetJob(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+        self._admin(context)
+        return self._record(context, request.job_id).to_proto()
+
+    def AbortJob(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+        self._admin(context)
+        self._record(context, request.job_id)
+        record = self.server.jobs.abort(request.job_id)
+        assert record is not None
+        return record.to_proto()
+
+    def StreamLogs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> Iterator[pb.LogLine]:
+        self._admin(context)
+        record = self._record(context, request.job_id)
+        folder = self.server.jobs.job_dir(record.job_id) / "logs"
+        positions: dict[Path, int] = {}
+        while True:
+            files = sorted(folder.glob("*.log")) if folder.is_dir() else []
+            if request.site:
+                files = [f for f in files if f.stem == request.site]
+            for path in files:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    f.seek(positions.get(path, 0))
+                    while line := f.readline():
+                        if not line.endswith("\n"):
+                            break
+                        positions[path] = f.tell()
+                        yield pb.LogLine(site=path.stem, line=line.rstrip("\n"), job_id=record.job_id)
+            if not request.follow or record.status in ("finished", "failed", "aborted") or not context.is_active():
+                if request.follow and record.status in ("finished", "failed", "aborted"):
+                    # One more pass picks up the last lines written before the job ended.
+                    request.follow = False
+                    continue
+                return
+            time.sleep(0.5)
+
+    def DownloadResults(self, request: pb.JobRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        self._admin(context)
+        record = self._record(context, request.job_id)
+        job_dir = self.server.jobs.job_dir(record.job_id)
+        with tempfile.TemporaryFile(dir=self.server.staging_dir) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for path in sorted(job_dir.rglob("*")):
+                    rel = path.relative_to(job_dir)
+                    if not path.is_file() or rel.parts[0] in ("job", "apps", "models") or path.name.startswith("."):
+                        continue
+                    zf.write(path, rel.as_posix())
+            total = tmp.tell()
+            tmp.seek(0)
+            first = True
+            while data := tmp.read(CHUNK_BYTES):
+                yield pb.Chunk(data=data, total_size=total if first else 0)
+                first = False
+
+    def ListSites(self, request: pb.ListSitesRequest, context: grpc.ServicerContext) -> pb.ListSitesReply:
+        self._admin(context)
+        return pb.ListSitesReply(
+            sites=[
+                pb.SiteInfo(
+                    name=s.name,
+                    connected=s.connected,
+                    last_seen=s.last_seen,
+                    running_jobs=sorted(s.running_jobs),
+                    registered=s.registered,
+                )
+                for s in self.server.registry.all_sessions()
+            ]
+        )
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)

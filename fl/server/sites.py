@@ -1,0 +1,184 @@
+"""Who is connected: site sessions, heartbeats, and each site's queue of directives.
+
+Directives (start a job, run a task, end a job) are queued per site *name*, so that they survive a
+site reconnecting with a new session. A site that misses heartbeats for ``lost_after`` seconds is
+declared lost, and listeners (the task broker) fail what it had in flight.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fl.log import adapter
+from fl.proto import federation_pb2 as pb
+
+__all__ = ["SiteRegistry", "SiteSession"]
+
+log = adapter("fl.server", site="server")
+
+
+@dataclass
+class SiteSession:
+    name: str
+    session_id: str
+    registered: float
+    last_seen: float
+    running_jobs: set[str] = field(default_factory=set)
+    accepts_custom_code: bool = True
+    connected: bool = True
+
+
+SiteListener = Callable[[str, str], None]  # (site name, reason)
+
+
+class SiteRegistry:
+    """Thread-safe registry of site sessions and directive queues."""
+
+    def __init__(self, *, heartbeat_interval: float = 5.0, lost_after: float = 30.0) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.lost_after = lost_after
+        self._lock = threading.Condition()
+        self._sessions: dict[str, SiteSession] = {}  # by session id
+        self._by_name: dict[str, SiteSession] = {}
+        self._queues: dict[str, deque[pb.PollReply]] = {}
+        self._lost_listeners: list[SiteListener] = []
+        self._joined_listeners: list[Callable[[SiteSession, SiteSession | None], None]] = []
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        #: Decides whether a queued directive is still wanted when it comes up (e.g. its task expired).
+        self.directive_filter: Callable[[str, pb.PollReply], bool] = lambda site, d: True
+
+    # ------------------------------------------------------------------ listeners
+    def on_site_lost(self, listener: SiteListener) -> None:
+        self._lost_listeners.append(listener)
+
+    def on_site_joined(self, listener: Callable[[SiteSession, SiteSession | None], None]) -> None:
+        """``listener(new_session, previous_session_or_None)`` after every registration."""
+        self._joined_listeners.append(listener)
+
+    # ------------------------------------------------------------------ sessions
+    def register(self, name: str, running_jobs: list[str], accepts_custom_code: bool) -> SiteSession:
+        now = time.time()
+        session = SiteSession(
+            name=name,
+            session_id=secrets.token_hex(16),
+            registered=now,
+            last_seen=now,
+            running_jobs=set(running_jobs),
+            accepts_custom_code=accepts_custom_code,
+        )
+        with self._lock:
+            previous = self._by_name.get(name)
+            if previous is not None:
+                self._sessions.pop(previous.session_id, None)
+                previous.connected = False
+            self._sessions[session.session_id] = session
+            self._by_name[name] = session
+            self._queues.setdefault(name, deque())
+            self._lock.notify_all()
+        log.info(
+            "site %s %s (running jobs: %s)",
+            name,
+            "re-registered" if previous else "registered",
+            ", ".join(sorted(running_jobs)) or "none",
+        )
+        for listener in self._joined_listeners:
+            listener(session, previous)
+        return session
+
+    def touch(self, session_id: str, running_jobs: list[str] | None = None) -> SiteSession | None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return None
+            session.last_seen = time.time()
+            if running_jobs is not None:
+                session.running_jobs = set(running_jobs)
+            if not session.connected:
+                session.connected = True
+                log.info("site %s is back", session.name)
+                self._lock.notify_all()
+            return session
+
+    def session(self, name: str) -> SiteSession | None:
+        with self._lock:
+            return self._by_name.get(name)
+
+    def connected_sites(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, s in self._by_name.items() if s.connected)
+
+    def all_sessions(self) -> list[SiteSession]:
+        with self._lock:
+            return sorted(self._by_name.values(), key=lambda s: s.name)
+
+    def wait_for(self, names: list[str] | None, count: int, timeout: float, stop: threading.Event) -> list[str]:
+        """Wait until ``count`` sites (of ``names``, if given) are connected; returns those connected."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                ready = [n for n in self.connected_sites() if names is None or n in names]
+                if len(ready) >= count or stop.is_set() or time.monotonic() >= deadline:
+                    return ready
+                self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    # ------------------------------------------------------------------ directives
+    def enqueue(self, site: str, directive: pb.PollReply) -> None:
+        with self._lock:
+            self._queues.setdefault(site, deque()).append(directive)
+            self._lock.notify_all()
+
+    def poll(self, session_id: str, wait: float) -> pb.PollReply:
+        """The next wanted directive for the session's site, waiting up to ``wait`` seconds."""
+        deadline = time.monotonic() + max(0.0, min(wait, 60.0))
+        with self._lock:
+            while True:
+                session = self._sessions.get(session_id)
+                if session is None:
+                    return pb.PollReply(unknown_session=True)
+                session.last_seen = time.time()
+                queue = self._queues.setdefault(session.name, deque())
+                while queue:
+                    directive = queue.popleft()
+                    if self.directive_filter(session.name, directive):
+                        return directive
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return pb.PollReply()
+                self._lock.wait(min(remaining, 5.0))
+
+    def drop_directives(self, site: str, predicate: Callable[[pb.PollReply], bool]) -> None:
+        with self._lock:
+            queue = self._queues.get(site)
+            if queue:
+                self._queues[site] = deque(d for d in queue if not predicate(d))
+
+    # ------------------------------------------------------------------ liveness
+    def start(self) -> None:
+        self._reaper = threading.Thread(target=self._reap, name="fl-site-reaper", daemon=True)
+        self._reaper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(min(1.0, self.lost_after / 4)):
+            now = time.time()
+            lost: list[SiteSession] = []
+            with self._lock:
+                for session in self._by_name.values():
+                    if session.connected and now - session.last_seen > self.lost_after:
+                        session.connected = False
+                        lost.append(session)
+            for session in lost:
+                reason = f"no heartbeat for {now - session.last_seen:.0f} s"
+                log.warning("site %s lost: %s", session.name, reason)
+                for listener in self._lost_listeners:
+                    listener(session.name, reason)

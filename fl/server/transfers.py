@@ -1,0 +1,248 @@
+"""Bulk transfers: blobs the server offers for download, and uploads it spools to disk.
+
+Downloads read the file from an offset in chunks (a broken download resumes where it stopped).
+Uploads are written to a spool file as they arrive, checked on the fly (size, sha256, and for
+model results the safetensors layout and finite values), and resume from the bytes already held.
+Memory stays at a few chunks per transfer, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fl.tensors import Layout, LayoutError, StreamChecker
+from fl.transport import CHUNK_BYTES
+
+__all__ = ["Blob", "BlobStore", "TransferError", "Upload", "UploadManager", "file_sha256"]
+
+
+class TransferError(Exception):
+    """A transfer request that cannot be served; ``code`` is a gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+@dataclass
+class Blob:
+    blob_id: str
+    path: Path
+    size: int
+    sha256: str
+    sites: frozenset[str] | None  # None: any registered site
+
+
+class BlobStore:
+    """Files offered to sites by id; each blob lists the sites allowed to fetch it."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, Blob] = {}
+        self._hash_cache: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: Path, *, sites: frozenset[str] | None, sha256: str | None = None) -> Blob:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if sha256 is None:
+            with self._lock:
+                sha256 = self._hash_cache.get(key)
+            if sha256 is None:
+                sha256 = file_sha256(path)
+                with self._lock:
+                    self._hash_cache[key] = sha256
+        blob = Blob(secrets.token_hex(12), path, stat.st_size, sha256, sites)
+        with self._lock:
+            self._blobs[blob.blob_id] = blob
+        return blob
+
+    def remove(self, blob_id: str) -> None:
+        with self._lock:
+            blob = self._blobs.pop(blob_id, None)
+            if blob is not None and not any(b.path == blob.path for b in self._blobs.values()):
+                self._hash_cache = {k: v for k, v in self._hash_cache.items() if k[0] != str(blob.path)}
+
+    def read(self, blob_id: str, site: str, offset: int) -> Iterator[tuple[bytes, int]]:
+        """Chunks of a blob from ``offset``: ``(data, total size)``."""
+        with self._lock:
+            blob = self._blobs.get(blob_id)
+        if blob is None:
+            raise TransferError("NOT_FOUND", f"blob {blob_id} is not offered (expired or unknown)")
+        if blob.sites is not None and site not in blob.sites:
+            raise TransferError("PERMISSION_DENIED", f"blob {blob_id} is not for site {site}")
+        if not 0 <= offset <= blob.size:
+            raise TransferError("OUT_OF_RANGE", f"offset {offset} outside blob of {blob.size} bytes")
+        try:
+            f = open(blob.path, "rb")
+        except FileNotFoundError:
+            raise TransferError("NOT_FOUND", f"blob {blob_id} no longer exists") from None
+        with f:
+            f.seek(offset)
+            while True:
+                data = f.read(CHUNK_BYTES)
+                if not data:
+                    return
+                yield data, blob.size
+
+
+@dataclass
+class Upload:
+    upload_id: str
+    site: str
+    job_id: str
+    task_id: str
+    total_size: int
+    path: Path
+    checker: StreamChecker | None
+    received: int = 0
+    complete: bool = False
+    started: float = field(default_factory=time.time)
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: str | None = None
+    sha256: str = ""
+
+
+class UploadManager:
+    """Spools uploads to ``spool_dir``, resumable by upload id, checked as they stream in."""
+
+    def __init__(self, spool_dir: Path, *, stale_after: float = 3600.0) -> None:
+        self.spool_dir = spool_dir
+        self.stale_after = stale_after
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in spool_dir.glob("*.part"):  # from before a restart: nobody can resume them
+            leftover.unlink(missing_ok=True)
+        self._uploads: dict[str, Upload] = {}
+        self._lock = threading.Lock()
+
+    def begin(
+        self,
+        *,
+        upload_id: str,
+        site: str,
+        job_id: str,
+        task_id: str,
+        offset: int,
+        total_size: int,
+        expected: Layout | None,
+        max_bytes: int,
+    ) -> Upload:
+        """Start or resume an upload; ``offset`` must equal what the server already holds."""
+        if not upload_id or len(upload_id) > 128 or not upload_id.replace("-", "").isalnum():
+            raise TransferError("INVALID_ARGUMENT", "upload_id must be 1-128 letters, digits or '-'")
+        if total_size < 0 or total_size > max_bytes:
+            raise TransferError(
+                "INVALID_ARGUMENT", f"upload of {total_size} bytes exceeds the {max_bytes} bytes allowed for it"
+            )
+        with self._lock:
+            self._expire_stale()
+            upload = self._uploads.get(upload_id)
+            if upload is None:
+                if offset != 0:
+                    raise TransferError("FAILED_PRECONDITION", "resume of an unknown upload; start again from 0")
+                upload = Upload(
+                    upload_id=upload_id,
+                    site=site,
+                    job_id=job_id,
+                    task_id=task_id,
+                    total_size=total_size,
+                    path=self.spool_dir / f"{secrets.token_hex(8)}.part",
+                    checker=StreamChecker(expected, max_bytes=total_size) if expected is not None else None,
+                )
+                upload.path.touch()
+                self._uploads[upload_id] = upload
+            elif (upload.site, upload.job_id, upload.task_id, upload.total_size) != (site, job_id, task_id, total_size):
+                raise TransferError("PERMISSION_DENIED", "upload id belongs to another transfer")
+        if upload.error:
+            raise TransferError("INVALID_ARGUMENT", upload.error)
+        if offset != upload.received:
+            raise TransferError(
+                "FAILED_PRECONDITION", f"resume offset {offset} but the server holds {upload.received} bytes"
+            )
+        return upload
+
+    def write(self, upload: Upload, data: bytes) -> None:
+        """Append and check the next piece of an upload."""
+        with upload.lock:
+            if upload.complete:
+                raise TransferError("FAILED_PRECONDITION", "upload already complete")
+            if upload.received + len(data) > upload.total_size:
+                raise TransferError("INVALID_ARGUMENT", "upload holds more bytes than announced")
+            if upload.checker is not None:
+                try:
+                    upload.checker.feed(data)
+                except LayoutError as exc:
+                    upload.error = f"rejected update: {exc}"
+                    raise TransferError("INVALID_ARGUMENT", upload.error) from None
+            with open(upload.path, "r+b") as f:
+                f.seek(upload.received)
+                f.write(data)
+            upload.hasher.update(data)
+            upload.received += len(data)
+            if upload.received == upload.total_size:
+                if upload.checker is not None:
+                    try:
+                        upload.checker.finish()
+                    except LayoutError as exc:
+                        upload.error = f"rejected update: {exc}"
+                        raise TransferError("INVALID_ARGUMENT", upload.error) from None
+                upload.complete = True
+                upload.sha256 = upload.hasher.hexdigest()
+
+    def status(self, upload_id: str, site: str) -> Upload | None:
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+        return upload if upload is not None and upload.site == site else None
+
+    def take(self, upload_id: str, *, site: str, job_id: str, task_id: str) -> Upload:
+        """Hand over a complete upload (its spool file becomes the caller's to delete)."""
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+            if upload is None or (upload.site, upload.job_id, upload.task_id) != (site, job_id, task_id):
+                raise TransferError("NOT_FOUND", f"no upload {upload_id} for this task")
+            if not upload.complete:
+                raise TransferError(
+                    "FAILED_PRECONDITION", f"upload {upload_id} incomplete: {upload.received} of {upload.total_size} bytes"
+                )
+            del self._uploads[upload_id]
+            return upload
+
+    def discard_task(self, task_id: str) -> None:
+        """Drop every upload of a task that is over (late or refused)."""
+        with self._lock:
+            doomed = [u for u in self._uploads.values() if u.task_id == task_id]
+            for upload in doomed:
+                del self._uploads[upload.upload_id]
+        for upload in doomed:
+            upload.path.unlink(missing_ok=True)
+
+    def _expire_stale(self) -> None:
+        now = time.time()
+        for upload in [u for u in self._uploads.values() if now - u.started > self.stale_after]:
+            del self._uploads[upload.upload_id]
+            upload.path.unlink(missing_ok=True)
+
+
+def remove_quietly(path: Path | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

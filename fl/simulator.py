@@ -1,0 +1,237 @@
+"""The simulator: a real fl server and one site agent per site, on loopback, running one job.
+
+It is the production code path (gRPC, chunked safetensors, a process per training script), not a
+second implementation; only TLS is off, which is allowed on loopback alone. On a terminal it shows
+progress; it ends with a summary of the results and where they are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fl.fsutil import read_json
+from fl.log import adapter, setup_logging
+from fl.server.app import FLServer
+from fl.server.jobs import TERMINAL, JobRecord
+from fl.server.jobstore import JobError, read_job
+from fl.site.agent import SiteAgent
+
+__all__ = ["simulate"]
+
+log = adapter("fl.simulator")
+MARKER = ".fl-simulation"
+
+
+def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None) -> list[str]:
+    spec = read_job(job_dir)
+    if clients:
+        names = list(clients)
+    elif spec.named_sites:
+        names = spec.named_sites if n_clients is None else spec.named_sites[:n_clients]
+        if n_clients is not None and n_clients > len(spec.named_sites):
+            if spec.all_sites_app is None:
+                raise JobError(f"the job defines {len(spec.named_sites)} sites ({', '.join(spec.named_sites)}); -n {n_clients} is more")
+            names += [f"site-{i}" for i in range(1, n_clients + 1) if f"site-{i}" not in names][: n_clients - len(names)]
+    else:
+        names = [f"site-{i}" for i in range(1, (n_clients or max(spec.min_clients, 2)) + 1)]
+    missing = [s for s in names if spec.app_for(s) is None]
+    if missing:
+        raise JobError(f"the job has no app for {', '.join(missing)}")
+    if len(names) < spec.min_clients:
+        raise JobError(f"the job needs at least {spec.min_clients} sites; simulating {len(names)}")
+    return names
+
+
+def _prepare_workspace(workspace: Path, sites: list[str]) -> None:
+    """Start from a clean simulation workspace, refusing to wipe a folder that isn't one."""
+    if workspace.exists() and any(workspace.iterdir()):
+        if not (workspace / MARKER).exists() and (workspace / "server").exists():
+            raise JobError(f"{workspace} holds a server workspace that is not a simulation's; use another -w")
+        for child in workspace.iterdir():
+            if child.is_dir() and (child.name == "server" or (child / "site-status.json").exists()):
+                shutil.rmtree(child)
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / MARKER).write_text("fl simulator workspace\n")
+
+
+class _Progress:
+    """Round and sites-done display: a rich status line on a terminal, nothing extra otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._live: Any = None
+        self._text = ""
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._spinner = Spinner("dots", text="starting")
+            self._live = Live(self._spinner, console=Console(stderr=True), refresh_per_second=8, transient=True)
+            self._live.__enter__()
+        return self
+
+    def update(self, record: JobRecord) -> None:
+        s = record.summary
+        if record.status == "running":
+            rnd = min(record.round + 1, record.num_rounds) if record.num_rounds else record.round + 1
+            text = f"{record.name}: round {rnd}/{record.num_rounds or '?'}"
+            if s.get("sites_total"):
+                text += f" · {s.get('sites_done', 0)}/{s['sites_total']} sites done"
+            if s.get("phase") and s.get("phase") != "training":
+                text += f" · {s['phase']}"
+        else:
+            text = f"{record.name}: {record.status} {record.message}".strip()
+        if self._live is not None and text != self._text:
+            self._spinner.update(text=text)
+        self._text = text
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+
+
+def _summary(record: JobRecord, run_dir: Path, elapsed: float) -> str:
+    lines = [
+        f"{record.name} {record.status} in {elapsed:.1f} s"
+        + (f": {record.num_rounds} rounds on {', '.join(record.sites)}" if record.sites else "")
+    ]
+    if record.message:
+        lines.append(f"  {record.message}")
+    validation = read_json(run_dir / "validation.json") or {}
+    models = validation.get("models", [])
+    best = read_json(run_dir / "best_model.json")
+    if models:
+        keys = sorted({k for m in models for k in m.get("aggregate", {})})
+        key = best["key_metric"] if best else (keys[0] if keys else None)
+        if key:
+            history = ", ".join(
+                f"{'initial' if m['model_version'] == 0 else 'after round ' + str(m['model_version'])} "
+                f"{m['aggregate'][key]:.4f}"
+                for m in models
+                if key in m.get("aggregate", {})
+            )
+            lines.append(f"  {key}: {history}")
+            final = [m for m in models if key in m.get("aggregate", {})][-1]
+            lines.append(f"  final {key}: {final['aggregate'][key]:.4f}")
+        if best:
+            lines.append(
+                f"  best {best['key_metric']}: {best['score']:.4f} "
+                f"({'initial model' if best['model_version'] == 0 else 'global model after round ' + str(best['model_version'])})"
+            )
+    for label, rel in (
+        ("global model", "FL_global_model.pt"),
+        ("best model", "best_FL_global_model.pt"),
+        ("validation JSON", "validation.json"),
+    ):
+        path = run_dir / rel
+        if path.exists():
+            lines.append(f"  {label + ':':<17}{path}")
+    tb = run_dir / "tb_events"
+    if tb.exists():
+        lines.append(f"  {'TensorBoard:':<17}tensorboard --logdir {tb}")
+    lines.append(f"  {'logs:':<17}{run_dir / 'logs'}")
+    return "\n".join(lines)
+
+
+def simulate(
+    job_dir: str | os.PathLike[str],
+    workspace: str | os.PathLike[str],
+    *,
+    n_clients: int | None = None,
+    threads: int | None = None,
+    clients: list[str] | None = None,
+    gpu: str | None = None,
+    timeout: float | None = None,
+    progress: bool | None = None,
+) -> int:
+    """Run an exported job; returns 0 when it finished, 1 when it failed, 130 on Ctrl-C."""
+    if not logging_configured():
+        setup_logging()
+    job_dir = Path(job_dir).resolve()
+    workspace = Path(workspace).resolve()
+    try:
+        sites = _site_names(job_dir, n_clients, clients)
+        _prepare_workspace(workspace, sites)
+    except JobError as exc:
+        log.error("%s", exc)
+        return 2
+    concurrent = min(threads or len(sites), len(sites))
+    per_site = max(1, (os.cpu_count() or 1) // concurrent)
+    gpus = [g.strip() for g in gpu.split(",")] if gpu else []
+
+    def site_env(site: str, n: int) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(per_site), "MKL_NUM_THREADS": str(per_site), "FL_TORCH_THREADS": str(per_site)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[sites.index(site) % len(gpus)] if site in sites else gpus[0]
+        return env
+
+    started = time.monotonic()
+    server = FLServer(
+        workspace / "server", host="127.0.0.1", port=0, heartbeat_interval=2.0, lost_after=20.0,
+        site_wait_timeout=60.0, site_env=site_env,
+    )
+    port = server.start()
+    gate = threading.Semaphore(threads) if threads and threads < len(sites) else None
+    agents = [SiteAgent(name, f"127.0.0.1:{port}", workspace / name, task_gate=gate) for name in sites]
+    interrupted = threading.Event()
+    previous_handler = None
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupted.set()
+
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    record: JobRecord | None = None
+    try:
+        for agent in agents:
+            agent.start()
+        staging = Path(tempfile.mkdtemp(prefix="job-", dir=server.staging_dir))
+        shutil.copytree(job_dir, staging / "job", ignore=shutil.ignore_patterns("__pycache__"))
+        record = server.jobs.submit(staging / "job")
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("simulating %s with %s (workspace %s)", record.name, ", ".join(sites), workspace)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        show = sys.stderr.isatty() if progress is None else progress
+        with _Progress(show) as display:
+            while record.status not in TERMINAL:
+                if interrupted.is_set():
+                    log.warning("interrupted: stopping the job and every process it started")
+                    server.jobs.abort(record.job_id)
+                    server.jobs.wait(record.job_id, 30)
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    log.error("the simulation did not finish within %.0f s; aborting", timeout)
+                    server.jobs.abort(record.job_id)
+                    server.jobs.wait(record.job_id, 30)
+                    break
+                display.update(record)
+                server.jobs.wait(record.job_id, 0.25)
+    finally:
+        for agent in agents:
+            agent.stop("simulation over")
+        server.stop()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    assert record is not None
+    print(_summary(record, server.jobs.job_dir(record.job_id), time.monotonic() - started), flush=True)
+    if interrupted.is_set():
+        return 130
+    return 0 if record.status == "finished" else 1
+
+
+def logging_configured() -> bool:
+    import logging
+
+    return any(getattr(h, "_fl_handler", False) for h in logging.getLogger("fl").handlers)

@@ -1,0 +1,242 @@
+"""The site agent: connects out to the server, registers, heartbeats, and runs the jobs it is given.
+
+The agent only ever dials out (sites sit behind firewalls). It survives the server going away:
+it keeps its jobs' scripts running, reconnects with backoff, and registers again, telling the
+server which jobs it still runs, so that a restarted server can resume them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fl import __version__
+from fl.fsutil import atomic_write_json
+from fl.log import adapter
+from fl.proto import federation_pb2 as pb
+from fl.proto import federation_pb2_grpc as pb_grpc
+from fl.site.job_runner import JobRunner
+from fl.transport import TLSConfig, make_channel
+
+__all__ = ["SiteAgent"]
+
+POLL_WAIT_S = 20.0
+RPC_TIMEOUT_S = 30.0
+
+
+class SiteAgent:
+    """A site's daemon logic; ``fl site`` runs one, the simulator runs one per simulated site."""
+
+    def __init__(
+        self,
+        name: str,
+        server: str,
+        workspace: Path,
+        *,
+        tls: TLSConfig | None = None,
+        server_name: str | None = None,
+        accepts_custom_code: bool = True,
+        task_gate: threading.Semaphore | None = None,
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.workspace = Path(workspace)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.accepts_custom_code = accepts_custom_code
+        self.task_gate = task_gate
+        self.log = adapter("fl.site", site=name)
+        self.channel = make_channel(server, tls=tls, server_name=server_name)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.runners: dict[str, JobRunner] = {}
+        self.session_id = ""
+        self.heartbeat_interval = 5.0
+        self.stop_event = threading.Event()
+        self.registered = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._last_error = ""
+
+    # ------------------------------------------------------------------ plumbing
+    def current_session(self) -> str:
+        return self.session_id
+
+    def call(self, method: str, request: Any, timeout: float = RPC_TIMEOUT_S) -> Any:
+        """A unary RPC with a deadline; on an unknown session, re-register and retry once."""
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED and "unknown session" in (exc.details() or ""):
+                self.registered.clear()
+                if self._register_once():
+                    request.session_id = self.session_id
+                    return getattr(self.stub, method)(request, timeout=timeout)
+            raise
+
+    def running_jobs(self) -> list[str]:
+        with self._lock:
+            return [j for j, r in self.runners.items() if not r.done.is_set()]
+
+    def _write_status(self) -> None:
+        atomic_write_json(
+            self.workspace / "site-status.json",
+            {
+                "site": self.name,
+                "registered": self.registered.is_set(),
+                "server": self.server,
+                "running_jobs": self.running_jobs(),
+                "updated": time.time(),
+                "last_error": self._last_error,
+            },
+            fsync=False,
+        )
+
+    # ------------------------------------------------------------------ registration
+    def _register_once(self) -> bool:
+        try:
+            reply = self.stub.Register(
+                pb.RegisterRequest(
+                    site_name=self.name,
+                    version=__version__,
+                    running_jobs=self.running_jobs(),
+                    accepts_custom_code=self.accepts_custom_code,
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
+            if error != self._last_error:
+                level = self.log.error if exc.code() == grpc.StatusCode.PERMISSION_DENIED else self.log.warning
+                level("cannot register with %s: %s", self.server, error)
+            self._last_error = error
+            self._write_status()
+            return False
+        self.session_id = reply.session_id
+        self.heartbeat_interval = reply.heartbeat_interval_s or 5.0
+        self.registered.set()
+        self._last_error = ""
+        self.log.info("registered with %s (server %s)", self.server, reply.server_version)
+        self._write_status()
+        return True
+
+    def _ensure_registered(self) -> None:
+        attempt = 0
+        while not self.registered.is_set() and not self.stop_event.is_set():
+            if self._register_once():
+                return
+            attempt += 1
+            self.stop_event.wait(min(10.0, 0.2 * 2**attempt))
+
+    # ------------------------------------------------------------------ loops
+    def start(self) -> None:
+        for target, name in ((self._poll_loop, "fl-poll"), (self._heartbeat_loop, "fl-heartbeat")):
+            thread = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def run_forever(self) -> None:
+        self.start()
+        while not self.stop_event.wait(1.0):
+            pass
+
+    def stop(self, reason: str = "site stopping") -> None:
+        self.stop_event.set()
+        with self._lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            runner.stop(reason)
+        for runner in runners:
+            runner.done.wait(15)
+        self.channel.close()
+
+    def _poll_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._ensure_registered()
+            if self.stop_event.is_set():
+                return
+            try:
+                reply = self.stub.Poll(
+                    pb.PollRequest(session_id=self.session_id, wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + RPC_TIMEOUT_S
+                )
+            except grpc.RpcError as exc:
+                if self.stop_event.is_set():
+                    return
+                self._connection_trouble(exc)
+                continue
+            if reply.unknown_session:
+                self.registered.clear()
+                continue
+            self._handle(reply)
+
+    def _connection_trouble(self, exc: grpc.RpcError) -> None:
+        code = exc.code()
+        error = f"{code.name}: {exc.details()}"
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE):
+            if self.registered.is_set():
+                self.log.warning("lost the server (%s); reconnecting", error)
+            self.registered.clear()
+        elif error != self._last_error:
+            self.log.warning("poll failed: %s", error)
+        self._last_error = error
+        self._write_status()
+        self.stop_event.wait(1.0)
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop_event.wait(self.heartbeat_interval):
+            if not self.registered.is_set():
+                continue
+            try:
+                reply = self.stub.Heartbeat(
+                    pb.HeartbeatRequest(session_id=self.session_id, running_jobs=self.running_jobs()),
+                    timeout=RPC_TIMEOUT_S,
+                )
+            except grpc.RpcError:
+                continue  # the poll loop notices and reconnects
+            if not reply.known:
+                self.registered.clear()
+                continue
+            for job_id in reply.stop_jobs:
+                runner = self.runners.get(job_id)
+                if runner is not None and not runner.done.is_set():
+                    runner.stop("the server no longer runs this job")
+            self._write_status()
+
+    # ------------------------------------------------------------------ directives
+    def _handle(self, reply: pb.PollReply) -> None:
+        kind = reply.WhichOneof("directive")
+        if kind == "start_job":
+            start = reply.start_job
+            with self._lock:
+                existing = self.runners.get(start.job_id)
+                if existing is not None and not existing.done.is_set():
+                    self.log.info("job %s already running here", start.job_id)
+                    return
+                runner = JobRunner(self, start)
+                self.runners[start.job_id] = runner
+            self.log.info("starting job %s (%s)", start.job_name, start.job_id)
+            runner.start()
+        elif kind == "task":
+            runner = self.runners.get(reply.task.job_id)
+            if runner is None or runner.done.is_set():
+                self.log.warning("task for job %s, which does not run here", reply.task.job_id)
+                return
+            runner.add_task(reply.task)
+        elif kind == "end_job":
+            runner = self.runners.get(reply.end_job.job_id)
+            if runner is not None:
+                self.log.info(
+                    "job %s ended on the server: %s%s",
+                    reply.end_job.job_id,
+                    reply.end_job.status,
+                    f" ({reply.end_job.message})" if reply.end_job.message else "",
+                )
+                runner.end(reply.end_job.status, reply.end_job.message)
+
+
+def default_workspace(name: str) -> Path:
+    return Path(os.environ.get("FL_WORKSPACE", f"/tmp/fl/{name}"))

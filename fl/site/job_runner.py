@@ -1,0 +1,441 @@
+"""One job on a site: unpack its app, run its script in a process of its own, relay tasks and results.
+
+The script talks to this runner over a socketpair (:mod:`fl.channel`); its output is read line by
+line, logged with site, job and round, and forwarded to the server. If the script dies, the job
+fails on this site at once with the script's exit code and last lines, so that the server does not
+wait out a deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fl.channel import ChannelClosed, LineChannel
+from fl.components.convert_to_fed_event import ConvertToFedEvent
+from fl.components.script_executor import ScriptExecutor
+from fl.config import ConfigError, build_component, load_config, resolve_class
+from fl.proto import federation_pb2 as pb
+from fl.server.jobstore import JobError, extract_zip
+from fl.site.transfers import TransferFailed, download_blob, upload_file
+
+if TYPE_CHECKING:
+    from fl.site.agent import SiteAgent
+
+__all__ = ["JobRunner"]
+
+LAST_LINES = 40
+END_GRACE_S = 30.0
+
+
+class _Ended:
+    """Marker in the task queue: the job is over."""
+
+    def __init__(self, status: str, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+class JobRunner:
+    """Runs one job's script on a site and relays between it and the server."""
+
+    def __init__(self, agent: SiteAgent, start: pb.StartJob) -> None:
+        self.agent = agent
+        self.start_msg = start
+        self.job_id = start.job_id
+        self.job_dir = agent.workspace / start.job_id
+        self.exchange = self.job_dir / "exchange"
+        self.log = agent.log.bind(job=start.job_id)
+        self.round: int | None = None
+        self.tasks: queue.Queue[tuple[pb.Task, Path | None] | _Ended] = queue.Queue()
+        self.current: pb.Task | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
+        self.forward_metrics = True
+        self.executor: ScriptExecutor | None = None
+        self.stop_event = threading.Event()
+        self.ended: _Ended | None = None
+        self.done = threading.Event()
+        self._outbox_lines: list[pb.LogLine] = []
+        self._outbox_metrics: list[pb.MetricRecord] = []
+        self._outbox_lock = threading.Lock()
+        self._failed_reported = False
+        self._gate_held = False
+        self.thread = threading.Thread(target=self._run, name=f"fl-job-{self.job_id[:8]}", daemon=True)
+
+    # ------------------------------------------------------------------ control from the agent
+    def start(self) -> None:
+        self.thread.start()
+        threading.Thread(target=self._flush_loop, name="fl-report", daemon=True).start()
+
+    def add_task(self, task: pb.Task) -> None:
+        """A task directive arrived: fetch its model now, hand it to the script when it asks."""
+        threading.Thread(target=self._prepare_task, args=(task,), name="fl-fetch", daemon=True).start()
+
+    def end(self, status: str, message: str) -> None:
+        """The server ended the job: tell the script (at its next request) and let it exit."""
+        if self.ended is None:
+            self.ended = _Ended(status, message)
+            self.tasks.put(self.ended)
+            threading.Thread(target=self._reap_after_end, daemon=True).start()
+
+    def stop(self, reason: str) -> None:
+        """Stop at once (job aborted or unknown to the server, or the site is stopping)."""
+        self.log.info("stopping job: %s", reason)
+        self.stop_event.set()
+        self.end("aborted", reason)
+        self._kill_script()
+
+    # ------------------------------------------------------------------ the job
+    def _prepare_task(self, task: pb.Task) -> None:
+        path: Path | None = None
+        try:
+            if task.model.blob_id:
+                path = self.exchange / f"task-{task.task_id}.safetensors"
+                download_blob(
+                    self.agent.stub,
+                    self.agent.current_session,
+                    task.model,
+                    path,
+                    deadline=task.deadline or time.time() + 3600,
+                    stop=self.stop_event,
+                )
+        except TransferFailed as exc:
+            self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra={"round": task.round + 1})
+            self._submit_error(task, f"model download failed: {exc}")
+            return
+        self.tasks.put((task, path))
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+            self._launch()
+        except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:
+            self._fail(f"could not start the job: {exc}")
+            self.done.set()
+            return
+        assert self.process is not None
+        code = self.process.wait()
+        self._drain_done.wait(5)
+        if self.ended is None and not self.stop_event.is_set():
+            tail = "\n".join(self.last_lines) or "(no output)"
+            self._fail(f"training script exited with code {code} before the job ended. Last output:\n{tail}")
+        else:
+            self.log.info("training script exited (code %d)", code)
+            self._report(job_state="finished" if self.ended is None or self.ended.status == "finished" else "")
+        self._release_gate()
+        self.done.set()
+
+    def _setup(self) -> None:
+        if self.start_msg.has_custom_code and not self.agent.accepts_custom_code:
+            raise JobError("this site's policy refuses jobs that carry custom code (--no-custom-code)")
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.exchange.mkdir(exist_ok=True)
+        archive = self.job_dir / "app.zip"
+        download_blob(
+            self.agent.stub, self.agent.current_session, self.start_msg.app, archive, deadline=time.time() + 600,
+            stop=self.stop_event,
+        )
+        app = self.job_dir / "app"
+        extract_zip(archive, app)
+        archive.unlink()
+        config = load_config(app / "config" / "config_fed_client.json")
+        executors = config.get("executors") or []
+        if len(executors) != 1:
+            raise JobError(f"config_fed_client.json must have exactly one executor, found {len(executors)}")
+        spec = executors[0].get("executor") if isinstance(executors[0], dict) else None
+        if not isinstance(spec, dict):
+            raise JobError("config_fed_client.json: executor entry needs an 'executor' object")
+        executor_cls = resolve_class(spec.get("path", ""))
+        if not issubclass(executor_cls, ScriptExecutor):
+            raise JobError(f"{spec.get('path')}: fl sites run jobs through ScriptExecutor")
+        _, executor = build_component({"id": "executor", **spec}, where="config_fed_client.json")
+        self.executor = executor
+        self.forward_metrics = False
+        for entry in config.get("components", []):
+            _, component = build_component(entry, where="config_fed_client.json")
+            if isinstance(component, ConvertToFedEvent) and component.forwards_analytics:
+                self.forward_metrics = True
+
+    def _launch(self) -> None:
+        assert self.executor is not None
+        app = self.job_dir / "app"
+        custom = app / "custom"
+        script = (custom / self.executor.task_script_path).resolve()
+        if custom.resolve() not in script.parents or not script.is_file():
+            raise JobError(f"task_script_path {self.executor.task_script_path!r} is not a file in the job's custom code")
+        if self.executor.command:
+            command = [*shlex.split(self.executor.command), str(script)]
+        else:
+            command = [sys.executable, "-u", str(script)]
+        command += shlex.split(self.executor.task_script_args or "")
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env.update(self.start_msg.env)
+        env.update(
+            {
+                "FL_CHANNEL_FD": str(child.fileno()),
+                "FL_SITE_NAME": self.agent.name,
+                "FL_JOB_ID": self.job_id,
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
+            }
+        )
+        self.log.info("starting training script: %s", " ".join(shlex.quote(c) for c in command[1:]))
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.job_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=(child.fileno(),),
+            start_new_session=True,
+        )
+        child.close()
+        self.channel = LineChannel(parent)
+        self._drain_done = threading.Event()
+        threading.Thread(target=self._pump_output, name="fl-output", daemon=True).start()
+        threading.Thread(target=self._serve_channel, name="fl-channel", daemon=True).start()
+        self._report(job_state="running")
+
+    def _pump_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            self.last_lines.append(line)
+            extra = {"round": self.round + 1} if self.round is not None else {}
+            self.log.info("%s", line, extra=extra)
+            with self._outbox_lock:
+                if len(self._outbox_lines) < 10_000:
+                    self._outbox_lines.append(
+                        pb.LogLine(time=time.time(), line=line, site=self.agent.name, round=(self.round or 0) + 1)
+                    )
+        self._drain_done.set()
+
+    # ------------------------------------------------------------------ the script's requests
+    def _serve_channel(self) -> None:
+        try:
+            while True:
+                message = self.channel.recv()
+                op = message["op"]
+                if op == "hello":
+                    self.channel.send(self._welcome())
+                elif op == "next_task":
+                    self.channel.send(self._next_task(message.get("timeout")))
+                elif op == "result":
+                    accepted, text = self._deliver(message)
+                    self.channel.send({"op": "ack", "accepted": accepted, "message": text})
+                elif op == "metrics":
+                    self._queue_metrics(message.get("records") or [])
+                elif op == "bye":
+                    pass
+                else:
+                    self.log.warning("unknown request from the script: %r", op)
+        except (ChannelClosed, ValueError):
+            pass
+        finally:
+            self.channel.close()
+
+    def _welcome(self) -> dict[str, Any]:
+        assert self.executor is not None
+        threads = self.start_msg.env.get("FL_TORCH_THREADS")
+        return {
+            "op": "welcome",
+            "site_name": self.agent.name,
+            "job_id": self.job_id,
+            "job_name": self.start_msg.job_name,
+            "num_rounds": self.start_msg.num_rounds,
+            "params_format": self.executor.params_exchange_format,
+            "torch_threads": int(threads) if threads else None,
+        }
+
+    def _next_task(self, timeout: float | None) -> dict[str, Any]:
+        self._release_gate()
+        try:
+            item = self.tasks.get(timeout=timeout) if timeout else self.tasks.get()
+        except queue.Empty:
+            return {"op": "timeout"}
+        if isinstance(item, _Ended):
+            self.tasks.put(item)  # every later request sees the end too
+            return {"op": "end", "status": item.status, "message": item.message}
+        task, path = item
+        if self.agent.task_gate is not None:
+            self.agent.task_gate.acquire()
+            self._gate_held = True
+        self.current = task
+        self.round = task.round
+        self.log.info("task %s received", task.name, extra={"round": task.round + 1})
+        import json
+
+        return {
+            "op": "task",
+            "task": {
+                "task_id": task.task_id,
+                "name": task.name,
+                "round": task.round,
+                "num_rounds": task.num_rounds,
+                "meta": json.loads(task.meta_json or "{}"),
+                "params_type": task.params_type or "FULL",
+                "model_path": str(path) if path else None,
+                "result_path": str(self.exchange / f"result-{task.task_id}.safetensors"),
+            },
+        }
+
+    def _release_gate(self) -> None:
+        if self._gate_held and self.agent.task_gate is not None:
+            self._gate_held = False
+            self.agent.task_gate.release()
+
+    def _deliver(self, message: dict[str, Any]) -> tuple[bool, str]:
+        import json
+
+        task = self.current
+        if task is None or message.get("task_id") != task.task_id:
+            return False, "no current task for this result"
+        model_path = self.exchange / f"task-{task.task_id}.safetensors"
+        result_path = Path(message["path"]) if message.get("path") else None
+        try:
+            upload_id = ""
+            if result_path is not None:
+                if result_path.parent.resolve() != self.exchange.resolve():
+                    return False, "result file outside the job's exchange folder"
+                upload_id = upload_file(
+                    self.agent.stub,
+                    self.agent.current_session,
+                    result_path,
+                    job_id=self.job_id,
+                    task_id=task.task_id,
+                    deadline=task.deadline or time.time() + 3600,
+                    sha256=message.get("sha256"),
+                    stop=self.stop_event,
+                )
+            reply = self.agent.call(
+                "SubmitResult",
+                pb.SubmitResultRequest(
+                    session_id=self.agent.current_session(),
+                    job_id=self.job_id,
+                    task_id=task.task_id,
+                    upload_id=upload_id,
+                    meta_json=json.dumps(message.get("meta") or {}),
+                    metrics_json=json.dumps(message.get("metrics") or {}),
+                    params_type=message.get("params_type") or "FULL",
+                ),
+            )
+            accepted, text = reply.accepted, reply.message
+        except TransferFailed as exc:
+            accepted, text = False, str(exc)
+        finally:
+            for path in (result_path, model_path):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            self._release_gate()
+        extra = {"round": task.round + 1}
+        if accepted:
+            self.log.info("%s result delivered", task.name, extra=extra)
+        else:
+            self.log.warning("%s result not accepted: %s", task.name, text, extra=extra)
+        self.current = None
+        return accepted, text
+
+    def _submit_error(self, task: pb.Task, error: str) -> None:
+        try:
+            self.agent.call(
+                "SubmitResult",
+                pb.SubmitResultRequest(
+                    session_id=self.agent.current_session(), job_id=self.job_id, task_id=task.task_id, error=error
+                ),
+            )
+        except Exception as exc:  # the server will time the task out
+            self.log.warning("could not report the error to the server: %s", exc)
+
+    def _queue_metrics(self, records: list[dict[str, Any]]) -> None:
+        if not self.forward_metrics:
+            return
+        with self._outbox_lock:
+            for r in records[:1000]:
+                if r.get("value") is None:
+                    continue
+                self._outbox_metrics.append(
+                    pb.MetricRecord(
+                        tag=str(r.get("tag", ""))[:256],
+                        value=float(r["value"]),
+                        step=int(r.get("step") or 0),
+                        wall_time=float(r.get("wall_time") or time.time()),
+                        group_member=str(r.get("group_member") or "")[:256],
+                    )
+                )
+
+    # ------------------------------------------------------------------ reporting
+    def _report(self, *, job_state: str = "", message: str = "") -> None:
+        with self._outbox_lock:
+            lines, self._outbox_lines = self._outbox_lines, []
+            metrics, self._outbox_metrics = self._outbox_metrics, []
+        if not (lines or metrics or job_state):
+            return
+        try:
+            self.agent.call(
+                "Report",
+                pb.ReportRequest(
+                    session_id=self.agent.current_session(),
+                    job_id=self.job_id,
+                    logs=lines,
+                    metrics=metrics,
+                    job_state=job_state,
+                    message=message,
+                ),
+            )
+        except Exception as exc:
+            if job_state:
+                self.log.warning("could not report job state %r to the server: %s", job_state, exc)
+
+    def _flush_loop(self) -> None:
+        while not self.done.wait(0.5):
+            self._report()
+        self._report()
+
+    def _fail(self, message: str) -> None:
+        if self._failed_reported:
+            return
+        self._failed_reported = True
+        self.log.error("job failed on this site: %s", message)
+        self._report(job_state="failed", message=message)
+
+    # ------------------------------------------------------------------ ending
+    def _reap_after_end(self) -> None:
+        deadline = time.monotonic() + END_GRACE_S
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                return
+            if self.process is None and self.done.is_set():
+                return
+            time.sleep(0.2)
+        if self.process is not None and self.process.poll() is None:
+            self.log.warning("training script still running %.0f s after the job ended; stopping it", END_GRACE_S)
+            self._kill_script()
+
+    def _kill_script(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

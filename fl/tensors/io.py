@@ -1,0 +1,199 @@
+"""Reading and writing safetensors files in bounded blocks, and converting params.
+
+``write_tensors`` writes any mapping of numpy arrays or torch tensors (CPU or GPU) without
+copying whole tensors; ``iter_blocks`` reads a tensor back in blocks of bounded size. Files are
+written atomically (temp file + rename) so that a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from fl.fsutil import atomic_path
+from fl.tensors.layout import Layout, LayoutError, TensorSpec, numpy_dtype, read_prefix
+
+__all__ = [
+    "BLOCK_BYTES",
+    "TensorSource",
+    "as_byte_view",
+    "describe",
+    "iter_blocks",
+    "load_numpy",
+    "load_torch",
+    "read_layout",
+    "write_tensors",
+]
+
+#: Upper bound on the bytes read or converted at once.
+BLOCK_BYTES = 32 * 1024 * 1024
+
+TensorSource = Any  # numpy.ndarray or torch.Tensor
+
+_TORCH_TO_ST = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint64": "U64",
+    "torch.uint32": "U32",
+    "torch.uint16": "U16",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+_NUMPY_TO_ST = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def _is_torch(value: object) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
+
+
+def describe(name: str, value: TensorSource) -> tuple[str, str, tuple[int, ...]]:
+    """``(name, safetensors dtype, shape)`` of a numpy array or torch tensor."""
+    if _is_torch(value):
+        dtype = _TORCH_TO_ST.get(str(value.dtype))
+        if dtype is None:
+            raise LayoutError(f"tensor {name!r}: unsupported torch dtype {value.dtype}")
+        return name, dtype, tuple(int(d) for d in value.shape)
+    if isinstance(value, np.ndarray | np.generic):
+        arr = np.asarray(value)
+        dtype = _NUMPY_TO_ST.get(arr.dtype.name)
+        if dtype is None:
+            raise LayoutError(f"tensor {name!r}: unsupported numpy dtype {arr.dtype}")
+        return name, dtype, tuple(int(d) for d in arr.shape)
+    raise LayoutError(
+        f"param {name!r} is a {type(value).__name__}; params must be numpy arrays or torch tensors"
+    )
+
+
+def as_byte_view(value: TensorSource) -> memoryview:
+    """The tensor's bytes, little-endian and C-contiguous, as a memoryview (a copy only if needed)."""
+    if _is_torch(value):
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous().reshape(-1)
+        if tensor.numel() == 0:
+            return memoryview(b"")
+        import torch
+
+        return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def write_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, TensorSource],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    digest: Any = None,
+) -> Layout:
+    """Write ``tensors`` to ``path`` as safetensors, atomically; returns the layout written.
+
+    ``digest`` (e.g. ``hashlib.sha256()``), if given, is updated with every byte written.
+    """
+    layout = Layout.build((describe(name, value) for name, value in tensors.items()), metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+
+        def emit(data: bytes | memoryview) -> None:
+            out.write(data)
+            if digest is not None:
+                digest.update(data)
+
+        header = layout.header_bytes
+        emit(struct.pack("<Q", len(header)))
+        emit(header)
+        for spec in layout.tensors:
+            view = as_byte_view(tensors[spec.name])
+            for start in range(0, len(view), BLOCK_BYTES):
+                emit(view[start : start + BLOCK_BYTES])
+    return layout
+
+
+def read_layout(f: BinaryIO, *, file_size: int | None = None) -> tuple[Layout, int]:
+    """Parse the header of an open safetensors file; returns the layout and the data offset."""
+    n = read_prefix(f.read(8))
+    header = f.read(n)
+    if len(header) != n:
+        raise LayoutError("truncated safetensors header")
+    data_size = None if file_size is None else file_size - 8 - n
+    return Layout.parse(header, data_size=data_size), 8 + n
+
+
+def open_tensors(path: str | os.PathLike[str]) -> tuple[BinaryIO, Layout, int]:
+    """Open a safetensors file and check its header against its size."""
+    f = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    try:
+        layout, data_offset = read_layout(f, file_size=os.fstat(f.fileno()).st_size)
+    except Exception:
+        f.close()
+        raise
+    return f, layout, data_offset
+
+
+def iter_blocks(
+    f: BinaryIO, spec: TensorSpec, data_offset: int, *, block_bytes: int = BLOCK_BYTES
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first element index, 1-D numpy block)`` covering one tensor, reading bounded blocks.
+
+    Blocks share one reused buffer: each is valid only until the next one is produced.
+    """
+    dtype = numpy_dtype(spec.dtype)
+    step = max(spec.itemsize, block_bytes - block_bytes % spec.itemsize)
+    buffer = bytearray(min(step, spec.nbytes))
+    f.seek(data_offset + spec.begin)
+    position = 0
+    while position < spec.nbytes:
+        want = min(step, spec.nbytes - position)
+        view = memoryview(buffer)[:want]
+        if f.readinto(view) != want:  # type: ignore[attr-defined]
+            raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
+        yield position // spec.itemsize, np.frombuffer(view, dtype=dtype)
+        position += want
+
+
+def load_numpy(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Load a whole safetensors file as numpy arrays (BF16 stays raw uint16)."""
+    f, layout, data_offset = open_tensors(path)
+    with f:
+        out: dict[str, np.ndarray] = {}
+        for spec in layout.tensors:
+            f.seek(data_offset + spec.begin)
+            buf = bytearray(spec.nbytes)
+            if f.readinto(buf) != spec.nbytes:
+                raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
+            out[spec.name] = np.frombuffer(buf, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
+        return out
+
+
+def load_torch(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a safetensors file as torch tensors (via the ``safetensors`` library)."""
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(Path(path))))

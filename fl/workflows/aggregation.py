@@ -1,0 +1,250 @@
+"""Weighted averaging of model updates, one update at a time, in bounded memory.
+
+:class:`WeightedAverage` keeps one running weighted sum per tensor and folds each site's update
+into it as soon as the update has arrived, block by block, so that server memory holds one model's
+worth of sums however many sites there are. :func:`weighted_average` and
+:func:`weighted_metrics` are the same arithmetic as pure functions over in-memory arrays.
+
+Accumulation happens in float32 for 32- and 16-bit floats, float64 for float64 and for integer
+tensors (which are rounded back); the result has the dtypes of the global model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import struct
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from fl.fsutil import atomic_path
+from fl.tensors import BLOCK_BYTES, Layout, LayoutError, TensorSpec, describe, iter_blocks, open_tensors
+from fl.tensors.io import as_byte_view
+
+__all__ = [
+    "ParamsType",
+    "WeightedAverage",
+    "weighted_average",
+    "weighted_metrics",
+]
+
+Block = tuple[int, np.ndarray]  # (first element index, 1-D elements)
+
+
+class ParamsType:
+    FULL = "FULL"
+    DIFF = "DIFF"
+
+
+def _acc_dtype(spec: TensorSpec) -> type[np.floating[Any]]:
+    return np.float32 if spec.dtype in ("F32", "F16", "BF16") else np.float64
+
+
+def _to_acc(spec: TensorSpec, block: np.ndarray) -> np.ndarray:
+    """Elements of ``block`` as the accumulator dtype (a view when no conversion is needed)."""
+    if spec.dtype == "BF16":
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    acc = _acc_dtype(spec)
+    return block if block.dtype == acc else block.astype(acc)
+
+
+def _from_acc(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
+    """Accumulator values back in ``spec``'s dtype (BF16 as raw bits, rounded to nearest even)."""
+    if spec.dtype == "BF16":
+        bits = values.astype(np.float32).view(np.uint32)
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+        return (rounded >> 16).astype(np.uint16)
+    if spec.dtype == "BOOL":
+        return values >= 0.5
+    target = np.dtype({"F64": "<f8", "F32": "<f4", "F16": "<f2"}.get(spec.dtype, "<f8"))
+    if spec.is_float:
+        return values.astype(target, copy=False)
+    from fl.tensors import numpy_dtype
+
+    return np.rint(values).astype(numpy_dtype(spec.dtype))
+
+
+def _array_blocks(spec: TensorSpec, value: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
+    """Blocks of an in-memory tensor in the layout's raw element representation."""
+    from fl.tensors import numpy_dtype
+
+    raw = np.frombuffer(as_byte_view(value), dtype=numpy_dtype(spec.dtype))
+    step = max(1, block_bytes // spec.itemsize)
+    for start in range(0, raw.size, step):
+        yield start, raw[start : start + step]
+
+
+class WeightedAverage:
+    """Running weighted average of updates that all have the layout of the global model.
+
+    Thread-safe: updates arriving concurrently are folded one after another.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.total_weight = 0.0
+        self.count = 0
+        self._sums = {s.name: np.zeros(s.numel, dtype=_acc_dtype(s)) for s in layout.tensors}
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+
+    def reset(self) -> None:
+        """Start a new average, reusing the sums' memory (the first update overwrites them)."""
+        with self._lock:
+            self.total_weight = 0.0
+            self.count = 0
+            self._broken = None
+
+    # ------------------------------------------------------------------ folding
+    def add_file(
+        self,
+        path: str | os.PathLike[str],
+        weight: float,
+        *,
+        params_type: str = ParamsType.FULL,
+        base_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Fold the safetensors update at ``path``; DIFF updates are added to ``base_path``'s model."""
+        f, layout, data_offset = open_tensors(path)
+        with f:
+            layout.check_matches(self.layout)
+            specs = layout.by_name()
+            if params_type == ParamsType.DIFF:
+                if base_path is None:
+                    raise ValueError("a DIFF update needs the base model it is a difference to")
+                bf, base_layout, base_offset = open_tensors(base_path)
+                with bf:
+                    bases = base_layout.by_name()
+                    self._fold(
+                        weight,
+                        (
+                            (s, iter_blocks(f, specs[s.name], data_offset), iter_blocks(bf, bases[s.name], base_offset))
+                            for s in self.layout.tensors
+                        ),
+                    )
+            else:
+                self._fold(weight, ((s, iter_blocks(f, specs[s.name], data_offset), None) for s in self.layout.tensors))
+
+    def add_arrays(self, arrays: Mapping[str, Any], weight: float) -> None:
+        """Fold an in-memory update (numpy arrays or torch tensors), checked against the layout."""
+        Layout.build(describe(n, v) for n, v in arrays.items()).check_matches(self.layout)
+        self._fold(weight, ((s, _array_blocks(s, arrays[s.name]), None) for s in self.layout.tensors))
+
+    def _fold(
+        self, weight: float, per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]]
+    ) -> None:
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"aggregation weight must be a positive finite number, got {weight!r}")
+        with self._lock:
+            if self._broken:
+                raise RuntimeError(self._broken)
+            first = self.count == 0
+            try:
+                self._fold_locked(weight, first, per_tensor)
+            except (LayoutError, OSError) as exc:
+                # Part of this update may already be in the sums: the average can't be trusted.
+                self._broken = f"an update failed halfway through aggregation: {exc}"
+                raise
+            self.total_weight += weight
+            self.count += 1
+
+    def _fold_locked(
+        self,
+        weight: float,
+        first: bool,
+        per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]],
+    ) -> None:
+        for spec, blocks, base_blocks in per_tensor:
+            acc = self._sums[spec.name]
+            for start, block in blocks:
+                values = _to_acc(spec, block)
+                if base_blocks is not None:
+                    base_start, base = next(base_blocks)
+                    if base_start != start or base.size != block.size:
+                        raise LayoutError(f"tensor {spec.name!r}: base model blocks out of step")
+                    values = values + _to_acc(spec, base)
+                target = acc[start : start + values.size]
+                if first:
+                    np.multiply(values, weight, out=target, casting="unsafe")
+                elif weight == 1.0:
+                    target += values
+                else:
+                    target += values * acc.dtype.type(weight)
+
+    # ------------------------------------------------------------------ results
+    def _check_ready(self) -> None:
+        if self._broken:
+            raise RuntimeError(self._broken)
+        if self.count == 0:
+            raise ValueError("no updates were aggregated")
+
+    def _result_blocks(self, spec: TensorSpec) -> Iterator[np.ndarray]:
+        acc = self._sums[spec.name]
+        step = max(1, BLOCK_BYTES // acc.itemsize)
+        for start in range(0, acc.size, step):
+            yield _from_acc(spec, acc[start : start + step] / acc.dtype.type(self.total_weight))
+
+    def result_arrays(self) -> dict[str, np.ndarray]:
+        """The average as numpy arrays in the layout's dtypes (BF16 as raw uint16)."""
+        self._check_ready()
+        with self._lock:
+            out: dict[str, np.ndarray] = {}
+            for spec in self.layout.tensors:
+                parts = list(self._result_blocks(spec))
+                flat = np.concatenate(parts) if parts else _from_acc(spec, self._sums[spec.name])
+                out[spec.name] = flat.reshape(spec.shape)
+            return out
+
+    def write_result(
+        self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None, *, digest: Any = None
+    ) -> Layout:
+        """Write the average to ``path`` as safetensors, block by block, atomically.
+
+        ``digest`` (e.g. ``hashlib.sha256()``), if given, is updated with every byte written.
+        """
+        self._check_ready()
+        layout = Layout(self.layout.tensors, dict(metadata or {}))
+        with self._lock, atomic_path(path) as tmp, open(tmp, "wb") as out:
+            header = layout.header_bytes
+            pieces: Iterator[bytes | memoryview] = itertools.chain(
+                (struct.pack("<Q", len(header)), header),
+                (
+                    memoryview(np.ascontiguousarray(block)).cast("B")
+                    for spec in layout.tensors
+                    for block in self._result_blocks(spec)
+                ),
+            )
+            for piece in pieces:
+                out.write(piece)
+                if digest is not None:
+                    digest.update(piece)
+        return layout
+
+
+def weighted_average(updates: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, np.ndarray]:
+    """The weighted average of ``(params, weight)`` updates that share names, dtypes and shapes."""
+    avg: WeightedAverage | None = None
+    for params, weight in updates:
+        if avg is None:
+            avg = WeightedAverage(Layout.build(describe(n, v) for n, v in params.items()))
+        avg.add_arrays(params, weight)
+    if avg is None:
+        raise ValueError("no updates to average")
+    return avg.result_arrays()
+
+
+def weighted_metrics(results: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, float]:
+    """Per metric, the weighted mean over the results that report it as a finite number."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for metrics, weight in results:
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            sums[key] = sums.get(key, 0.0) + weight * float(value)
+            weights[key] = weights.get(key, 0.0) + weight
+    return {key: sums[key] / weights[key] for key in sums}

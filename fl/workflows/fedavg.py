@@ -1,0 +1,236 @@
+"""Federated averaging: each round, sites train on the global model; the server averages the results.
+
+Weights are each result's ``NUM_STEPS_CURRENT_ROUND`` (equal weights when it is absent). Results
+are folded into the average as they arrive (see :mod:`fl.workflows.aggregation`), so server memory
+does not grow with the number of sites. Metrics that sites send with a train result describe the
+model they received, i.e. the global model of the previous round; after the last round a
+``validate`` task measures the final model (skipped when sites report no metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+from fl.client.model import FLMetaKey
+from fl.tensors import Layout, open_tensors
+from fl.workflows.aggregation import ParamsType, WeightedAverage, weighted_metrics
+from fl.workflows.base import Controller, JobContext, RoundFailed, TaskResult, TaskSpec
+
+__all__ = ["FedAvg", "result_weight"]
+
+TRAIN_TASK = "train"
+VALIDATE_TASK = "validate"
+
+
+def result_weight(meta: dict[str, Any], key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND) -> float:
+    """A result's aggregation weight: its positive step count, or 1."""
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return 1.0
+    return float(value)
+
+
+def read_layout(path: Path) -> Layout:
+    f, layout, _ = open_tensors(path)
+    f.close()
+    return layout
+
+
+class FedAvg(Controller):
+    """FedAvg over ``num_rounds`` rounds with ``num_clients`` sites a round (at least ``min_clients``).
+
+    Parameters
+    ----------
+    num_clients:
+        Sites asked to train each round (sampled at random if more are in the job).
+    num_rounds:
+        Rounds to run.
+    min_clients:
+        Results needed for a round to count; defaults to ``num_clients``.
+    round_timeout:
+        Seconds a round waits for results before going on with what arrived (if at least
+        ``min_clients``) or failing the job.
+    persistor_id:
+        The component that loads the initial model and saves global models.
+    final_validation:
+        After the last round, ask sites to evaluate the final model (only if they report metrics).
+    site_wait_timeout:
+        When fewer than ``min_clients`` sites are available at the start of a round (e.g. some are
+        restarting), how long to wait for them before failing the job.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_clients: int = 2,
+        num_rounds: int = 5,
+        min_clients: int | None = None,
+        round_timeout: float = 3600.0,
+        persistor_id: str = "persistor",
+        aggregation_weight_key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND,
+        final_validation: bool = True,
+        start_round: int = 0,
+        site_wait_timeout: float = 300.0,
+    ) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be at least 1, got {num_clients}")
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
+        if min_clients is not None and not 1 <= min_clients <= num_clients:
+            raise ValueError(f"min_clients must be between 1 and num_clients ({num_clients}), got {min_clients}")
+        if round_timeout <= 0:
+            raise ValueError(f"round_timeout must be positive, got {round_timeout}")
+        self.num_clients = num_clients
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients or num_clients
+        self.round_timeout = round_timeout
+        self.persistor_id = persistor_id
+        self.aggregation_weight_key = aggregation_weight_key
+        self.final_validation = final_validation
+        self.start_round = start_round
+        self.site_wait_timeout = site_wait_timeout
+
+    def _targets(self, ctx: JobContext) -> list[str]:
+        sites = ctx.sites
+        if len(sites) < self.min_clients:
+            sites = ctx.wait_for_sites(self.min_clients, self.site_wait_timeout)
+        if len(sites) < self.min_clients:
+            raise RoundFailed(f"the job has {len(sites)} sites ({', '.join(sites)}); FedAvg needs {self.min_clients}")
+        if len(sites) > self.num_clients:
+            return sorted(random.sample(sites, self.num_clients))
+        return sites
+
+    def run(self, ctx: JobContext) -> None:
+        persistor = ctx.components.get(self.persistor_id)
+        if persistor is None:
+            raise ValueError(f"FedAvg: no component with id {self.persistor_id!r} (the model persistor)")
+        state = ctx.load_state() or {}
+        start = int(state.get("next_round", self.start_round))
+        if state.get("model_file"):
+            model_path = ctx.run_dir / "models" / state["model_file"]
+            ctx.log.info("resuming at round %d of %d from %s", start + 1, self.num_rounds, model_path.name)
+        else:
+            model_path = persistor.load_initial(ctx)
+        layout = read_layout(model_path)
+        averager = WeightedAverage(layout)
+        model_sha256: str | None = None
+        reported_metrics = bool(state.get("sites_report_metrics", False))
+        ctx.set_progress(round=start, num_rounds=self.num_rounds)
+
+        for rnd in range(start, self.num_rounds):
+            ctx.set_progress(round=rnd, num_rounds=self.num_rounds, phase="training")
+            ctx.fire("round_started", round=rnd, num_rounds=self.num_rounds)
+            averager.reset()
+            results = self._train_round(ctx, rnd, model_path, model_sha256, layout, averager)
+            site_metrics = {r.site: r.metrics for r in results if r.metrics}
+            reported_metrics = reported_metrics or bool(site_metrics)
+            weights = {r.site: result_weight(r.meta, self.aggregation_weight_key) for r in results}
+            metrics = weighted_metrics((r.metrics, weights[r.site]) for r in results)
+            if site_metrics:
+                ctx.fire(
+                    "model_evaluated",
+                    model_version=rnd,
+                    model_path=model_path,
+                    round=rnd,
+                    site_metrics=site_metrics,
+                    site_weights=weights,
+                    metrics=metrics,
+                )
+            new_path = ctx.run_dir / "models" / f"global-r{rnd + 1:04d}.safetensors"
+            digest = hashlib.sha256()
+            averager.write_result(new_path, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
+            model_sha256 = digest.hexdigest()
+            persistor.save_global(ctx, new_path, round=rnd)
+            ctx.fire("round_completed", round=rnd, model_path=new_path, metrics=metrics, sites=sorted(weights))
+            ctx.save_state(
+                {"next_round": rnd + 1, "model_file": new_path.name, "sites_report_metrics": reported_metrics}
+            )
+            ctx.log.info(
+                "round %d/%d done: %d results%s",
+                rnd + 1,
+                self.num_rounds,
+                len(results),
+                "".join(f", {k}={v:.4g}" for k, v in metrics.items()),
+            )
+            if model_path != new_path:
+                _remove_old_model(model_path)
+            model_path = new_path
+
+        if self.final_validation and reported_metrics:
+            self._validate_final(ctx, model_path, model_sha256, layout)
+        ctx.set_progress(round=self.num_rounds, num_rounds=self.num_rounds, phase="done")
+
+    def _train_round(
+        self,
+        ctx: JobContext,
+        rnd: int,
+        model_path: Path,
+        model_sha256: str | None,
+        layout: Layout,
+        averager: WeightedAverage,
+    ) -> list[TaskResult]:
+        def on_result(result: TaskResult) -> None:
+            if result.params_path is None:
+                raise ValueError("a train result must carry params")
+            weight = result_weight(result.meta, self.aggregation_weight_key)
+            params_type = result.params_type or ParamsType.FULL
+            averager.add_file(result.params_path, weight, params_type=params_type, base_path=model_path)
+            ctx.fire("result_received", round=rnd, site=result.site, metrics=result.metrics, meta=result.meta)
+
+        task = TaskSpec(
+            name=TRAIN_TASK,
+            round=rnd,
+            num_rounds=self.num_rounds,
+            model_path=model_path,
+            model_layout=layout,
+            model_sha256=model_sha256,
+            meta={FLMetaKey.CURRENT_ROUND: rnd, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
+        )
+        return ctx.communicator.broadcast_and_wait(
+            task,
+            self._targets(ctx),
+            min_responses=self.min_clients,
+            timeout=self.round_timeout,
+            on_result=on_result,
+        )
+
+    def _validate_final(self, ctx: JobContext, model_path: Path, model_sha256: str | None, layout: Layout) -> None:
+        ctx.set_progress(phase="validating final model")
+        task = TaskSpec(
+            name=VALIDATE_TASK,
+            round=self.num_rounds,
+            num_rounds=self.num_rounds,
+            model_path=model_path,
+            model_layout=layout,
+            model_sha256=model_sha256,
+            meta={FLMetaKey.CURRENT_ROUND: self.num_rounds, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
+            expect_params=False,
+        )
+        results = ctx.communicator.broadcast_and_wait(
+            task, self._targets(ctx), min_responses=self.min_clients, timeout=self.round_timeout
+        )
+        site_metrics = {r.site: r.metrics for r in results if r.metrics}
+        if site_metrics:
+            weights = {r.site: result_weight(r.meta, self.aggregation_weight_key) for r in results}
+            metrics = weighted_metrics((r.metrics, weights[r.site]) for r in results)
+            ctx.fire(
+                "model_evaluated",
+                model_version=self.num_rounds,
+                model_path=model_path,
+                round=self.num_rounds,
+                site_metrics=site_metrics,
+                site_weights=weights,
+                metrics=metrics,
+            )
+            ctx.log.info("final model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+def _remove_old_model(path: Path) -> None:
+    """Drop a superseded global model file (its .pt checkpoints are separate files)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,70 @@
+"""Hello PyTorch with the Job API: FedAvg over sites training the CIFAR10 tutorial's CNN.
+
+    python jobs/hello-pt/job.py                      # simulate: 2 sites, 2 rounds
+    python jobs/hello-pt/job.py --export-dir /tmp/jobs   # write the job folder for `fl simulate` / `fl submit`
+"""
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def define_parser():
+    parser = argparse.ArgumentParser(description="Hello PyTorch: FedAvg with the Job API")
+    parser.add_argument("--n-clients", type=int, default=2)
+    parser.add_argument("--num-rounds", type=int, default=2)
+    parser.add_argument("--workspace", default="/tmp/fl/hello-pt", help="simulator workspace")
+    parser.add_argument("--export-dir", help="export the job folder here instead of simulating")
+    parser.add_argument("--threads", type=int, help="sites training at once in the simulator (default: all)")
+    parser.add_argument("--dataset", choices=["auto", "cifar10", "synthetic"], default="auto")
+    parser.add_argument("--data-root", help="where sites find (or download) CIFAR10")
+    parser.add_argument("--train-size", type=int, help="training samples per site")
+    parser.add_argument("--test-size", type=int, help="validation samples per site")
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    parser.add_argument("--batch-size", type=int, default=4)
+    return parser
+
+
+def main():
+    args = define_parser().parse_args()
+    workspace = Path(args.workspace).resolve()
+    export_dir = Path(args.export_dir).resolve() if args.export_dir else None
+    os.chdir(HERE)  # the job's code paths below are relative to this folder
+    sys.path.insert(0, str(HERE))
+
+    from src.simple_network import SimpleNetwork
+
+    from fl.job import FedJob, ScriptRunner
+    from fl.workflows.fedavg import FedAvg
+
+    script_args = ["--dataset", args.dataset, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    for flag, value in (("--data-root", args.data_root), ("--train-size", args.train_size), ("--test-size", args.test_size)):
+        if value is not None:
+            script_args += [flag, str(value)]
+
+    job = FedJob(name="hello-pt", min_clients=args.n_clients)
+
+    # Define the controller workflow and send to server
+    controller = FedAvg(num_clients=args.n_clients, num_rounds=args.num_rounds)
+    job.to(controller, "server")
+
+    # Define the initial global model and send to server
+    job.to(SimpleNetwork(), "server")
+
+    # Add clients
+    for i in range(args.n_clients):
+        runner = ScriptRunner(script="src/hello-pt_cifar10_fl.py", script_args=shlex.join(script_args))
+        job.to(runner, f"site-{i + 1}")
+
+    if export_dir is not None:
+        print(f"job folder: {job.export_job(export_dir)}")
+        return 0
+    return job.simulator_run(workspace, n_clients=args.n_clients, threads=args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

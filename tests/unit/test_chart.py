@@ -532,6 +532,15 @@ def test_daemons_take_only_arguments_for_the_images_tini_fl_entrypoint() -> None
         assert c["args"][0] in ("server", "site")
 
 
+def test_extra_args_come_after_the_contract_flags() -> None:
+    objs = render("five-sites-values.yaml")
+    server_args = server_deployment(objs)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert server_args[-2:] == ["--site-wait-timeout", "1800"]
+    sites = site_deployments(objs)
+    assert sites["site-5"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--log-level", "DEBUG"]
+    assert "--log-level" not in sites["site-4"]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 def test_server_strategy_never_runs_two_servers() -> None:
     assert server_deployment(render("(chart defaults)"))["spec"]["strategy"] == {"type": "Recreate"}
 

@@ -191,7 +191,7 @@ Checks that the schema also makes, repeated here with the allowed values so that
 {{- if not .Values.sites }}
 {{- fail "sites: list at least one site, e.g. sites: [{name: site-1}]" }}
 {{- end }}
-{{- $siteKeys := list "name" "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "env" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds" "image" "tlsSecret" }}
+{{- $siteKeys := list "name" "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "env" "extraArgs" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds" "image" "tlsSecret" }}
 {{- $seenNames := dict }}
 {{- $seenObjects := dict }}
 {{- $reserved := list .Values.server.name .Values.admin.name }}
@@ -240,7 +240,7 @@ entries last. Call with (dict "root" $ "site" <the site's map>); returns YAML.
 {{- $defaults := .root.Values.siteDefaults }}
 {{- $site := .site }}
 {{- $out := dict "name" $site.name }}
-{{- range $key := list "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds" }}
+{{- range $key := list "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "extraArgs" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds" }}
 {{- $_ := set $out $key (ternary (index $site $key) (index $defaults $key) (hasKey $site $key)) }}
 {{- end }}
 {{- $_ := set $out "image" (mergeOverwrite (deepCopy $.root.Values.image.site) (default (dict) $site.image)) }}

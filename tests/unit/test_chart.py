@@ -537,8 +537,9 @@ def test_extra_args_come_after_the_contract_flags() -> None:
     server_args = server_deployment(objs)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert server_args[-2:] == ["--site-wait-timeout", "1800"]
     sites = site_deployments(objs)
-    assert sites["site-5"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--log-level", "DEBUG"]
-    assert "--log-level" not in sites["site-4"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = {name: d["spec"]["template"]["spec"]["containers"][0]["args"] for name, d in sites.items()}
+    assert args["site-5"][-2:] == ["--log-level", "DEBUG"]
+    assert "--log-level" not in args["site-4"]
 
 
 def test_server_strategy_never_runs_two_servers() -> None:

@@ -133,7 +133,7 @@ make_pause_image() {
 }
 
 # --- 6. move into place atomically ----------------------------------------------------------------------
-STAGE="$(mktemp -d "$FL_CACHE_DIR/.k8s-stage.XXXX")"
+STAGE="$(mktemp -d "$FL_CACHE_DIR/.k8s-stage.XXXX")"; chmod 0755 "$STAGE"
 mkdir -p "$STAGE/bin" "$STAGE/images"
 for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
   install -m 0755 "$SRC/_output/bin/$b" "$STAGE/bin/$b"

@@ -22,8 +22,6 @@ MNTNS="$ROOT/ns/mnt"
 mntns_alive() { [ -e "$MNTNS" ] && mountpoint -q "$MNTNS"; }
 in_mntns() { nsenter --mount="$MNTNS" "$@"; }
 
-# pid_alive NAME PID START: the recorded process is still the same one
-pid_is() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $22}' "/proc/$1/stat" 2>/dev/null)" = "$2" ]; }
 
 # stop NAME: SIGTERM to the recorded process group, SIGKILL after a grace period
 stop() {

@@ -104,3 +104,15 @@ debian_deb_sources() {
 }
 # The mirror for bookworm (e.g. http://deb.debian.org/debian).
 debian_mirror() { debian_deb_sources | awk '$1 == "bookworm" {print $2; exit}'; }
+
+# proc_starttime PID: the process's start time (field 22 of /proc/PID/stat), to tell it from a later
+# process that gets the same PID
+proc_starttime() { local s; s="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1; s="${s##*) }"; set -- $s; echo "${20}"; }
+# pid_is PID START: the recorded process is still the same one and has not exited (a zombie waiting for
+# init to reap it counts as exited)
+pid_is() {
+  local stat; stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"   # fields after "(comm) ": state is the 1st, starttime the 20th
+  set -- "$2" $stat
+  [ "$2" != Z ] && [ "${21}" = "$1" ]
+}

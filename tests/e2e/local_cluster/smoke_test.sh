@@ -17,7 +17,7 @@ step_done() { TIMES+=("$(printf '%-34s %4d s' "$1" $((SECONDS - step_start)))");
 IMAGE="localhost/fl-placeholder:smoke"
 eval "$("$LC_DIR/tools.sh")"   # HELM, KUBECTL
 # helm's and kubectl's caches/config stay in ROOT, not in the home folder
-export HELM_CACHE_HOME="$ROOT/helm/cache" HELM_CONFIG_HOME="$ROOT/helm/config" HELM_DATA_HOME="$ROOT/helm/data"
+export HELM_CACHE_HOME="$ROOT/helm/cache" HELM_CONFIG_HOME="$ROOT/helm/config" HELM_DATA_HOME="$ROOT/helm/data" KUBECACHEDIR="$ROOT/kube-cache"
 K() { "$KUBECTL" --kubeconfig="$ROOT/admin.kubeconfig" --cache-dir="$ROOT/kube-cache" "$@"; }
 
 status="FAILED"
@@ -39,7 +39,7 @@ finish() {
   local leftovers=""
   if [ -f "$ROOT/pids.stopped" ]; then
     while read -r n pid st; do
-      [ "$(awk '{print $22}' "/proc/$pid/stat" 2>/dev/null)" = "$st" ] && leftovers+=" process:$n($pid)"
+      pid_is "$pid" "$st" && leftovers+=" process:$n($pid)"
     done < "$ROOT/pids.stopped"
   fi
   [ -s "$ROOT/pids" ] && leftovers+=" pids-file-not-cleared"

@@ -146,7 +146,7 @@ start() {
   record_pid "$name" $!
 }
 record_pid() {
-  local st; st="$(awk '{print $22}' "/proc/$2/stat" 2>/dev/null || echo 0)"
+  local st; st="$(proc_starttime "$2" || echo 0)"
   echo "$1 $2 $st" >> "$ROOT/pids"
 }
 

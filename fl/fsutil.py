@@ -18,8 +18,8 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "read_json"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path`` (with ``mode``), on error it is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -27,6 +27,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, mode)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -36,8 +37,8 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
-    with atomic_path(path, fsync=fsync) as tmp:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True, mode: int = 0o644) -> None:
+    with atomic_path(path, fsync=fsync, mode=mode) as tmp:
         tmp.write_bytes(data)
 
 

@@ -219,6 +219,9 @@ def simulate(
                 display.update(record)
                 server.jobs.wait(record.job_id, 0.25)
     finally:
+        if record is not None and record.status in TERMINAL and not interrupted.is_set():
+            for agent in agents:  # scripts were told the job ended: let them exit on their own
+                agent.wait_idle(10.0)
         for agent in agents:
             agent.stop("simulation over")
         server.stop()

@@ -144,6 +144,13 @@ class SiteAgent:
         while not self.stop_event.wait(1.0):
             pass
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every job's script has exited (after its job ended); False at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            runners = list(self.runners.values())
+        return all(r.done.wait(max(0.0, deadline - time.monotonic())) for r in runners)
+
     def stop(self, reason: str = "site stopping") -> None:
         self.stop_event.set()
         with self._lock:
@@ -202,7 +209,8 @@ class SiteAgent:
                 continue
             for job_id in reply.stop_jobs:
                 runner = self.runners.get(job_id)
-                if runner is not None and not runner.done.is_set():
+                # A job that ended normally gets its grace period to exit; only stray jobs are stopped.
+                if runner is not None and not runner.done.is_set() and runner.ended is None:
                     runner.stop("the server no longer runs this job")
             self._write_status()
 

@@ -25,7 +25,8 @@ def define_parser():
     parser.add_argument("--train-size", type=int, help="training samples per site")
     parser.add_argument("--test-size", type=int, help="validation samples per site")
     parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, help="default: 4 for CIFAR10, 16 for the offline dataset")
+    parser.add_argument("--lr", type=float, help="default: 0.001 for CIFAR10, 0.02 for the offline dataset")
     return parser
 
 
@@ -41,8 +42,15 @@ def main():
     from fl.job import FedJob, ScriptRunner
     from fl.workflows.fedavg import FedAvg
 
-    script_args = ["--dataset", args.dataset, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
-    for flag, value in (("--data-root", args.data_root), ("--train-size", args.train_size), ("--test-size", args.test_size)):
+    script_args = ["--dataset", args.dataset, "--epochs", str(args.epochs)]
+    options = (
+        ("--data-root", args.data_root),
+        ("--train-size", args.train_size),
+        ("--test-size", args.test_size),
+        ("--batch-size", args.batch_size),
+        ("--lr", args.lr),
+    )
+    for flag, value in options:
         if value is not None:
             script_args += [flag, str(value)]
 

@@ -14,6 +14,11 @@ import hashlib
 import torch
 from torch.utils.data import TensorDataset
 
+# Difficulty: per-pixel noise, shape size range (pixels) and background brightness. Tuned so that
+# the tutorial CNN reaches ~55% after 2 epochs of 2000 samples and keeps improving after that.
+NOISE = 0.12
+SIZE_RANGE = (5.0, 9.5)
+BACKGROUND = 0.4
 CLASSES = ("circle", "square", "triangle", "plus", "ring", "diamond", "bar", "column", "x", "frame")
 _SPLITS = ("train", "test")
 
@@ -61,16 +66,16 @@ def make_dataset(site_name: str, split: str, size: int) -> TensorDataset:
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     cx = torch.empty(size, 1, 1).uniform_(9, 23, generator=g)
     cy = torch.empty(size, 1, 1).uniform_(9, 23, generator=g)
-    shape_size = torch.empty(size, 1, 1).uniform_(4.5, 8.5, generator=g)
+    shape_size = torch.empty(size, 1, 1).uniform_(*SIZE_RANGE, generator=g)
     dx, dy = xx - cx, yy - cy  # (N, 32, 32) offsets from each image's shape centre
     mask = torch.zeros(size, 32, 32)
     for label in range(len(CLASSES)):
         idx = (labels == label).nonzero().squeeze(1)
         mask[idx] = _shape(label, dx[idx], dy[idx], shape_size[idx]).float()
     mask = mask.unsqueeze(1)  # (N, 1, 32, 32)
-    background = torch.rand(size, 3, 1, 1, generator=g) * 0.45
+    background = torch.rand(size, 3, 1, 1, generator=g) * BACKGROUND
     colour = 0.45 + torch.rand(size, 3, 1, 1, generator=g) * 0.55
     images = background * (1 - mask) + colour * mask
-    images = images + torch.randn(size, 3, 32, 32, generator=g) * 0.18
+    images = images + torch.randn(size, 3, 32, 32, generator=g) * NOISE
     images = (images.clamp(0, 1) - 0.5) / 0.5
     return TensorDataset(images, labels.long())

@@ -1,0 +1,53 @@
+"""Integration tests: real server, site agents and script processes on loopback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fl.job import FedJob, ScriptRunner
+from fl.workflows.fedavg import FedAvg
+
+FIXTURES = Path(__file__).parent / "fixture_jobs"
+
+
+@pytest.fixture
+def make_job(monkeypatch) -> Iterator[Callable[..., FedJob]]:
+    """Build a job from tests/integration/fixture_jobs with the Job API."""
+    monkeypatch.chdir(FIXTURES)
+    monkeypatch.syspath_prepend(str(FIXTURES))
+
+    def make(
+        *,
+        name: str = "test-job",
+        sites: int = 2,
+        rounds: int = 2,
+        min_clients: int | None = None,
+        numel: int = 16,
+        script_args: dict[str, str] | None = None,
+        framework: str = "numpy",
+        round_timeout: float = 120.0,
+    ) -> FedJob:
+        from src.models import FlatModel
+
+        job = FedJob(name=name, min_clients=min_clients or sites)
+        job.to(FedAvg(num_clients=sites, num_rounds=rounds, min_clients=min_clients, round_timeout=round_timeout), "server")
+        job.to(FlatModel(numel), "server")
+        for i in range(sites):
+            site = f"site-{i + 1}"
+            args = (script_args or {}).get(site, "")
+            job.to(ScriptRunner(script="src/plus_one.py", script_args=args, framework=framework), site)
+        return job
+
+    yield make
+    for name in ("src.models", "src"):
+        sys.modules.pop(name, None)
+
+
+def run_dir(workspace: Path) -> Path:
+    jobs = sorted((workspace / "server" / "jobs").iterdir())
+    assert len(jobs) == 1
+    return jobs[0]

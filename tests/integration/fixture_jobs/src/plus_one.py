@@ -1,0 +1,40 @@
+"""A site script that trains nothing: returns the params it received plus one (numpy or torch).
+
+Options: --nan (send NaN instead), --crash-in-round R (raise in round R), --metric (report accuracy = round).
+"""
+
+import argparse
+import sys
+
+import fl.client as flare
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--nan", action="store_true")
+parser.add_argument("--crash-in-round", type=int, default=-1)
+parser.add_argument("--exit-in-round", type=int, default=-1)
+parser.add_argument("--metric", action="store_true")
+args = parser.parse_args()
+
+flare.init()
+site = flare.get_site_name()
+print(f"{site}: ready", flush=True)
+while flare.is_running():
+    model = flare.receive()
+    print(f"{site}: round {model.current_round} task {'validate' if flare.is_evaluate() else 'train'}", flush=True)
+    if model.current_round == args.crash_in_round:
+        print(f"{site}: about to fail on purpose", flush=True)
+        raise ZeroDivisionError("deliberate failure for the test")
+    if model.current_round == args.exit_in_round:
+        sys.exit(3)
+    metrics = {"accuracy": float(model.current_round)} if args.metric else None
+    if flare.is_evaluate():
+        flare.send(flare.FLModel(metrics=metrics))
+        continue
+    params = {}
+    for name, value in model.params.items():
+        value = value + 1
+        if args.nan:
+            value = value * float("nan")
+        params[name] = value
+    flare.send(flare.FLModel(params=params, metrics=metrics))
+print(f"{site}: done", flush=True)

@@ -1,0 +1,96 @@
+"""FedAvg's arithmetic, with fake results: weighted means, dtypes, DIFF updates, streaming from files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fl.tensors import Layout, LayoutError, describe, load_numpy, write_tensors
+from fl.workflows.aggregation import WeightedAverage, weighted_average, weighted_metrics
+from fl.workflows.fedavg import result_weight
+
+
+def test_weighted_average_of_two_updates():
+    a = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.0], np.float32)}
+    b = {"w": np.array([3.0, 6.0], np.float32), "b": np.array([4.0], np.float32)}
+    out = weighted_average([(a, 1.0), (b, 3.0)])
+    np.testing.assert_allclose(out["w"], [2.5, 5.0])
+    np.testing.assert_allclose(out["b"], [3.0])
+    assert out["w"].dtype == np.float32
+
+
+def test_equal_weights_of_identical_updates_are_exact():
+    x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    out = weighted_average([({"x": x + 1}, 1.0), ({"x": x + 1}, 1.0)])
+    np.testing.assert_array_equal(out["x"], x + 1)
+
+
+def test_dtypes_are_kept_and_integers_rounded():
+    a = {"h": torch.tensor([1.0, 2.0]).half(), "bf": torch.tensor([1.0, 3.0]).bfloat16(), "n": torch.tensor(3)}
+    b = {"h": torch.tensor([2.0, 4.0]).half(), "bf": torch.tensor([2.0, 5.0]).bfloat16(), "n": torch.tensor(6)}
+    out = weighted_average([(a, 1.0), (b, 1.0)])
+    np.testing.assert_array_equal(out["h"], np.array([1.5, 3.0], np.float16))
+    bf = torch.from_numpy(out["bf"].astype(np.int16)).view(torch.bfloat16)
+    assert torch.equal(bf, torch.tensor([1.5, 4.0]).bfloat16())
+    assert out["n"].dtype == np.int64 and int(out["n"]) == 4  # 4.5 rounds to even
+
+
+def test_mismatched_update_is_refused_before_it_touches_the_sums():
+    avg = WeightedAverage(Layout.build([describe("w", np.zeros(2, np.float32))]))
+    avg.add_arrays({"w": np.ones(2, np.float32)}, 1.0)
+    with pytest.raises(LayoutError, match="shape"):
+        avg.add_arrays({"w": np.ones(3, np.float32)}, 1.0)
+    np.testing.assert_array_equal(avg.result_arrays()["w"], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_weights_are_refused(weight):
+    avg = WeightedAverage(Layout.build([describe("w", np.zeros(2, np.float32))]))
+    with pytest.raises(ValueError, match="positive finite"):
+        avg.add_arrays({"w": np.ones(2, np.float32)}, weight)
+
+
+def test_streaming_from_files_matches_in_memory_and_reset_reuses_the_sums(tmp_path):
+    rng = np.random.default_rng(1)
+    updates = [({"w": rng.standard_normal((64, 33)).astype(np.float32)}, float(w)) for w in (1, 2, 5)]
+    expected = weighted_average(updates)
+    layout = Layout.build([describe("w", updates[0][0]["w"])])
+    avg = WeightedAverage(layout)
+    for round_ in range(2):
+        avg.reset()
+        for i, (params, weight) in enumerate(updates):
+            path = tmp_path / f"u{round_}{i}.safetensors"
+            write_tensors(path, params)
+            avg.add_file(path, weight)
+        avg.write_result(tmp_path / "out.safetensors")
+        np.testing.assert_allclose(load_numpy(tmp_path / "out.safetensors")["w"], expected["w"], rtol=1e-6)
+
+
+def test_diff_updates_are_added_to_the_base_model(tmp_path):
+    base = {"w": np.array([10.0, 20.0], np.float32)}
+    write_tensors(tmp_path / "base.safetensors", base)
+    write_tensors(tmp_path / "d1.safetensors", {"w": np.array([1.0, -2.0], np.float32)})
+    write_tensors(tmp_path / "full.safetensors", {"w": np.array([13.0, 20.0], np.float32)})
+    avg = WeightedAverage(Layout.build([describe("w", base["w"])]))
+    avg.add_file(tmp_path / "d1.safetensors", 1.0, params_type="DIFF", base_path=tmp_path / "base.safetensors")
+    avg.add_file(tmp_path / "full.safetensors", 1.0)
+    np.testing.assert_allclose(avg.result_arrays()["w"], [12.0, 19.0])
+
+
+def test_result_needs_at_least_one_update():
+    avg = WeightedAverage(Layout.build([describe("w", np.zeros(1, np.float32))]))
+    with pytest.raises(ValueError, match="no updates"):
+        avg.result_arrays()
+
+
+def test_metrics_are_weighted_and_ignore_non_numbers():
+    out = weighted_metrics([({"acc": 0.5, "note": "x", "loss": float("nan")}, 1.0), ({"acc": 1.0, "loss": 2.0}, 3.0)])
+    assert out == {"acc": pytest.approx(0.875), "loss": 2.0}
+
+
+@pytest.mark.parametrize(("meta", "weight"), [({}, 1.0), ({"NUM_STEPS_CURRENT_ROUND": 50}, 50.0),
+                                             ({"NUM_STEPS_CURRENT_ROUND": 0}, 1.0), ({"NUM_STEPS_CURRENT_ROUND": "x"}, 1.0),
+                                             ({"NUM_STEPS_CURRENT_ROUND": True}, 1.0)])
+def test_result_weight_uses_steps_or_one(meta, weight):
+    assert result_weight(meta) == weight

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_DATA = REPO_ROOT / "jobs" / "hello-pt" / "src" / "offline_data.py"
 MiB = 1024**2
+# offline_data.make_dataset's splits are "train" and "test"; "test" is each site's validation set.
+VAL_SPLIT = "test"
 
 
 class SimpleNetwork(nn.Module):
@@ -199,10 +201,11 @@ def evaluate_global(state_dict: dict[str, Any], sites: list[str], val_size: int)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
     per_site = {}
     for s in sites:
-        per_site[s] = evaluate(model, make_dataset(s, "val", val_size))["accuracy"]
+        per_site[s] = evaluate(model, make_dataset(s, VAL_SPLIT, val_size))["accuracy"]
     return {
         "final_accuracy": sum(per_site.values()) / len(per_site),
         "per_site_accuracy": per_site,
+        "val_split": VAL_SPLIT,
         "val_size_per_site": val_size,
         "data_source": get_make_dataset()[1],
     }

@@ -48,6 +48,7 @@ def main() -> None:
         else:
             assert model is not None and dataset is not None
             model.load_state_dict(input_model.params)
+            emit("model_in", site=site, round=rnd, checksum=pt.state_dict_checksum(model.state_dict()))
             stats = pt.train(
                 model,
                 dataset,
@@ -59,6 +60,13 @@ def main() -> None:
                 on_first_step=lambda r=rnd: emit("first_step", site=site, round=r),
             )
             params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            emit(
+                "model_out",
+                site=site,
+                round=rnd,
+                checksum=pt.state_dict_checksum(params),
+                threads=pt.torch.get_num_threads(),
+            )
             meta = {"NUM_STEPS_CURRENT_ROUND": int(stats["steps"])}
 
         emit("sent", site=site, round=rnd)

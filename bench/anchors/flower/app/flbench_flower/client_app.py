@@ -37,6 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         model = pt.SimpleNetwork(seed=None)
         model.load_state_dict(arrays.to_torch_state_dict())
+        emit("model_in", site=site, round=rnd, checksum=pt.state_dict_checksum(model.state_dict()))
         dataset = pt.make_dataset(site, "train", int(cfg["train-size"]))
         stats = pt.train(
             model,
@@ -49,6 +50,13 @@ def train(msg: Message, context: Context) -> Message:
             on_first_step=lambda r=rnd: emit("first_step", site=site, round=r),
         )
         reply_arrays = ArrayRecord(model.state_dict())
+        emit(
+            "model_out",
+            site=site,
+            round=rnd,
+            checksum=pt.state_dict_checksum(model.state_dict()),
+            threads=pt.torch.get_num_threads(),
+        )
         metrics = {"num-examples": int(stats["num_examples"]), "train_loss": float(stats["train_loss"])}
 
     emit("sent", site=site, round=rnd)

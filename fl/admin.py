@@ -77,7 +77,8 @@ class AdminClient:
                 yield pb.UploadMessage(data=archive[start : start + CHUNK_BYTES])
 
         try:
-            return self.stub.SubmitJob(messages(), timeout=max(self.timeout, 600))
+            info: pb.JobInfo = self.stub.SubmitJob(messages(), timeout=max(self.timeout, 600))
+            return info
         except grpc.RpcError as exc:
             raise _error(exc, self.server) from None
 
@@ -85,10 +86,12 @@ class AdminClient:
         return list(self._call("ListJobs", pb.ListJobsRequest()).jobs)
 
     def job(self, job_id: str) -> pb.JobInfo:
-        return self._call("GetJob", pb.JobRequest(job_id=job_id))
+        info: pb.JobInfo = self._call("GetJob", pb.JobRequest(job_id=job_id))
+        return info
 
     def abort(self, job_id: str) -> pb.JobInfo:
-        return self._call("AbortJob", pb.JobRequest(job_id=job_id))
+        info: pb.JobInfo = self._call("AbortJob", pb.JobRequest(job_id=job_id))
+        return info
 
     def sites(self) -> list[pb.SiteInfo]:
         return list(self._call("ListSites", pb.ListSitesRequest()).sites)
@@ -135,8 +138,12 @@ class AdminClient:
 
 def _error(exc: grpc.RpcError, server: str) -> AdminError:
     code = exc.code()
-    unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                           grpc.StatusCode.DEADLINE_EXCEEDED)
+    unreachable = code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
     detail = exc.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
         detail = f"cannot reach the server at {server}: {detail}"

@@ -39,8 +39,11 @@ def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None)
         names = spec.named_sites if n_clients is None else spec.named_sites[:n_clients]
         if n_clients is not None and n_clients > len(spec.named_sites):
             if spec.all_sites_app is None:
-                raise JobError(f"the job defines {len(spec.named_sites)} sites ({', '.join(spec.named_sites)}); -n {n_clients} is more")
-            names += [f"site-{i}" for i in range(1, n_clients + 1) if f"site-{i}" not in names][: n_clients - len(names)]
+                defined = f"{len(spec.named_sites)} sites ({', '.join(spec.named_sites)})"
+                raise JobError(f"the job defines {defined}; -n {n_clients} is more")
+            names += [f"site-{i}" for i in range(1, n_clients + 1) if f"site-{i}" not in names][
+                : n_clients - len(names)
+            ]
     else:
         names = [f"site-{i}" for i in range(1, (n_clients or max(spec.min_clients, 2)) + 1)]
     missing = [s for s in names if spec.app_for(s) is None]
@@ -126,10 +129,10 @@ def _summary(record: JobRecord, run_dir: Path, elapsed: float) -> str:
             final = [m for m in models if key in m.get("aggregate", {})][-1]
             lines.append(f"  final {key}: {final['aggregate'][key]:.4f}")
         if best:
-            lines.append(
-                f"  best {best['key_metric']}: {best['score']:.4f} "
-                f"({'initial model' if best['model_version'] == 0 else 'global model after round ' + str(best['model_version'])})"
+            which = (
+                "initial model" if best["model_version"] == 0 else f"global model after round {best['model_version']}"
             )
+            lines.append(f"  best {best['key_metric']}: {best['score']:.4f} ({which})")
     for label, rel in (
         ("global model", "FL_global_model.pt"),
         ("best model", "best_FL_global_model.pt"),
@@ -179,8 +182,13 @@ def simulate(
 
     started = time.monotonic()
     server = FLServer(
-        workspace / "server", host="127.0.0.1", port=0, heartbeat_interval=2.0, lost_after=20.0,
-        site_wait_timeout=60.0, site_env=site_env,
+        workspace / "server",
+        host="127.0.0.1",
+        port=0,
+        heartbeat_interval=2.0,
+        lost_after=20.0,
+        site_wait_timeout=60.0,
+        site_env=site_env,
     )
     port = server.start()
     gate = threading.Semaphore(threads) if threads and threads < len(sites) else None

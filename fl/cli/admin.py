@@ -15,7 +15,7 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 
 
 def add_commands(sub: Any, add_connection: Callable[[argparse.ArgumentParser], None]) -> None:
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help)
         add_connection(p)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
@@ -80,9 +80,12 @@ def _print_job(info: dict[str, Any]) -> None:
     print(f"job      {info['job_id']}")
     print(f"name     {info['name']}")
     print(f"status   {info['status']}" + (f": {info['message']}" if info["message"] else ""))
-    print(f"round    {min(info['round'] + 1, info['num_rounds']) if info['num_rounds'] else info['round']}/{info['num_rounds']}")
+    rnd = min(info["round"] + 1, info["num_rounds"]) if info["num_rounds"] else info["round"]
+    print(f"round    {rnd}/{info['num_rounds']}")
     print(f"sites    {', '.join(info['sites']) or '-'}")
-    print(f"times    submitted {_when(info['submitted'])}, started {_when(info['started'])}, ended {_when(info['ended'])}")
+    print(
+        f"times    submitted {_when(info['submitted'])}, started {_when(info['started'])}, ended {_when(info['ended'])}"
+    )
 
 
 def _exit_for(status: str) -> int:
@@ -184,14 +187,24 @@ def cmd_sites(args: argparse.Namespace) -> int:
     def body(client: Any) -> int:
         sites = client.sites()
         if args.json:
-            print(json.dumps([
-                {"name": s.name, "connected": s.connected, "last_seen": s.last_seen, "running_jobs": list(s.running_jobs)}
-                for s in sites
-            ]))
+            print(
+                json.dumps(
+                    [
+                        {
+                            "name": s.name,
+                            "connected": s.connected,
+                            "last_seen": s.last_seen,
+                            "running_jobs": list(s.running_jobs),
+                        }
+                        for s in sites
+                    ]
+                )
+            )
             return EXIT_OK
         print(f"{'SITE':<24} {'CONNECTED':<10} {'LAST HEARTBEAT':<20} JOBS")
         for s in sites:
-            print(f"{s.name:<24} {'yes' if s.connected else 'no':<10} {_when(s.last_seen):<20} {', '.join(s.running_jobs) or '-'}")
+            jobs = ", ".join(s.running_jobs) or "-"
+            print(f"{s.name:<24} {'yes' if s.connected else 'no':<10} {_when(s.last_seen):<20} {jobs}")
         return EXIT_OK
 
     return _run(args, body)

@@ -96,7 +96,9 @@ def cmd_site(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_format, args.log_level)
     if not args.name or not args.server or not args.workspace:
-        return _fail("fl site: give --name, --server HOST:PORT and --workspace (or FL_SITE_NAME, FL_SERVER, FL_WORKSPACE)")
+        return _fail(
+            "fl site: give --name, --server HOST:PORT and --workspace (or FL_SITE_NAME, FL_SERVER, FL_WORKSPACE)"
+        )
     tls, error = _tls_or_insecure(args, "fl site")
     if error is not None:
         return error
@@ -141,13 +143,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     tls = TLSConfig.load(args.tls) if args.tls else None
     channel = make_channel(args.server, tls=tls, server_name=args.server_name)
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+        )
     except grpc.RpcError as exc:
         return _fail(f"server not healthy: {exc.code().name}: {exc.details()}", EXIT_UNREACHABLE)
     finally:
         channel.close()
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        return _fail(f"server status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", EXIT_UNREACHABLE)
+        return _fail(
+            f"server status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", EXIT_UNREACHABLE
+        )
     print("SERVING")
     return EXIT_OK
 

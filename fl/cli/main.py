@@ -55,15 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(_env("FL_PORT", "8002") or 8002))
     p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="server TLS folder (env FL_TLS_DIR)")
     p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1")
-    p.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost")
+    p.add_argument(
+        "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
+    )
     p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")
     p.add_argument("--name", default=_env("FL_SITE_NAME"), help="site name (env FL_SITE_NAME)")
     p.add_argument("--workspace", default=_env("FL_WORKSPACE"), help="site workspace (env FL_WORKSPACE)")
-    p.add_argument("--no-custom-code", action="store_true", default=_env("FL_NO_CUSTOM_CODE") == "1",
-                   help="refuse jobs that carry custom code")
+    p.add_argument(
+        "--no-custom-code",
+        action="store_true",
+        default=_env("FL_NO_CUSTOM_CODE") == "1",
+        help="refuse jobs that carry custom code",
+    )
     _add_connection(p)
     _add_logging(p)
 

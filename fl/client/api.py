@@ -8,6 +8,7 @@ delivered it to the server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -90,10 +91,8 @@ class ClientAPI:
 
     def shutdown(self) -> None:
         if self._channel is not None:
-            try:
+            with contextlib.suppress(ChannelClosed):
                 self._channel.send({"op": "bye"})
-            except ChannelClosed:
-                pass
             self._channel.close()
             self._channel = None
 

@@ -57,13 +57,17 @@ class IntimeModelSelector(Component):
             return
         weights = data.get("site_weights", {})
         pairs = [
-            ({self.key_metric: m.get(self.key_metric)}, weights.get(site, 1.0) * self.aggregation_weights.get(site, 1.0))
+            (
+                {self.key_metric: m.get(self.key_metric)},
+                weights.get(site, 1.0) * self.aggregation_weights.get(site, 1.0),
+            )
             for site, m in data["site_metrics"].items()
         ]
         score = weighted_metrics(pairs).get(self.key_metric)
         if score is None or not math.isfinite(score):
-            ctx.log.warning("model selector: no site reported %r for model version %d", self.key_metric,
-                            data["model_version"])
+            ctx.log.warning(
+                "model selector: no site reported %r for model version %d", self.key_metric, data["model_version"]
+            )
             return
         signed = -score if self.negate_key_metric else score
         best_signed = None if self.best is None else self.best["score"] * (-1 if self.negate_key_metric else 1)

@@ -78,7 +78,11 @@ class PTFileModelPersistor(Component):
         env.setdefault("OMP_NUM_THREADS", "1")
         try:
             proc = subprocess.run(
-                command, cwd=custom if custom.is_dir() else ctx.run_dir, env=env, capture_output=True, text=True,
+                command,
+                cwd=custom if custom.is_dir() else ctx.run_dir,
+                env=env,
+                capture_output=True,
+                text=True,
                 timeout=600,
             )
         except subprocess.TimeoutExpired:

@@ -56,7 +56,9 @@ class TBAnalyticsReceiver(Component):
                     folder = site_dir
                     if rec.get("group_member"):
                         folder = site_dir / _SAFE.sub("_", f"{rec['tag']}_{rec['group_member']}")
-                    self._scalar(folder, rec["tag"], float(rec["value"]), rec.get("step"), rec.get("wall_time") or time.time())
+                    self._scalar(
+                        folder, rec["tag"], float(rec["value"]), rec.get("step"), rec.get("wall_time") or time.time()
+                    )
                 for writer in {self._writers[f] for f in self._writers if site_dir in (f, *f.parents)}:
                     writer.flush()
             elif event == Events.MODEL_EVALUATED:

@@ -1,12 +1,12 @@
 """The Job API: describe a federated job in Python, export it as a job folder, or simulate it.
 
-    job = FedJob(name="hello-pt", min_clients=2)
-    job.to(FedAvg(num_clients=2, num_rounds=2), "server")
-    job.to(SimpleNetwork(), "server")            # adds the PyTorch persistor and model locator
-    for i in range(2):
-        job.to(ScriptRunner("src/hello-pt_cifar10_fl.py"), f"site-{i + 1}")
-    job.export_job("/tmp/jobs")                  # /tmp/jobs/hello-pt/{meta.json, app_server, app_site-1, ...}
-    job.simulator_run("/tmp/workspace", n_clients=2)
+job = FedJob(name="hello-pt", min_clients=2)
+job.to(FedAvg(num_clients=2, num_rounds=2), "server")
+job.to(SimpleNetwork(), "server")            # adds the PyTorch persistor and model locator
+for i in range(2):
+    job.to(ScriptRunner("src/hello-pt_cifar10_fl.py"), f"site-{i + 1}")
+job.export_job("/tmp/jobs")                  # /tmp/jobs/hello-pt/{meta.json, app_server, app_site-1, ...}
+job.simulator_run("/tmp/workspace", n_clients=2)
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def _collect_code(folder: Path, root: Path) -> dict[str, Path]:
     total = 0
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(
-            d for d in dirnames
+            d
+            for d in dirnames
             if not d.startswith(".") and d != "__pycache__" and not (Path(dirpath) / d / "pyvenv.cfg").exists()
         )
         for name in sorted(filenames):
@@ -180,8 +181,9 @@ def _collect_code(folder: Path, root: Path) -> dict[str, Path]:
                 continue
             total += path.stat().st_size
             if total > MAX_CODE_BYTES:
+                limit = MAX_CODE_BYTES // 2**20
                 raise JobConfigError(
-                    f"the job's code under {folder} exceeds {MAX_CODE_BYTES // 2**20} MiB; keep data out of the code folder"
+                    f"the job's code under {folder} exceeds {limit} MiB; keep data out of the code folder"
                 )
             found[path.relative_to(root).as_posix()] = path
     return found

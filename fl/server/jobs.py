@@ -28,7 +28,7 @@ from fl.server.tasks import JobCommunicator, TaskBroker
 from fl.server.transfers import BlobStore
 from fl.workflows.base import Controller, JobAborted
 
-__all__ = ["JobManager", "JobRecord", "JobRun", "TERMINAL"]
+__all__ = ["TERMINAL", "JobManager", "JobRecord", "JobRun"]
 
 TERMINAL = ("finished", "failed", "aborted")
 log = adapter("fl.server", site="server")
@@ -190,7 +190,9 @@ class JobRun:
         timeout = self.manager.site_wait_timeout
         need = len(named) if named and not want_all else self.spec.min_clients
         self.manager.set_status(self.record, "waiting", f"waiting for sites ({', '.join(named) or f'{need} sites'})")
-        ready = self.manager.registry.wait_for(None if want_all else named, max(need, len(named)), timeout, self.abort_event)
+        ready = self.manager.registry.wait_for(
+            None if want_all else named, max(need, len(named)), timeout, self.abort_event
+        )
         if self.abort_event.is_set():
             raise JobAborted("job aborted while waiting for sites")
         if len(ready) < self.spec.min_clients:
@@ -224,7 +226,11 @@ class JobRun:
 
     def site_joined(self, session: SiteSession) -> None:
         """A participant (re)registered: start the job there unless it still runs it."""
-        if session.name in self.participants and self.record.status == "running" and self.job_id not in session.running_jobs:
+        if (
+            session.name in self.participants
+            and self.record.status == "running"
+            and self.job_id not in session.running_jobs
+        ):
             self.manager.broker.fail_site(session.name, self.job_id, "site restarted")
             self.failed_sites.pop(session.name, None)
             self.log.info("starting the job again on %s", session.name)
@@ -238,8 +244,12 @@ class JobRun:
 
     def _end_on_sites(self, status: str, message: str) -> None:
         for site in self.participants:
-            self.manager.registry.drop_directives(site, lambda d: d.WhichOneof("directive") == "task" and d.task.job_id == self.job_id)
-            self.manager.registry.enqueue(site, pb.PollReply(end_job=pb.EndJob(job_id=self.job_id, status=status, message=message)))
+            self.manager.registry.drop_directives(
+                site, lambda d: d.WhichOneof("directive") == "task" and d.task.job_id == self.job_id
+            )
+            self.manager.registry.enqueue(
+                site, pb.PollReply(end_job=pb.EndJob(job_id=self.job_id, status=status, message=message))
+            )
 
     def _run(self) -> None:
         status, message = "failed", ""
@@ -265,20 +275,22 @@ class JobRun:
             status, message = "failed", str(exc) or type(exc).__name__
             if not isinstance(exc, JobError | ValueError | RuntimeError):
                 self.log.exception("job failed")
-        finally:
-            if self.manager.stopping.is_set() and status != "finished":
-                # The server is stopping, not the job: leave it "running" to resume after restart.
-                self.log.info("server stopping; the job will resume from its last completed round")
-                self.logs.close()
-                self.manager.job_done(self, None, "")
-                return
-            self._end_on_sites(status, message)
-            try:
-                self.fire("job_finished", status=status)
-            except Exception:
-                pass
+        self._finish(status, message)
+
+    def _finish(self, status: str, message: str) -> None:
+        if self.manager.stopping.is_set() and status != "finished":
+            # The server is stopping, not the job: leave it "running" to resume after restart.
+            self.log.info("server stopping; the job will resume from its last completed round")
             self.logs.close()
-            self.manager.job_done(self, status, message)
+            self.manager.job_done(self, None, "")
+            return
+        self._end_on_sites(status, message)
+        try:
+            self.fire("job_finished", status=status)
+        except Exception:
+            self.log.exception("a component failed while the job ended")
+        self.logs.close()
+        self.manager.job_done(self, status, message)
 
 
 class JobManager:
@@ -425,12 +437,18 @@ class JobManager:
     def report(self, site: str, request: pb.ReportRequest) -> None:
         """A site's metrics, output lines and job state changes."""
         run = self.runs.get(request.job_id)
-        if run is None:
-            return
-        if site not in run.participants:
+        record = self.records.get(request.job_id)
+        participants = run.participants if run is not None else (record.sites if record is not None else [])
+        if site not in participants:
             raise PermissionError(f"site {site} does not take part in job {request.job_id}")
         if request.logs:
-            run.logs.append(site, [f"{time.strftime('%H:%M:%S', time.localtime(li.time))} {li.line}" for li in request.logs])
+            lines = [f"{time.strftime('%H:%M:%S', time.localtime(li.time))} {li.line}" for li in request.logs]
+            if run is not None:
+                run.logs.append(site, lines)
+            else:  # the last lines of a job that just ended still belong in its logs
+                JobLogs(self.job_dir(request.job_id) / "logs").append(site, lines)
+        if run is None:
+            return
         if request.metrics:
             records = [
                 {
@@ -478,7 +496,10 @@ class JobManager:
         if status is not None:
             self.set_status(run.record, status, message)
             log.info(
-                "job %s %s%s", run.job_id, status, f": {message}" if message else "",
+                "job %s %s%s",
+                run.job_id,
+                status,
+                f": {message}" if message else "",
             )
         with self._lock:
             self._lock.notify_all()

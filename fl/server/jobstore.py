@@ -150,7 +150,7 @@ def read_job(folder: Path) -> JobSpec:
         raise JobError(f"job name {name!r}: use letters, digits, '_', '.', '-' (at most 63)")
     deploy_map = meta.get("deploy_map")
     if not isinstance(deploy_map, dict) or not deploy_map:
-        raise JobError("meta.json needs a deploy_map: {app folder: [\"server\" | site name | \"@ALL\", ...]}")
+        raise JobError('meta.json needs a deploy_map: {app folder: ["server" | site name | "@ALL", ...]}')
     for app, targets in deploy_map.items():
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise JobError(f"deploy_map[{app!r}] must be a list of names")

@@ -22,6 +22,7 @@ from fl import __version__
 from fl.log import adapter
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
+from fl.server.jobs import JobRecord
 from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
 from fl.server.sites import SiteSession
 from fl.server.transfers import TransferError
@@ -61,7 +62,11 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             _abort(context, "UNAUTHENTICATED", "unknown session: register again")
         identity = self._identity(context)
         if identity is not None and identity[0] != session.name:
-            _abort(context, "PERMISSION_DENIED", f"certificate of {identity[0]!r} used with the session of {session.name!r}")
+            _abort(
+                context,
+                "PERMISSION_DENIED",
+                f"certificate of {identity[0]!r} used with the session of {session.name!r}",
+            )
         return session
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
@@ -169,10 +174,12 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
             return "local-admin"
         cn, role = identity
         if role != "admin":
-            _abort(context, "PERMISSION_DENIED", f"certificate of {cn!r} has role {role!r}; admin commands need 'admin'")
+            _abort(
+                context, "PERMISSION_DENIED", f"certificate of {cn!r} has role {role!r}; admin commands need 'admin'"
+            )
         return cn
 
-    def _record(self, context: grpc.ServicerContext, job_id: str):  # type: ignore[no-untyped-def]
+    def _record(self, context: grpc.ServicerContext, job_id: str) -> JobRecord:
         record = self.server.jobs.get(job_id)
         if record is None:
             _abort(context, "NOT_FOUND", f"no job {job_id!r}")

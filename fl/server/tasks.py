@@ -166,7 +166,9 @@ class TaskBroker:
         """Fail every pending task of ``site`` (for ``job_id``, or all its jobs)."""
         with self._lock:
             doomed = [
-                t for t in self._pending.values() if t.site == site and (job_id is None or t.job_id == job_id) and not t.busy
+                t
+                for t in self._pending.values()
+                if t.site == site and (job_id is None or t.job_id == job_id) and not t.busy
             ]
         for task in doomed:
             self._finish(task, None, reason)
@@ -260,7 +262,10 @@ class JobCommunicator:
             self.log.warning("%s: %s", site, reason, extra={"round": task.round + 1})
         if timed_out:
             self.log.warning(
-                "no %s result within %.0f s from: %s", task.name, timeout, ", ".join(timed_out),
+                "no %s result within %.0f s from: %s",
+                task.name,
+                timeout,
+                ", ".join(timed_out),
                 extra={"round": task.round + 1},
             )
         if len(accepted) < min_responses:

@@ -8,6 +8,7 @@ Memory stays at a few chunks per transfer, whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -90,7 +91,7 @@ class BlobStore:
         if not 0 <= offset <= blob.size:
             raise TransferError("OUT_OF_RANGE", f"offset {offset} outside blob of {blob.size} bytes")
         try:
-            f = open(blob.path, "rb")
+            f = open(blob.path, "rb")  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
             raise TransferError("NOT_FOUND", f"blob {blob_id} no longer exists") from None
         with f:
@@ -219,7 +220,8 @@ class UploadManager:
                 raise TransferError("NOT_FOUND", f"no upload {upload_id} for this task")
             if not upload.complete:
                 raise TransferError(
-                    "FAILED_PRECONDITION", f"upload {upload_id} incomplete: {upload.received} of {upload.total_size} bytes"
+                    "FAILED_PRECONDITION",
+                    f"upload {upload_id} incomplete: {upload.received} of {upload.total_size} bytes",
                 )
             del self._uploads[upload_id]
             return upload
@@ -242,7 +244,5 @@ class UploadManager:
 
 def remove_quietly(path: Path | None) -> None:
     if path is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass

@@ -229,21 +229,21 @@ class SiteAgent:
             self.log.info("starting job %s (%s)", start.job_name, start.job_id)
             runner.start()
         elif kind == "task":
-            runner = self.runners.get(reply.task.job_id)
-            if runner is None or runner.done.is_set():
+            task_runner = self.runners.get(reply.task.job_id)
+            if task_runner is None or task_runner.done.is_set():
                 self.log.warning("task for job %s, which does not run here", reply.task.job_id)
                 return
-            runner.add_task(reply.task)
+            task_runner.add_task(reply.task)
         elif kind == "end_job":
-            runner = self.runners.get(reply.end_job.job_id)
-            if runner is not None:
+            ended = self.runners.get(reply.end_job.job_id)
+            if ended is not None:
                 self.log.info(
                     "job %s ended on the server: %s%s",
                     reply.end_job.job_id,
                     reply.end_job.status,
                     f" ({reply.end_job.message})" if reply.end_job.message else "",
                 )
-                runner.end(reply.end_job.status, reply.end_job.message)
+                ended.end(reply.end_job.status, reply.end_job.message)
 
 
 def default_workspace(name: str) -> Path:

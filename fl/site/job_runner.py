@@ -9,6 +9,7 @@ wait out a deadline.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import shlex
@@ -143,7 +144,11 @@ class JobRunner:
         self.exchange.mkdir(exist_ok=True)
         archive = self.job_dir / "app.zip"
         download_blob(
-            self.agent.stub, self.agent.current_session, self.start_msg.app, archive, deadline=time.time() + 600,
+            self.agent.stub,
+            self.agent.current_session,
+            self.start_msg.app,
+            archive,
+            deadline=time.time() + 600,
             stop=self.stop_event,
         )
         app = self.job_dir / "app"
@@ -173,7 +178,9 @@ class JobRunner:
         custom = app / "custom"
         script = (custom / self.executor.task_script_path).resolve()
         if custom.resolve() not in script.parents or not script.is_file():
-            raise JobError(f"task_script_path {self.executor.task_script_path!r} is not a file in the job's custom code")
+            raise JobError(
+                f"task_script_path {self.executor.task_script_path!r} is not a file in the job's custom code"
+            )
         if self.executor.command:
             command = [*shlex.split(self.executor.command), str(script)]
         else:
@@ -305,6 +312,7 @@ class JobRunner:
             return False, "no current task for this result"
         model_path = self.exchange / f"task-{task.task_id}.safetensors"
         result_path = Path(message["path"]) if message.get("path") else None
+        self._report()  # the round's output lines reach the server before its result
         try:
             upload_id = ""
             if result_path is not None:
@@ -335,6 +343,7 @@ class JobRunner:
             accepted, text = reply.accepted, reply.message
         except TransferFailed as exc:
             accepted, text = False, str(exc)
+            self._submit_error(task, f"result upload failed: {exc}")  # so the server need not wait it out
         finally:
             for path in (result_path, model_path):
                 if path is not None:
@@ -435,7 +444,5 @@ class JobRunner:
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

@@ -69,7 +69,7 @@ class _StallGuard:
 
 
 def _backoff(attempt: int) -> float:
-    return min(10.0, 0.2 * 2**attempt)
+    return float(min(10.0, 0.2 * 2.0**attempt))
 
 
 def download_blob(
@@ -95,7 +95,9 @@ def download_blob(
             if stop is not None and stop.is_set():
                 raise TransferFailed("download stopped")
             if time.time() > deadline:
-                raise TransferFailed(f"download of {ref.size} bytes incomplete at its deadline ({received} bytes): {last_error}")
+                raise TransferFailed(
+                    f"download of {ref.size} bytes incomplete at its deadline ({received} bytes): {last_error}"
+                )
             call = stub.Download(pb.DownloadRequest(session_id=session_id(), blob_id=ref.blob_id, offset=received))
             try:
                 with _StallGuard(call, chunk_timeout) as guard:
@@ -180,7 +182,9 @@ def upload_file(
             sha256=sha256,
         )
 
-        def messages(header: pb.UploadHeader = header) -> Iterator[pb.UploadMessage]:
+        def messages(
+            header: pb.UploadHeader = header, guard_box: list[_StallGuard] = guard_box
+        ) -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=header)
             with open(path, "rb") as f:
                 f.seek(header.offset)

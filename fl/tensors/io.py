@@ -7,11 +7,12 @@ written atomically (temp file + rename) so that a crash never leaves a half-writ
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -84,9 +85,7 @@ def describe(name: str, value: TensorSource) -> tuple[str, str, tuple[int, ...]]
         if dtype is None:
             raise LayoutError(f"tensor {name!r}: unsupported numpy dtype {arr.dtype}")
         return name, dtype, tuple(int(d) for d in arr.shape)
-    raise LayoutError(
-        f"param {name!r} is a {type(value).__name__}; params must be numpy arrays or torch tensors"
-    )
+    raise LayoutError(f"param {name!r} is a {type(value).__name__}; params must be numpy arrays or torch tensors")
 
 
 def as_byte_view(value: TensorSource) -> memoryview:
@@ -104,7 +103,7 @@ def as_byte_view(value: TensorSource) -> memoryview:
     arr = np.ascontiguousarray(value)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def write_tensors(
@@ -172,7 +171,7 @@ def iter_blocks(
     while position < spec.nbytes:
         want = min(step, spec.nbytes - position)
         view = memoryview(buffer)[:want]
-        if f.readinto(view) != want:  # type: ignore[attr-defined]
+        if cast(io.BufferedReader, f).readinto(view) != want:
             raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
         yield position // spec.itemsize, np.frombuffer(view, dtype=dtype)
         position += want
@@ -186,7 +185,7 @@ def load_numpy(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         for spec in layout.tensors:
             f.seek(data_offset + spec.begin)
             buf = bytearray(spec.nbytes)
-            if f.readinto(buf) != spec.nbytes:
+            if cast(io.BufferedReader, f).readinto(buf) != spec.nbytes:
                 raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
             out[spec.name] = np.frombuffer(buf, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
         return out

@@ -198,8 +198,7 @@ class Layout:
             nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
             if offsets[1] - offsets[0] != nbytes:
                 raise LayoutError(
-                    f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} "
-                    f"(expected {nbytes})"
+                    f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} (expected {nbytes})"
                 )
             specs.append(TensorSpec(name, dtype, tuple(shape), offsets[0], offsets[1]))
         specs.sort(key=lambda s: (s.begin, s.end))

@@ -64,16 +64,16 @@ class TLSConfig:
         missing = [n for n in ("ca.crt", "tls.crt", "tls.key") if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"TLS folder {path} lacks {', '.join(missing)} (made by `fl provision`)")
-        return cls((path / "ca.crt").read_bytes(), (path / "tls.crt").read_bytes(), (path / "tls.key").read_bytes(), path)
+        return cls(
+            (path / "ca.crt").read_bytes(), (path / "tls.crt").read_bytes(), (path / "tls.key").read_bytes(), path
+        )
 
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1", "[::1]") or host.startswith("127.")
 
 
-def make_server(
-    address: str, *, tls: TLSConfig | None, max_workers: int = 256
-) -> tuple[grpc.Server, int]:
+def make_server(address: str, *, tls: TLSConfig | None, max_workers: int = 256) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (``host:port``; port 0 picks one). Returns it and the port.
 
     With ``tls``, clients must present a certificate signed by the same CA (mutual TLS).
@@ -105,7 +105,7 @@ def make_channel(target: str, *, tls: TLSConfig | None, server_name: str | None 
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca_cert, private_key=tls.key, certificate_chain=tls.cert
     )
-    options = list(_CHANNEL_OPTIONS)
+    options: list[tuple[str, int | str]] = list(_CHANNEL_OPTIONS)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(target, credentials, options=options)

@@ -65,7 +65,8 @@ def _from_acc(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
         return values.astype(target, copy=False)
     from fl.tensors import numpy_dtype
 
-    return np.rint(values).astype(numpy_dtype(spec.dtype))
+    integers: np.ndarray = np.rint(values).astype(numpy_dtype(spec.dtype))
+    return integers
 
 
 def _array_blocks(spec: TensorSpec, value: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
@@ -213,7 +214,7 @@ class WeightedAverage:
             pieces: Iterator[bytes | memoryview] = itertools.chain(
                 (struct.pack("<Q", len(header)), header),
                 (
-                    memoryview(np.ascontiguousarray(block)).cast("B")
+                    memoryview(np.ascontiguousarray(block)).cast("B")  # type: ignore[arg-type]
                     for spec in layout.tensors
                     for block in self._result_blocks(spec)
                 ),

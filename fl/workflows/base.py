@@ -95,12 +95,18 @@ class JobContext(Protocol):
     job_id: str
     job_name: str
     run_dir: Path
-    #: Sites of the job that can take tasks now (connected, not failed).
-    sites: list[str]
-    communicator: Communicator
     components: dict[str, Any]
-    log: logging.LoggerAdapter[logging.Logger]
     abort_event: threading.Event
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites of the job that can take tasks now (connected, not failed)."""
+
+    @property
+    def communicator(self) -> Communicator: ...
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
 
     def wait_for_sites(self, count: int, timeout: float) -> list[str]:
         """Wait until ``count`` sites can take tasks, or the deadline; returns those that can."""

@@ -9,6 +9,7 @@ model they received, i.e. the global model of the previous round; after the last
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from pathlib import Path
@@ -230,7 +231,5 @@ class FedAvg(Controller):
 
 def _remove_old_model(path: Path) -> None:
     """Drop a superseded global model file (its .pt checkpoints are separate files)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass

@@ -1,7 +1,7 @@
 """Hello PyTorch with the Job API: FedAvg over sites training the CIFAR10 tutorial's CNN.
 
-    python jobs/hello-pt/job.py                      # simulate: 2 sites, 2 rounds
-    python jobs/hello-pt/job.py --export-dir /tmp/jobs   # write the job folder for `fl simulate` / `fl submit`
+python jobs/hello-pt/job.py                      # simulate: 2 sites, 2 rounds
+python jobs/hello-pt/job.py --export-dir /tmp/jobs   # write the job folder for `fl simulate` / `fl submit`
 """
 
 import argparse

@@ -34,7 +34,9 @@ def make_job(monkeypatch) -> Iterator[Callable[..., FedJob]]:
         from src.models import FlatModel
 
         job = FedJob(name=name, min_clients=min_clients or sites)
-        job.to(FedAvg(num_clients=sites, num_rounds=rounds, min_clients=min_clients, round_timeout=round_timeout), "server")
+        job.to(
+            FedAvg(num_clients=sites, num_rounds=rounds, min_clients=min_clients, round_timeout=round_timeout), "server"
+        )
         job.to(FlatModel(numel), "server")
         for i in range(sites):
             site = f"site-{i + 1}"

@@ -29,9 +29,22 @@ def _env() -> dict[str, str]:
 
 def test_hello_pt_tiny_job_writes_every_result(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(HELLO_PT), "--workspace", str(tmp_path), "--train-size", "64", "--test-size", "64",
-         "--dataset", "synthetic"],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        [
+            sys.executable,
+            str(HELLO_PT),
+            "--workspace",
+            str(tmp_path),
+            "--train-size",
+            "64",
+            "--test-size",
+            "64",
+            "--dataset",
+            "synthetic",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job = run_dir(tmp_path)
@@ -51,7 +64,10 @@ def test_hello_pt_tiny_job_writes_every_result(tmp_path):
 def test_hello_pt_default_run_learns(tmp_path):
     """The README's run: 2 sites, 2 rounds, offline data; accuracy after round 2 beats round 1."""
     proc = subprocess.run(
-        [sys.executable, str(HELLO_PT), "--workspace", str(tmp_path)], capture_output=True, text=True, env=_env(),
+        [sys.executable, str(HELLO_PT), "--workspace", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
         timeout=500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,7 +81,9 @@ def test_exported_job_runs_with_fl_simulate(make_job, tmp_path):
     folder = make_job(rounds=2).export_job(tmp_path / "export")
     proc = subprocess.run(
         [sys.executable, "-m", "fl", "simulate", str(folder), "-n", "2", "-w", str(tmp_path / "ws")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = torch.load(run_dir(tmp_path / "ws") / "FL_global_model.pt", weights_only=True)["model"]["weight"]

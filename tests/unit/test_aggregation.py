@@ -89,8 +89,15 @@ def test_metrics_are_weighted_and_ignore_non_numbers():
     assert out == {"acc": pytest.approx(0.875), "loss": 2.0}
 
 
-@pytest.mark.parametrize(("meta", "weight"), [({}, 1.0), ({"NUM_STEPS_CURRENT_ROUND": 50}, 50.0),
-                                             ({"NUM_STEPS_CURRENT_ROUND": 0}, 1.0), ({"NUM_STEPS_CURRENT_ROUND": "x"}, 1.0),
-                                             ({"NUM_STEPS_CURRENT_ROUND": True}, 1.0)])
+@pytest.mark.parametrize(
+    ("meta", "weight"),
+    [
+        ({}, 1.0),
+        ({"NUM_STEPS_CURRENT_ROUND": 50}, 50.0),
+        ({"NUM_STEPS_CURRENT_ROUND": 0}, 1.0),
+        ({"NUM_STEPS_CURRENT_ROUND": "x"}, 1.0),
+        ({"NUM_STEPS_CURRENT_ROUND": True}, 1.0),
+    ],
+)
 def test_result_weight_uses_steps_or_one(meta, weight):
     assert result_weight(meta) == weight

@@ -145,7 +145,7 @@ def test_component_paths_load_only_from_fl_or_flare_names():
 
 
 def test_component_arguments_are_checked():
-    with pytest.raises(ConfigError, match="unexpected keyword argument 'rounds'.*accepted arguments: num_clients"):
+    with pytest.raises(ConfigError, match=r"unexpected keyword argument 'rounds'.*accepted arguments: num_clients"):
         instantiate({"path": "fl.workflows.fedavg.FedAvg", "args": {"rounds": 3}})
     with pytest.raises(ConfigError, match="num_rounds must be at least 1"):
         instantiate({"path": "fl.workflows.fedavg.FedAvg", "args": {"num_rounds": 0}})

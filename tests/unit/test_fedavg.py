@@ -134,7 +134,9 @@ def test_weights_follow_the_reported_steps(tmp_path):
     def site(value: float, steps: int) -> Site:
         return lambda task, model: ({"w": np.full(2, value, np.float32)}, {}, {"NUM_STEPS_CURRENT_ROUND": steps})
 
-    ctx = Context(tmp_path, {"a": site(1.0, 1), "b": site(4.0, 3)}, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})})
+    ctx = Context(
+        tmp_path, {"a": site(1.0, 1), "b": site(4.0, 3)}, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})}
+    )
     FedAvg(num_clients=2, num_rounds=1).run(ctx)
     np.testing.assert_allclose(load_numpy(tmp_path / "models" / "global-r0001.safetensors")["w"], [3.25, 3.25])
     assert "validate" not in [t[0] for t in ctx.communicator.tasks]  # sites report no metrics
@@ -144,7 +146,9 @@ def test_round_survives_a_failing_site_when_min_clients_is_met(tmp_path):
     def broken(task, model):
         raise RuntimeError("out of memory")
 
-    ctx = Context(tmp_path, {"a": plus_one(), "b": broken}, {"persistor": FakePersistor({"w": np.zeros(1, np.float32)})})
+    ctx = Context(
+        tmp_path, {"a": plus_one(), "b": broken}, {"persistor": FakePersistor({"w": np.zeros(1, np.float32)})}
+    )
     FedAvg(num_clients=2, num_rounds=1, min_clients=1).run(ctx)
     np.testing.assert_array_equal(load_numpy(tmp_path / "models" / "global-r0001.safetensors")["w"], [1.0])
 
@@ -153,7 +157,9 @@ def test_round_fails_naming_the_site_when_min_clients_is_not_met(tmp_path):
     def broken(task, model):
         raise RuntimeError("out of memory")
 
-    ctx = Context(tmp_path, {"a": plus_one(), "b": broken}, {"persistor": FakePersistor({"w": np.zeros(1, np.float32)})})
+    ctx = Context(
+        tmp_path, {"a": plus_one(), "b": broken}, {"persistor": FakePersistor({"w": np.zeros(1, np.float32)})}
+    )
     with pytest.raises(RoundFailed, match="b: out of memory"):
         FedAvg(num_clients=2, num_rounds=1).run(ctx)
 
@@ -162,7 +168,9 @@ def test_a_bad_update_is_refused_and_never_reaches_the_model(tmp_path):
     def wrong_shape(task, model):
         return {"w": np.ones(3, np.float32)}, {}, {}
 
-    ctx = Context(tmp_path, {"a": plus_one(), "b": wrong_shape}, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})})
+    ctx = Context(
+        tmp_path, {"a": plus_one(), "b": wrong_shape}, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})}
+    )
     FedAvg(num_clients=2, num_rounds=1, min_clients=1).run(ctx)
     np.testing.assert_array_equal(load_numpy(tmp_path / "models" / "global-r0001.safetensors")["w"], [1.0, 1.0])
 

@@ -14,10 +14,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_regenerating_protos_changes_nothing(tmp_path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the test extra) generates the protos")
-    shutil.copytree(REPO / "fl" / "proto", tmp_path / "fl" / "proto", ignore=shutil.ignore_patterns("*_pb2*", "__pycache__"))
+    shutil.copytree(
+        REPO / "fl" / "proto", tmp_path / "fl" / "proto", ignore=shutil.ignore_patterns("*_pb2*", "__pycache__")
+    )
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", "--pyi_out=.",
-         "fl/proto/federation.proto"],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--grpc_python_out=.",
+            "--pyi_out=.",
+            "fl/proto/federation.proto",
+        ],
         cwd=tmp_path,
         check=True,
     )

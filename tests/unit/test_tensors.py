@@ -69,7 +69,6 @@ def test_write_is_atomic_when_a_param_is_bad(tmp_path):
 
 
 def _stream(params) -> tuple[bytes, Layout]:
-    import io
     import tempfile
     from pathlib import Path
 

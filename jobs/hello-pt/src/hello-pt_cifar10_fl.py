@@ -30,11 +30,17 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["auto", "cifar10", "synthetic"], default="auto")
     parser.add_argument("--data-root", default=DATASET_PATH, help="where CIFAR10 is (or is downloaded to)")
-    parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all of CIFAR10, 2000 synthetic)")
-    parser.add_argument("--test-size", type=int, default=None, help="validation samples (default: all of CIFAR10, 500 synthetic)")
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="training samples (default: all of CIFAR10, 2000 synthetic)"
+    )
+    parser.add_argument(
+        "--test-size", type=int, default=None, help="validation samples (default: all of CIFAR10, 500 synthetic)"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, help="default: 4 for CIFAR10 (the tutorial's), 16 synthetic")
-    parser.add_argument("--lr", type=float, help="SGD learning rate; default: 0.001 for CIFAR10 (the tutorial's), 0.02 synthetic")
+    parser.add_argument(
+        "--lr", type=float, help="SGD learning rate; default: 0.001 for CIFAR10 (the tutorial's), 0.02 synthetic"
+    )
     return parser.parse_args()
 
 
@@ -72,7 +78,9 @@ def load_data(args, site_name):
             return subset(train, args.train_size, seed), subset(test, args.test_size, seed + 1), "CIFAR10"
         except Exception as exc:  # no files on disk and no way to download them
             if args.dataset == "cifar10":
-                raise SystemExit(f"{site_name}: CIFAR10 is not under {args.data_root} and could not be downloaded: {exc}")
+                raise SystemExit(
+                    f"{site_name}: CIFAR10 is not under {args.data_root} and could not be downloaded: {exc}"
+                ) from exc
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(
                 f"{site_name}: CIFAR10 is not under {args.data_root} and cannot be downloaded ({reason}); "
@@ -157,7 +165,10 @@ def main():
             avg_loss = running_loss / len(train_loader)
             global_step = current_round * args.epochs + epoch
             summary_writer.add_scalar(tag="train_loss", scalar=avg_loss, global_step=global_step)
-            print(f"{site_name}: round {current_round + 1} epoch {epoch + 1}/{args.epochs} loss {avg_loss:.4f}", flush=True)
+            print(
+                f"{site_name}: round {current_round + 1} epoch {epoch + 1}/{args.epochs} loss {avg_loss:.4f}",
+                flush=True,
+            )
 
         local_accuracy = evaluate(model, test_loader, device)
         summary_writer.add_scalar(tag="local_accuracy", scalar=local_accuracy, global_step=current_round)

@@ -62,9 +62,7 @@ def find_tool(name: str) -> str:
 def run(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
-        pytest.fail(
-            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 
@@ -135,9 +133,7 @@ def all_containers(spec: Obj) -> list[Obj]:
 
 def server_deployment(objs: list[Obj]) -> Obj:
     servers = [d for d in by_kind(objs, "Deployment") if component(d) == "server"]
-    assert len(servers) == 1, (
-        f"expected one server Deployment, got {[d['metadata']['name'] for d in servers]}"
-    )
+    assert len(servers) == 1, f"expected one server Deployment, got {[d['metadata']['name'] for d in servers]}"
     return servers[0]
 
 
@@ -260,9 +256,7 @@ def test_gpu_requests_and_limits_exactly_when_a_site_has_gpus(case: str) -> None
         gpus = gpu_quantities(c.get("resources") or {})
         if site["gpus"] > 0:
             resource = site["gpuResource"]
-            assert gpus == {f"requests:{resource}": site["gpus"], f"limits:{resource}": site["gpus"]}, site[
-                "name"
-            ]
+            assert gpus == {f"requests:{resource}": site["gpus"], f"limits:{resource}": site["gpus"]}, site["name"]
             assert not any(e["name"] == "NVIDIA_VISIBLE_DEVICES" for e in c.get("env", [])), site["name"]
         else:
             assert gpus == {}, f"{site['name']} has gpus=0 but asks for {gpus}"
@@ -305,9 +299,7 @@ def test_per_site_overrides_reach_their_own_pod_only() -> None:
     assert env_one == [{"name": "FL_LOG_LEVEL", "value": "info"}]
     for spec in (one, two):
         assert spec["runtimeClassName"] == "nvidia"
-        assert spec["tolerations"] == [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-        ]
+        assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_a_site_can_turn_its_gpus_off_against_the_default() -> None:

@@ -9,7 +9,6 @@ delivered it to the server.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fl.channel import ChannelClosed, LineChannel
+from fl.checksum import Checksum
 from fl.client.model import FLMetaKey, FLModel, ParamsType
 
 __all__ = ["ClientAPI", "NotUnderAgentError"]
@@ -173,10 +173,10 @@ class ClientAPI:
             from fl.tensors import write_tensors
 
             path = Path(task["result_path"])
-            digest = hashlib.sha256()
-            write_tensors(path, dict(model.params), digest=digest)
+            checksum = Checksum()
+            write_tensors(path, dict(model.params), digest=checksum)
             message["path"] = str(path)
-            message["sha256"] = digest.hexdigest()
+            message["checksum"] = checksum.hexdigest()
         channel.send(message)
         reply = channel.recv()
         if reply.get("op") != "ack":

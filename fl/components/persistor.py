@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fl.components.base import Component
-from fl.fsutil import atomic_path
+from fl.fsutil import atomic_path, atomic_write_json
 
 __all__ = ["ModelInitError", "PTFileModelPersistor"]
 
@@ -56,6 +60,7 @@ class PTFileModelPersistor(Component):
         self.global_model_file_name = global_model_file_name
         self.best_global_model_file_name = best_global_model_file_name
         self.source_ckpt_file_full_name = source_ckpt_file_full_name
+        self._global_version: int | None = None  # model version in FL_global_model.pt, if written here
 
     def global_model_path(self, ctx: Any) -> Path:
         return Path(ctx.run_dir) / self.global_model_file_name
@@ -93,23 +98,61 @@ class PTFileModelPersistor(Component):
         ctx.log.info("initial model ready: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else out)
         return out
 
-    def save_global(self, ctx: Any, model_path: Path, *, round: int) -> None:
-        _save_pt(model_path, self.global_model_path(ctx), {"round": round, "job_id": ctx.job_id})
+    def save_global(
+        self, ctx: Any, model_path: Path, *, round: int, arrays: Mapping[str, np.ndarray] | None = None
+    ) -> None:
+        """Write ``FL_global_model.pt`` for the global model after ``round``.
+
+        ``arrays`` (the model in memory, in ``model_path``'s layout) saves reading the file back.
+        """
+        info = {"round": round, "model_version": round + 1, "job_id": ctx.job_id}
+        target = self.global_model_path(ctx)
+        if arrays is not None:
+            _save_state(_torch_state(arrays, model_path), target, info)
+        else:
+            _save_pt(model_path, target, info)
+        self._global_version = round + 1
 
     def save_best(self, ctx: Any, model_path: Path, *, model_version: int, metric: float) -> None:
-        _save_pt(
-            model_path,
-            self.best_model_path(ctx),
-            {"round": model_version - 1, "model_version": model_version, "metric": metric, "job_id": ctx.job_id},
-        )
+        """Write ``best_FL_global_model.pt`` for model version ``model_version`` (0: the initial model)."""
+        target = self.best_model_path(ctx)
+        info = {"round": model_version - 1, "model_version": model_version, "metric": metric, "job_id": ctx.job_id}
+        current = self.global_model_path(ctx)
+        if self._global_version == model_version and current.exists():
+            # FL_global_model.pt holds this very model: copy it (in the kernel) and note the metric.
+            with atomic_path(target) as tmp:
+                shutil.copyfile(current, tmp)
+            atomic_write_json(Path(ctx.run_dir) / "best_model_info.json", info)
+            return
+        _save_pt(model_path, target, info)
+
+
+def _torch_state(arrays: Mapping[str, np.ndarray], layout_source: Path) -> dict[str, Any]:
+    """Torch tensors sharing the arrays' memory (BF16 arrays hold raw bits)."""
+    import torch
+
+    from fl.tensors import open_tensors
+
+    f, layout, _ = open_tensors(layout_source)
+    f.close()
+    state: dict[str, Any] = {}
+    for spec in layout.tensors:
+        tensor = torch.from_numpy(np.ascontiguousarray(arrays[spec.name]))
+        if spec.dtype == "BF16":
+            tensor = tensor.view(torch.bfloat16)
+        state[spec.name] = tensor
+    return state
+
+
+def _save_state(state: Mapping[str, Any], target: Path, info: dict[str, Any]) -> None:
+    import torch
+
+    with atomic_path(target) as tmp:
+        torch.save({"model": dict(state), **info}, tmp)
 
 
 def _save_pt(source: Path, target: Path, info: dict[str, Any]) -> None:
     """Convert a safetensors model to a torch checkpoint, atomically."""
-    import torch
-
     from fl.tensors import load_torch
 
-    state = load_torch(source)
-    with atomic_path(target) as tmp:
-        torch.save({"model": state, **info}, tmp)
+    _save_state(load_torch(source), target, info)

@@ -65,14 +65,14 @@ class PollReply(_message.Message):
     def __init__(self, start_job: _Optional[_Union[StartJob, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., end_job: _Optional[_Union[EndJob, _Mapping]] = ..., unknown_session: _Optional[bool] = ...) -> None: ...
 
 class BlobRef(_message.Message):
-    __slots__ = ("blob_id", "size", "sha256")
+    __slots__ = ("blob_id", "size", "checksum")
     BLOB_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     blob_id: str
     size: int
-    sha256: str
-    def __init__(self, blob_id: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    checksum: str
+    def __init__(self, blob_id: _Optional[str] = ..., size: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class StartJob(_message.Message):
     __slots__ = ("job_id", "job_name", "app", "has_custom_code", "num_rounds", "env")
@@ -148,22 +148,10 @@ class Chunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("session_id", "upload_id", "job_id", "task_id", "offset", "total_size", "sha256")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("total_size",)
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    upload_id: str
-    job_id: str
-    task_id: str
-    offset: int
     total_size: int
-    sha256: str
-    def __init__(self, session_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    def __init__(self, total_size: _Optional[int] = ...) -> None: ...
 
 class UploadMessage(_message.Message):
     __slots__ = ("header", "data")

@@ -51,16 +51,6 @@ class FederationStub:
                 request_serializer=fl_dot_proto_dot_federation__pb2.PollRequest.SerializeToString,
                 response_deserializer=fl_dot_proto_dot_federation__pb2.PollReply.FromString,
                 _registered_method=True)
-        self.Download = channel.unary_stream(
-                '/fl.v1.Federation/Download',
-                request_serializer=fl_dot_proto_dot_federation__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=fl_dot_proto_dot_federation__pb2.Chunk.FromString,
-                _registered_method=True)
-        self.Upload = channel.stream_unary(
-                '/fl.v1.Federation/Upload',
-                request_serializer=fl_dot_proto_dot_federation__pb2.UploadMessage.SerializeToString,
-                response_deserializer=fl_dot_proto_dot_federation__pb2.UploadReply.FromString,
-                _registered_method=True)
         self.UploadStatus = channel.unary_unary(
                 '/fl.v1.Federation/UploadStatus',
                 request_serializer=fl_dot_proto_dot_federation__pb2.UploadStatusRequest.SerializeToString,
@@ -105,22 +95,9 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Download(self, request, context):
-        """Bulk downloads (global models, job folders) from an offset, in chunks.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Upload(self, request_iterator, context):
-        """Bulk uploads (task results); the first message is the header. Resumable from an offset.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def UploadStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """How much of an upload (see the Bulk service above) the server holds: where to resume.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -156,16 +133,6 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Poll,
                     request_deserializer=fl_dot_proto_dot_federation__pb2.PollRequest.FromString,
                     response_serializer=fl_dot_proto_dot_federation__pb2.PollReply.SerializeToString,
-            ),
-            'Download': grpc.unary_stream_rpc_method_handler(
-                    servicer.Download,
-                    request_deserializer=fl_dot_proto_dot_federation__pb2.DownloadRequest.FromString,
-                    response_serializer=fl_dot_proto_dot_federation__pb2.Chunk.SerializeToString,
-            ),
-            'Upload': grpc.stream_unary_rpc_method_handler(
-                    servicer.Upload,
-                    request_deserializer=fl_dot_proto_dot_federation__pb2.UploadMessage.FromString,
-                    response_serializer=fl_dot_proto_dot_federation__pb2.UploadReply.SerializeToString,
             ),
             'UploadStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.UploadStatus,
@@ -266,60 +233,6 @@ class Federation:
             '/fl.v1.Federation/Poll',
             fl_dot_proto_dot_federation__pb2.PollRequest.SerializeToString,
             fl_dot_proto_dot_federation__pb2.PollReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Download(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/fl.v1.Federation/Download',
-            fl_dot_proto_dot_federation__pb2.DownloadRequest.SerializeToString,
-            fl_dot_proto_dot_federation__pb2.Chunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Upload(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/fl.v1.Federation/Upload',
-            fl_dot_proto_dot_federation__pb2.UploadMessage.SerializeToString,
-            fl_dot_proto_dot_federation__pb2.UploadReply.FromString,
             options,
             channel_credentials,
             insecure,

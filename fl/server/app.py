@@ -11,11 +11,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fl.log import adapter
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.server.jobs import JobManager
-from fl.server.service import AdminServicer, FederationServicer
+from fl.server.service import AdminServicer, BulkServicer, FederationServicer
 from fl.server.sites import SiteRegistry
 from fl.server.tasks import TaskBroker
 from fl.server.transfers import BlobStore, UploadManager
 from fl.transport import TLSConfig, is_loopback, make_server
+from fl.transport.bulk import bulk_handler
 
 __all__ = ["FLServer"]
 
@@ -70,6 +71,8 @@ class FLServer:
         server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
+        bulk = BulkServicer(self)
+        server.add_generic_rpc_handlers((bulk_handler(bulk.download, bulk.upload),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.start()
         self._grpc = server

@@ -213,7 +213,7 @@ class JobRun:
                 archive = self.run_dir / "apps" / f"{app}.zip"
                 atomic_write_bytes(archive, zip_folder(self.spec.folder / app), fsync=False)
                 blob = self.manager.blobs.add(archive, sites=None)
-                ref = self._site_apps[app] = pb.BlobRef(blob_id=blob.blob_id, size=blob.size, sha256=blob.sha256)
+                ref = self._site_apps[app] = pb.BlobRef(blob_id=blob.blob_id, size=blob.size, checksum=blob.checksum)
         start = pb.StartJob(
             job_id=self.job_id,
             job_name=self.job_name,

@@ -27,11 +27,12 @@ from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
 from fl.server.sites import SiteSession
 from fl.server.transfers import TransferError
 from fl.transport import CHUNK_BYTES, peer_identity
+from fl.transport.bulk import UploadMeta
 
 if TYPE_CHECKING:
     from fl.server.app import FLServer
 
-__all__ = ["AdminServicer", "FederationServicer"]
+__all__ = ["AdminServicer", "BulkServicer", "FederationServicer"]
 
 log = adapter("fl.server", site="server")
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
@@ -101,47 +102,6 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         self._site(context, request.session_id)
         return self.server.registry.poll(request.session_id, request.wait_s)
 
-    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        session = self._site(context, request.session_id)
-        try:
-            first = True
-            for data, total in self.server.blobs.read(request.blob_id, session.name, request.offset):
-                yield pb.Chunk(data=data, total_size=total if first else 0)
-                first = False
-        except TransferError as exc:
-            _abort(context, exc.code, str(exc))
-
-    def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            _abort(context, "INVALID_ARGUMENT", "an upload starts with its header")
-        header = first.header
-        session = self._site(context, header.session_id)
-        try:
-            expected, max_bytes = self.server.broker.expectation(
-                site=session.name, job_id=header.job_id, task_id=header.task_id
-            )
-            upload = self.server.uploads.begin(
-                upload_id=header.upload_id,
-                site=session.name,
-                job_id=header.job_id,
-                task_id=header.task_id,
-                offset=header.offset,
-                total_size=header.total_size,
-                expected=expected,
-                max_bytes=max_bytes,
-            )
-            for message in request_iterator:
-                if message.WhichOneof("part") != "data":
-                    _abort(context, "INVALID_ARGUMENT", "only data may follow an upload's header")
-                self.server.uploads.write(upload, message.data)
-                self.server.registry.touch(header.session_id)
-        except TransferError as exc:
-            _abort(context, exc.code, str(exc))
-        if upload.complete and header.sha256 and header.sha256 != upload.sha256:
-            _abort(context, "DATA_LOSS", "upload's sha256 does not match what the site sent")
-        return pb.UploadReply(received=upload.received, complete=upload.complete)
-
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:
         session = self._site(context, request.session_id)
         upload = self.server.uploads.status(request.upload_id, session.name)
@@ -163,6 +123,59 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         except PermissionError as exc:
             _abort(context, "PERMISSION_DENIED", str(exc))
         return pb.ReportReply()
+
+
+class BulkServicer(FederationServicer):
+    """Raw-bytes model transfers (see :mod:`fl.transport.bulk`), with the same identity checks."""
+
+    def download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        session = self._site(context, request.session_id)
+        try:
+            chunks = self.server.blobs.read(request.blob_id, session.name, request.offset)
+            first = next(chunks, None)
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
+        if first is None:
+            return
+        context.send_initial_metadata((("fl-total-size", str(first[1])),))
+        yield first[0]
+        try:
+            for data, _ in chunks:
+                yield data
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
+
+    def upload(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadReply:
+        try:
+            meta = UploadMeta.from_metadata(context.invocation_metadata())
+        except ValueError as exc:
+            _abort(context, "INVALID_ARGUMENT", str(exc))
+        session = self._site(context, meta.session_id)
+        try:
+            expected, max_bytes = self.server.broker.expectation(
+                site=session.name, job_id=meta.job_id, task_id=meta.task_id
+            )
+            upload = self.server.uploads.begin(
+                upload_id=meta.upload_id,
+                site=session.name,
+                job_id=meta.job_id,
+                task_id=meta.task_id,
+                offset=meta.offset,
+                total_size=meta.total_size,
+                checksum=meta.checksum,
+                expected=expected,
+                max_bytes=max_bytes,
+            )
+            try:
+                for data in request_iterator:
+                    self.server.uploads.write(upload, data)
+            finally:
+                if not upload.complete:
+                    self.server.uploads.pause(upload)
+            self.server.registry.touch(meta.session_id)
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
+        return pb.UploadReply(received=upload.received, complete=upload.complete)
 
 
 class AdminServicer(_Base, pb_grpc.AdminServicer):

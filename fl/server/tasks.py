@@ -207,7 +207,7 @@ class JobCommunicator:
         deadline_wall = time.time() + timeout
         blob = None
         if task.model_path is not None:
-            blob = self.broker.blobs.add(task.model_path, sites=frozenset(targets), sha256=task.model_sha256)
+            blob = self.broker.blobs.add(task.model_path, sites=frozenset(targets), checksum=task.model_checksum)
         pending: list[PendingTask] = []
         for site in targets:
             task_id = secrets.token_hex(10)
@@ -226,7 +226,7 @@ class JobCommunicator:
                 deadline=deadline_wall,
             )
             if blob is not None:
-                message.model.CopyFrom(pb.BlobRef(blob_id=blob.blob_id, size=blob.size, sha256=blob.sha256))
+                message.model.CopyFrom(pb.BlobRef(blob_id=blob.blob_id, size=blob.size, checksum=blob.checksum))
             self.broker.registry.enqueue(p.site, pb.PollReply(task=message))
         self.log.info("%s task sent to %s", task.name, ", ".join(targets), extra={"round": task.round + 1})
         deadline = time.monotonic() + timeout

@@ -1,7 +1,7 @@
 """Bulk transfers: blobs the server offers for download, and uploads it spools to disk.
 
 Downloads read the file from an offset in chunks (a broken download resumes where it stopped).
-Uploads are written to a spool file as they arrive, checked on the fly (size, sha256, and for
+Uploads are written to a spool file as they arrive, checked on the fly (size, checksum, and for
 model results the safetensors layout and finite values), and resume from the bytes already held.
 Memory stays at a few chunks per transfer, whatever the model size.
 """
@@ -9,7 +9,6 @@ Memory stays at a few chunks per transfer, whatever the model size.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import threading
@@ -17,11 +16,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+from fl.checksum import Checksum, file_checksum
 from fl.tensors import Layout, LayoutError, StreamChecker
 from fl.transport import CHUNK_BYTES
 
-__all__ = ["Blob", "BlobStore", "TransferError", "Upload", "UploadManager", "file_sha256"]
+__all__ = ["Blob", "BlobStore", "TransferError", "Upload", "UploadManager"]
 
 
 class TransferError(Exception):
@@ -32,22 +33,12 @@ class TransferError(Exception):
         self.code = code
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 @dataclass
 class Blob:
     blob_id: str
     path: Path
     size: int
-    sha256: str
+    checksum: str
     sites: frozenset[str] | None  # None: any registered site
 
 
@@ -59,17 +50,17 @@ class BlobStore:
         self._hash_cache: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
 
-    def add(self, path: Path, *, sites: frozenset[str] | None, sha256: str | None = None) -> Blob:
+    def add(self, path: Path, *, sites: frozenset[str] | None, checksum: str | None = None) -> Blob:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if sha256 is None:
+        if checksum is None:
             with self._lock:
-                sha256 = self._hash_cache.get(key)
-            if sha256 is None:
-                sha256 = file_sha256(path)
+                checksum = self._hash_cache.get(key)
+            if checksum is None:
+                checksum = file_checksum(str(path)).hexdigest()
                 with self._lock:
-                    self._hash_cache[key] = sha256
-        blob = Blob(secrets.token_hex(12), path, stat.st_size, sha256, sites)
+                    self._hash_cache[key] = checksum
+        blob = Blob(secrets.token_hex(12), path, stat.st_size, checksum, sites)
         with self._lock:
             self._blobs[blob.blob_id] = blob
         return blob
@@ -115,10 +106,11 @@ class Upload:
     received: int = 0
     complete: bool = False
     started: float = field(default_factory=time.time)
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    expected_checksum: str = ""
+    checksum: Checksum = field(default_factory=Checksum)
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: str | None = None
-    sha256: str = ""
+    handle: BinaryIO | None = None
 
 
 class UploadManager:
@@ -142,6 +134,7 @@ class UploadManager:
         task_id: str,
         offset: int,
         total_size: int,
+        checksum: str,
         expected: Layout | None,
         max_bytes: int,
     ) -> Upload:
@@ -166,6 +159,7 @@ class UploadManager:
                     total_size=total_size,
                     path=self.spool_dir / f"{secrets.token_hex(8)}.part",
                     checker=StreamChecker(expected, max_bytes=total_size) if expected is not None else None,
+                    expected_checksum=checksum,
                 )
                 upload.path.touch()
                 self._uploads[upload_id] = upload
@@ -192,20 +186,32 @@ class UploadManager:
                 except LayoutError as exc:
                     upload.error = f"rejected update: {exc}"
                     raise TransferError("INVALID_ARGUMENT", upload.error) from None
-            with open(upload.path, "r+b") as f:
-                f.seek(upload.received)
-                f.write(data)
-            upload.hasher.update(data)
+            if upload.handle is None:
+                upload.handle = open(upload.path, "r+b")  # noqa: SIM115 - closed when the upload ends
+                upload.handle.seek(upload.received)
+            upload.handle.write(data)
+            upload.checksum.update(data)
             upload.received += len(data)
             if upload.received == upload.total_size:
+                upload.handle.close()
+                upload.handle = None
                 if upload.checker is not None:
                     try:
                         upload.checker.finish()
                     except LayoutError as exc:
                         upload.error = f"rejected update: {exc}"
                         raise TransferError("INVALID_ARGUMENT", upload.error) from None
+                if upload.expected_checksum and upload.checksum.hexdigest() != upload.expected_checksum:
+                    upload.error = "upload's checksum does not match what the site sent"
+                    raise TransferError("DATA_LOSS", upload.error)
                 upload.complete = True
-                upload.sha256 = upload.hasher.hexdigest()
+
+    def pause(self, upload: Upload) -> None:
+        """The stream broke: release the spool file until the upload resumes."""
+        with upload.lock:
+            if upload.handle is not None:
+                upload.handle.close()
+                upload.handle = None
 
     def status(self, upload_id: str, site: str) -> Upload | None:
         with self._lock:
@@ -233,6 +239,7 @@ class UploadManager:
             for upload in doomed:
                 del self._uploads[upload.upload_id]
         for upload in doomed:
+            self.pause(upload)
             upload.path.unlink(missing_ok=True)
 
     def _expire_stale(self) -> None:

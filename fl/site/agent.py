@@ -22,6 +22,7 @@ from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.site.job_runner import JobRunner
 from fl.transport import TLSConfig, make_channel
+from fl.transport.bulk import BulkStub
 
 __all__ = ["SiteAgent"]
 
@@ -53,6 +54,7 @@ class SiteAgent:
         self.log = adapter("fl.site", site=name)
         self.channel = make_channel(server, tls=tls, server_name=server_name)
         self.stub = pb_grpc.FederationStub(self.channel)
+        self.bulk = BulkStub(self.channel)
         self.runners: dict[str, JobRunner] = {}
         self.session_id = ""
         self.heartbeat_interval = 5.0

@@ -104,7 +104,7 @@ class JobRunner:
             if task.model.blob_id:
                 path = self.exchange / f"task-{task.task_id}.safetensors"
                 download_blob(
-                    self.agent.stub,
+                    self.agent.bulk,
                     self.agent.current_session,
                     task.model,
                     path,
@@ -144,7 +144,7 @@ class JobRunner:
         self.exchange.mkdir(exist_ok=True)
         archive = self.job_dir / "app.zip"
         download_blob(
-            self.agent.stub,
+            self.agent.bulk,
             self.agent.current_session,
             self.start_msg.app,
             archive,
@@ -319,13 +319,14 @@ class JobRunner:
                 if result_path.parent.resolve() != self.exchange.resolve():
                     return False, "result file outside the job's exchange folder"
                 upload_id = upload_file(
+                    self.agent.bulk,
                     self.agent.stub,
                     self.agent.current_session,
                     result_path,
                     job_id=self.job_id,
                     task_id=task.task_id,
                     deadline=task.deadline or time.time() + 3600,
-                    sha256=message.get("sha256"),
+                    checksum=message.get("checksum"),
                     stop=self.stop_event,
                 )
             reply = self.agent.call(

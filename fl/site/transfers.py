@@ -2,12 +2,11 @@
 
 A transfer that stalls (no chunk for ``chunk_timeout`` seconds) or breaks (connection lost, server
 restarted) is resumed from the bytes already moved, until the overall deadline. Every download is
-checked against the sha256 the server announced; every upload carries the site's sha256.
+checked against the checksum the server announced; every upload carries the site's checksum.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import threading
@@ -18,9 +17,10 @@ from typing import Any
 
 import grpc
 
+from fl.checksum import Checksum, file_checksum
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
-from fl.transport import CHUNK_BYTES
+from fl.transport.bulk import BULK_CHUNK_BYTES, BulkStub, UploadMeta
 
 __all__ = ["TransferFailed", "download_blob", "upload_file"]
 
@@ -72,8 +72,14 @@ def _backoff(attempt: int) -> float:
     return float(min(10.0, 0.2 * 2.0**attempt))
 
 
+def _describe(exc: grpc.RpcError, guard: _StallGuard | None) -> str:
+    if guard is not None and guard.stalled:
+        return f"no data for {guard.timeout:.0f} s"
+    return f"{exc.code().name}: {exc.details()}"
+
+
 def download_blob(
-    stub: pb_grpc.FederationStub,
+    stub: BulkStub,
     session_id: Callable[[], str],
     ref: pb.BlobRef,
     dest: Path,
@@ -85,68 +91,64 @@ def download_blob(
     """Download ``ref`` to ``dest`` (atomically), resuming after failures until ``deadline`` (unix time)."""
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    part.write_bytes(b"")
-    digest = hashlib.sha256()
+    checksum = Checksum()
     received = 0
     attempt = 0
     last_error = ""
-    with open(part, "r+b") as out:
-        while received < ref.size or ref.size == 0:
+    with open(part, "wb") as out:
+        while True:
             if stop is not None and stop.is_set():
                 raise TransferFailed("download stopped")
             if time.time() > deadline:
                 raise TransferFailed(
-                    f"download of {ref.size} bytes incomplete at its deadline ({received} bytes): {last_error}"
+                    f"download incomplete at its deadline ({received} of {ref.size} bytes): {last_error}"
                 )
             call = stub.Download(pb.DownloadRequest(session_id=session_id(), blob_id=ref.blob_id, offset=received))
+            guard = _StallGuard(call, chunk_timeout)
             try:
-                with _StallGuard(call, chunk_timeout) as guard:
-                    for chunk in call:
+                with guard:
+                    for data in call:
                         guard.kick()
-                        out.write(chunk.data)
-                        digest.update(chunk.data)
-                        received += len(chunk.data)
+                        out.write(data)
+                        checksum.update(data)
+                        received += len(data)
                         if received > ref.size:
                             raise TransferFailed(f"download larger than announced ({ref.size} bytes)")
-                if ref.size == 0 or received == ref.size:
+                if received == ref.size:
                     break
-                last_error = "stream ended early"
+                last_error = f"stream ended after {received} of {ref.size} bytes"
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code not in RETRYABLE:
-                    raise TransferFailed(f"download refused: {code.name}: {exc.details()}") from None
-                last_error = "stalled" if code == grpc.StatusCode.CANCELLED else f"{code.name}: {exc.details()}"
+                if exc.code() not in RETRYABLE:
+                    raise TransferFailed(f"download refused: {exc.code().name}: {exc.details()}") from None
+                last_error = _describe(exc, guard)
             attempt += 1
             time.sleep(_backoff(attempt))
-    if digest.hexdigest() != ref.sha256:
+    if checksum.hexdigest() != ref.checksum:
         part.unlink(missing_ok=True)
-        raise TransferFailed("downloaded data does not match its sha256")
+        raise TransferFailed(f"downloaded data does not match its checksum ({checksum.hexdigest()} != {ref.checksum})")
     os.replace(part, dest)
 
 
 def upload_file(
-    stub: pb_grpc.FederationStub,
+    stub: BulkStub,
+    control: pb_grpc.FederationStub,
     session_id: Callable[[], str],
     path: Path,
     *,
     job_id: str,
     task_id: str,
     deadline: float,
-    sha256: str | None = None,
+    checksum: str | None = None,
     chunk_timeout: float = 60.0,
     stop: threading.Event | None = None,
 ) -> str:
     """Upload a file for a task, resuming after failures until ``deadline``; returns the upload id.
 
-    ``sha256`` is the file's digest if the writer computed it (else it is computed here); the server
-    checks the bytes it assembled against it.
+    ``checksum`` is the file's checksum if its writer computed it (else it is computed here); the
+    server checks the bytes it assembled against it.
     """
-    if sha256 is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while data := f.read(CHUNK_BYTES):
-                digest.update(data)
-        sha256 = digest.hexdigest()
+    if checksum is None:
+        checksum = file_checksum(str(path)).hexdigest()
     upload_id = secrets.token_hex(12)
     total = path.stat().st_size
     offset = 0
@@ -160,10 +162,7 @@ def upload_file(
         sid = session_id()
         if attempt:
             try:
-                status = stub.UploadStatus(pb.UploadStatusRequest(session_id=sid, upload_id=upload_id), timeout=30)
-                offset = status.received
-                if status.complete:
-                    return upload_id
+                status = control.UploadStatus(pb.UploadStatusRequest(session_id=sid, upload_id=upload_id), timeout=30)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise TransferFailed(f"upload refused: {exc.code().name}: {exc.details()}") from None
@@ -171,40 +170,32 @@ def upload_file(
                 attempt += 1
                 time.sleep(_backoff(attempt))
                 continue
+            if status.complete:
+                return upload_id
+            offset = status.received
+        meta = UploadMeta(sid, upload_id, job_id, task_id, offset, total, checksum)
         guard_box: list[_StallGuard] = []
-        header = pb.UploadHeader(
-            session_id=sid,
-            upload_id=upload_id,
-            job_id=job_id,
-            task_id=task_id,
-            offset=offset,
-            total_size=total,
-            sha256=sha256,
-        )
 
-        def messages(
-            header: pb.UploadHeader = header, guard_box: list[_StallGuard] = guard_box
-        ) -> Iterator[pb.UploadMessage]:
-            yield pb.UploadMessage(header=header)
+        def chunks(start: int = offset, guard_box: list[_StallGuard] = guard_box) -> Iterator[bytes]:
             with open(path, "rb") as f:
-                f.seek(header.offset)
-                while data := f.read(CHUNK_BYTES):
+                f.seek(start)
+                while data := f.read(BULK_CHUNK_BYTES):
                     if guard_box:
                         guard_box[0].kick()
-                    yield pb.UploadMessage(data=data)
+                    yield data
 
-        future = stub.Upload.future(messages())
+        future = stub.Upload.future(chunks(), metadata=meta.to_metadata())
+        guard = _StallGuard(future, chunk_timeout)
         try:
-            with _StallGuard(future, chunk_timeout) as guard:
+            with guard:
                 guard_box.append(guard)
                 reply = future.result()
             if reply.complete:
                 return upload_id
             last_error = f"server holds {reply.received} of {total} bytes"
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code not in RETRYABLE:
-                raise TransferFailed(f"upload refused: {code.name}: {exc.details()}") from None
-            last_error = "stalled" if code == grpc.StatusCode.CANCELLED else f"{code.name}: {exc.details()}"
+            if exc.code() not in RETRYABLE:
+                raise TransferFailed(f"upload refused: {exc.code().name}: {exc.details()}") from None
+            last_error = _describe(exc, guard)
         attempt += 1
         time.sleep(_backoff(attempt))

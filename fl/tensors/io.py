@@ -115,7 +115,7 @@ def write_tensors(
 ) -> Layout:
     """Write ``tensors`` to ``path`` as safetensors, atomically; returns the layout written.
 
-    ``digest`` (e.g. ``hashlib.sha256()``), if given, is updated with every byte written.
+    ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
     """
     layout = Layout.build((describe(name, value) for name, value in tensors.items()), metadata)
     with atomic_path(path) as tmp, open(tmp, "wb") as out:

@@ -55,7 +55,7 @@ def _to_acc(spec: TensorSpec, block: np.ndarray) -> np.ndarray:
 def _from_acc(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
     """Accumulator values back in ``spec``'s dtype (BF16 as raw bits, rounded to nearest even)."""
     if spec.dtype == "BF16":
-        bits = values.astype(np.float32).view(np.uint32)
+        bits = values.astype(np.float32, copy=False).view(np.uint32)
         rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
         return (rounded >> 16).astype(np.uint16)
     if spec.dtype == "BOOL":
@@ -92,6 +92,7 @@ class WeightedAverage:
         self._sums = {s.name: np.zeros(s.numel, dtype=_acc_dtype(s)) for s in layout.tensors}
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self._final: dict[str, np.ndarray] | None = None
 
     def reset(self) -> None:
         """Start a new average, reusing the sums' memory (the first update overwrites them)."""
@@ -99,6 +100,7 @@ class WeightedAverage:
             self.total_weight = 0.0
             self.count = 0
             self._broken = None
+            self._final = None
 
     # ------------------------------------------------------------------ folding
     def add_file(
@@ -143,6 +145,8 @@ class WeightedAverage:
         with self._lock:
             if self._broken:
                 raise RuntimeError(self._broken)
+            if self._final is not None:
+                raise RuntimeError("the average was finalized; reset() before adding updates")
             first = self.count == 0
             try:
                 self._fold_locked(weight, first, per_tensor)
@@ -183,40 +187,50 @@ class WeightedAverage:
         if self.count == 0:
             raise ValueError("no updates were aggregated")
 
-    def _result_blocks(self, spec: TensorSpec) -> Iterator[np.ndarray]:
-        acc = self._sums[spec.name]
-        step = max(1, BLOCK_BYTES // acc.itemsize)
-        for start in range(0, acc.size, step):
-            yield _from_acc(spec, acc[start : start + step] / acc.dtype.type(self.total_weight))
+    def finalize(self) -> dict[str, np.ndarray]:
+        """The average as arrays in the layout's dtypes and shapes (BF16 as raw uint16).
+
+        Divides the running sums in place: float32/float64 results *are* the sums' memory (no
+        copy of the model is made), other dtypes are converted. Call :meth:`reset` before folding
+        the next round's updates.
+        """
+        self._check_ready()
+        with self._lock:
+            if self._final is None:
+                out: dict[str, np.ndarray] = {}
+                for spec in self.layout.tensors:
+                    acc = self._sums[spec.name]
+                    step = max(1, BLOCK_BYTES // acc.itemsize)
+                    divisor = acc.dtype.type(self.total_weight)
+                    for start in range(0, acc.size, step):
+                        np.divide(acc[start : start + step], divisor, out=acc[start : start + step])
+                    values = _from_acc(spec, acc)
+                    out[spec.name] = values.reshape(spec.shape)
+                self._final = out
+            return self._final
 
     def result_arrays(self) -> dict[str, np.ndarray]:
         """The average as numpy arrays in the layout's dtypes (BF16 as raw uint16)."""
-        self._check_ready()
-        with self._lock:
-            out: dict[str, np.ndarray] = {}
-            for spec in self.layout.tensors:
-                parts = list(self._result_blocks(spec))
-                flat = np.concatenate(parts) if parts else _from_acc(spec, self._sums[spec.name])
-                out[spec.name] = flat.reshape(spec.shape)
-            return out
+        return self.finalize()
 
     def write_result(
         self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None, *, digest: Any = None
     ) -> Layout:
-        """Write the average to ``path`` as safetensors, block by block, atomically.
+        """Write the average to ``path`` as safetensors, atomically; returns the layout written.
 
-        ``digest`` (e.g. ``hashlib.sha256()``), if given, is updated with every byte written.
+        ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
         """
-        self._check_ready()
+        arrays = self.finalize()
         layout = Layout(self.layout.tensors, dict(metadata or {}))
-        with self._lock, atomic_path(path) as tmp, open(tmp, "wb") as out:
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
             header = layout.header_bytes
             pieces: Iterator[bytes | memoryview] = itertools.chain(
                 (struct.pack("<Q", len(header)), header),
                 (
-                    memoryview(np.ascontiguousarray(block)).cast("B")  # type: ignore[arg-type]
+                    view[start : start + BLOCK_BYTES]
                     for spec in layout.tensors
-                    for block in self._result_blocks(spec)
+                    for view in (as_byte_view(arrays[spec.name]),)
+                    for start in range(0, len(view), BLOCK_BYTES)
                 ),
             )
             for piece in pieces:

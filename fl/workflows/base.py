@@ -46,8 +46,8 @@ class TaskSpec:
     num_rounds: int
     model_path: Path | None = None
     model_layout: Layout | None = None
-    #: sha256 of the model file, if the writer computed it (saves reading the file again).
-    model_sha256: str | None = None
+    #: Checksum of the model file, if the writer computed it (saves reading the file again).
+    model_checksum: str | None = None
     params_type: str = "FULL"
     meta: Mapping[str, Any] = field(default_factory=dict)
     #: Whether results must carry params in the model's layout (train), or may carry none.

@@ -10,11 +10,11 @@ model they received, i.e. the global model of the previous round; after the last
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 from pathlib import Path
 from typing import Any
 
+from fl.checksum import Checksum
 from fl.client.model import FLMetaKey
 from fl.tensors import Layout, open_tensors
 from fl.workflows.aggregation import ParamsType, WeightedAverage, weighted_metrics
@@ -117,7 +117,7 @@ class FedAvg(Controller):
             model_path = persistor.load_initial(ctx)
         layout = read_layout(model_path)
         averager = WeightedAverage(layout)
-        model_sha256: str | None = None
+        model_checksum: str | None = None
         reported_metrics = bool(state.get("sites_report_metrics", False))
         ctx.set_progress(round=start, num_rounds=self.num_rounds)
 
@@ -125,7 +125,7 @@ class FedAvg(Controller):
             ctx.set_progress(round=rnd, num_rounds=self.num_rounds, phase="training")
             ctx.fire("round_started", round=rnd, num_rounds=self.num_rounds)
             averager.reset()
-            results = self._train_round(ctx, rnd, model_path, model_sha256, layout, averager)
+            results = self._train_round(ctx, rnd, model_path, model_checksum, layout, averager)
             site_metrics = {r.site: r.metrics for r in results if r.metrics}
             reported_metrics = reported_metrics or bool(site_metrics)
             weights = {r.site: result_weight(r.meta, self.aggregation_weight_key) for r in results}
@@ -141,10 +141,10 @@ class FedAvg(Controller):
                     metrics=metrics,
                 )
             new_path = ctx.run_dir / "models" / f"global-r{rnd + 1:04d}.safetensors"
-            digest = hashlib.sha256()
+            digest = Checksum()
             averager.write_result(new_path, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
-            model_sha256 = digest.hexdigest()
-            persistor.save_global(ctx, new_path, round=rnd)
+            model_checksum = digest.hexdigest()
+            persistor.save_global(ctx, new_path, round=rnd, arrays=averager.finalize())
             ctx.fire("round_completed", round=rnd, model_path=new_path, metrics=metrics, sites=sorted(weights))
             ctx.save_state(
                 {"next_round": rnd + 1, "model_file": new_path.name, "sites_report_metrics": reported_metrics}
@@ -161,7 +161,7 @@ class FedAvg(Controller):
             model_path = new_path
 
         if self.final_validation and reported_metrics:
-            self._validate_final(ctx, model_path, model_sha256, layout)
+            self._validate_final(ctx, model_path, model_checksum, layout)
         ctx.set_progress(round=self.num_rounds, num_rounds=self.num_rounds, phase="done")
 
     def _train_round(
@@ -169,7 +169,7 @@ class FedAvg(Controller):
         ctx: JobContext,
         rnd: int,
         model_path: Path,
-        model_sha256: str | None,
+        model_checksum: str | None,
         layout: Layout,
         averager: WeightedAverage,
     ) -> list[TaskResult]:
@@ -187,7 +187,7 @@ class FedAvg(Controller):
             num_rounds=self.num_rounds,
             model_path=model_path,
             model_layout=layout,
-            model_sha256=model_sha256,
+            model_checksum=model_checksum,
             meta={FLMetaKey.CURRENT_ROUND: rnd, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
         )
         return ctx.communicator.broadcast_and_wait(
@@ -198,7 +198,7 @@ class FedAvg(Controller):
             on_result=on_result,
         )
 
-    def _validate_final(self, ctx: JobContext, model_path: Path, model_sha256: str | None, layout: Layout) -> None:
+    def _validate_final(self, ctx: JobContext, model_path: Path, model_checksum: str | None, layout: Layout) -> None:
         ctx.set_progress(phase="validating final model")
         task = TaskSpec(
             name=VALIDATE_TASK,
@@ -206,7 +206,7 @@ class FedAvg(Controller):
             num_rounds=self.num_rounds,
             model_path=model_path,
             model_layout=layout,
-            model_sha256=model_sha256,
+            model_checksum=model_checksum,
             meta={FLMetaKey.CURRENT_ROUND: self.num_rounds, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
             expect_params=False,
         )

@@ -70,7 +70,7 @@ class FakePersistor:
         write_tensors(path, self.initial)
         return path
 
-    def save_global(self, ctx, model_path, *, round):
+    def save_global(self, ctx, model_path, *, round, arrays=None):
         self.saved.append(round)
 
     def save_best(self, ctx, model_path, *, model_version, metric):

@@ -117,9 +117,7 @@ def test_hadolint_finds_nothing(dockerfile: Path) -> None:
 def test_base_image_is_an_arg_pinned_by_tag(dockerfile: Path) -> None:
     df = parse(dockerfile)
     base = df.global_args.get("BASE_IMAGE", "")
-    assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", base), (
-        f"BASE_IMAGE={base!r} is not pinned"
-    )
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", base), f"BASE_IMAGE={base!r} is not pinned"
     assert not base.endswith(":latest")
     assert df.stages[0][0] == "${BASE_IMAGE}"
 
@@ -139,9 +137,7 @@ def test_cuda_of_torch_default_agrees_with_the_installed_torch_when_it_is_that_r
         pytest.skip("torch is not installed here")
     if version != TORCH_DEFAULT.split("==")[1]:
         pytest.skip(f"torch {version} here, not {TORCH_DEFAULT}")
-    runtime = [
-        r for r in metadata.requires("torch") or [] if r.startswith(("cuda-toolkit", "nvidia-cuda-runtime"))
-    ]
+    runtime = [r for r in metadata.requires("torch") or [] if r.startswith(("cuda-toolkit", "nvidia-cuda-runtime"))]
     if not runtime:
         pytest.skip("this torch wheel does not name its CUDA runtime (a CPU build?)")
     found = re.search(r"==\s*(\d+\.\d+)", runtime[0])
@@ -150,9 +146,7 @@ def test_cuda_of_torch_default_agrees_with_the_installed_torch_when_it_is_that_r
 
 def test_torch_and_variant_are_build_arguments(dockerfile: Path) -> None:
     df = parse(dockerfile)
-    builder = {
-        i.args.partition("=")[0]: i.args.partition("=")[2] for i in df.stage("builder") if i.keyword == "ARG"
-    }
+    builder = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in df.stage("builder") if i.keyword == "ARG"}
     assert builder["TORCH_SPEC"] == TORCH_DEFAULT
     assert builder["TORCHVISION_SPEC"] == "torchvision==0.29.1"
     assert builder["TORCH_INDEX_URL"] == ""
@@ -168,9 +162,7 @@ def test_final_stage_copies_only_the_venv_from_the_builder(dockerfile: Path) -> 
     from_builder = [i.args for i in final if i.keyword == "COPY" and "--from" in i.args]
     assert from_builder == [f"--from=builder {VENV} {VENV}"]
     for i in final:
-        assert not re.search(r"\b(apt-get|apt|pip|pip3)\s+install\b", i.args), (
-            f"installs in the final stage: {i.args}"
-        )
+        assert not re.search(r"\b(apt-get|apt|pip|pip3)\s+install\b", i.args), f"installs in the final stage: {i.args}"
     text = dockerfile.read_text()
     for tool in ("build-essential", "gcc", "g++", "python3-dev", "git "):
         assert tool not in text, f"{tool} in {dockerfile}"
@@ -234,7 +226,5 @@ def test_install_venv_script_is_valid_posix_sh() -> None:
     assert proc.returncode == 0, proc.stderr
     shellcheck = shutil.which("shellcheck")
     if shellcheck:
-        proc = subprocess.run(
-            [shellcheck, "-s", "sh", str(script)], capture_output=True, text=True, timeout=60
-        )
+        proc = subprocess.run([shellcheck, "-s", "sh", str(script)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout

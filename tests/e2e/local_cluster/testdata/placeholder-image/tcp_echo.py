@@ -1,8 +1,9 @@
 """Tiny TCP echo server / client for the local-cluster smoke test.
 
-    python3 /app/tcp_echo.py serve PORT
-    python3 /app/tcp_echo.py call HOST PORT [TRIES]   # exits 0 once HOST:PORT echoes a message back
+python3 /app/tcp_echo.py serve PORT
+python3 /app/tcp_echo.py call HOST PORT [TRIES]   # exits 0 once HOST:PORT echoes a message back
 """
+
 import socket
 import socketserver
 import sys

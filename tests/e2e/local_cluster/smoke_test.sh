@@ -2,7 +2,8 @@
 # End-to-end check of the local cluster:
 #   up.sh -> build + import the placeholder image (testdata/placeholder-image) -> kubectl apply
 #   testdata/smoke.yaml (echo Deployment + Service in fl-smoke-server, client Jobs in fl-smoke-client that
-#   reach echo.fl-smoke-server.svc.cluster.local over TCP) -> wait for the Jobs -> helm install --wait
+#   reach echo.fl-smoke-server.svc.cluster.local over TCP, one runs the image's own CMD, one calls the API
+#   server in-cluster) -> wait for the Jobs -> helm install --wait
 #   --wait-for-jobs of testdata/smoke-chart -> down.sh -> check that nothing is left behind
 #   (processes, mounts, netns, veth, cgroups). Prints the time of each step. Exit 0 only if all passed.
 # FL_SMOKE_KEEP=1 leaves the cluster up at the end (and after a failure) for inspection.
@@ -67,9 +68,10 @@ step_done "images.sh build + import"
 # 3. plain manifests: Service reached across namespaces by DNS name over TCP
 sed "s#IMAGE#$IMAGE#g" "$LC_DIR/testdata/smoke.yaml" | K apply -f -
 K -n fl-smoke-server rollout status deployment/echo --timeout=180s
-K -n fl-smoke-client wait --for=condition=complete job/echo-client job/hello --timeout=180s
+K -n fl-smoke-client wait --for=condition=complete job/echo-client job/hello job/api-from-pod --timeout=180s
 K -n fl-smoke-client logs job/echo-client | tee /dev/stderr | grep -q '^ok: echo.fl-smoke-server.svc.cluster.local'
 K -n fl-smoke-client logs job/hello | tee /dev/stderr | grep -q 'placeholder image: ok'
+K -n fl-smoke-client logs job/api-from-pod | tee /dev/stderr | grep -q '^ok: https://kubernetes.default.svc.cluster.local/version says v1.20'
 step_done "kubectl apply: Deployment+Service+Jobs"
 
 # 4. helm

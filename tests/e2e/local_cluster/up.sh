@@ -104,7 +104,7 @@ wait_for() {
     sleep 0.5
   done
   FAILED_WAIT=""
-  log "ready: $what ($((SECONDS - T0)) s)"
+  log "ready: $what ($((SECONDS - T_START)) s)"
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,5 +380,5 @@ pod_running() { [ "$(K -n kube-system get pod fl-cluster-check -o jsonpath='{.st
 wait_for "test pod kube-system/fl-cluster-check running" 120 pod_running
 K -n kube-system delete pod fl-cluster-check --wait=false >/dev/null
 
-log "cluster up in $((SECONDS - T0)) s; kubeconfig: $ROOT/admin.kubeconfig (kubectl: $KUBECTL)"
+log "cluster up in $((SECONDS - T_START)) s ($((SECONDS - T0)) s with builds); kubeconfig: $ROOT/admin.kubeconfig (kubectl: $KUBECTL)"
 echo "$ROOT/admin.kubeconfig"

@@ -20,6 +20,12 @@ eval "$("$LC_DIR/tools.sh")"   # HELM, KUBECTL
 # helm's and kubectl's caches/config stay in ROOT, not in the home folder
 export HELM_CACHE_HOME="$ROOT/helm/cache" HELM_CONFIG_HOME="$ROOT/helm/config" HELM_DATA_HOME="$ROOT/helm/data" KUBECACHEDIR="$ROOT/kube-cache"
 K() { "$KUBECTL" --kubeconfig="$ROOT/admin.kubeconfig" --cache-dir="$ROOT/kube-cache" "$@"; }
+# expect_log NS JOB REGEX: the Job's log (shown) has a line matching REGEX
+expect_log() {
+  local out; out="$(K -n "$1" logs "job/$2")"
+  printf '%s\n' "$out" | sed "s#^#  [$1/$2] #" >&2
+  grep -q -- "$3" <<<"$out" || { log "job $1/$2: no line matching '$3' in its log"; return 1; }
+}
 
 status="FAILED"
 finish() {
@@ -69,13 +75,13 @@ step_done "images.sh build + import"
 sed "s#IMAGE#$IMAGE#g" "$LC_DIR/testdata/smoke.yaml" | K apply -f -
 K -n fl-smoke-server rollout status deployment/echo --timeout=180s
 K -n fl-smoke-client wait --for=condition=complete job/echo-client job/hello job/api-from-pod --timeout=180s
-K -n fl-smoke-client logs job/echo-client | tee /dev/stderr | grep -q '^ok: echo.fl-smoke-server.svc.cluster.local'
-K -n fl-smoke-client logs job/hello | tee /dev/stderr | grep -q 'placeholder image: ok'
-K -n fl-smoke-client logs job/api-from-pod | tee /dev/stderr | grep -q '^ok: https://kubernetes.default.svc.cluster.local/version says v1.20'
+expect_log fl-smoke-client echo-client '^ok: echo.fl-smoke-server.svc.cluster.local'
+expect_log fl-smoke-client hello 'placeholder image: ok'
+expect_log fl-smoke-client api-from-pod '^ok: https://kubernetes.default.svc.cluster.local/version says v1.20'
 step_done "kubectl apply: Deployment+Service+Jobs"
 
 # 4. helm
 "$HELM" --kubeconfig "$ROOT/admin.kubeconfig" install fl-smoke "$LC_DIR/testdata/smoke-chart" \
   --namespace fl-smoke-helm --create-namespace --set image="$IMAGE" --wait --wait-for-jobs --timeout 4m
-K -n fl-smoke-helm logs job/fl-smoke-client | tee /dev/stderr | grep -q '^ok: fl-smoke-echo.fl-smoke-helm.svc.cluster.local'
+expect_log fl-smoke-helm fl-smoke-client '^ok: fl-smoke-echo.fl-smoke-helm.svc.cluster.local'
 step_done "helm install --wait --wait-for-jobs"

@@ -31,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -230,12 +231,9 @@ class TreeSampler:
             if self.mem_cap_gib is not None and rss_sum > self.mem_cap_gib * GiB:
                 self.kill_tree(f"did not finish: memory cap {self.mem_cap_gib:g} GiB reached")
             elif (
-                self.min_available_gib is not None
-                and psutil.virtual_memory().available < self.min_available_gib * GiB
+                self.min_available_gib is not None and psutil.virtual_memory().available < self.min_available_gib * GiB
             ):
-                self.kill_tree(
-                    f"did not finish: machine memory available fell under {self.min_available_gib:g} GiB"
-                )
+                self.kill_tree(f"did not finish: machine memory available fell under {self.min_available_gib:g} GiB")
             elif self.timeout_s is not None and t > self.timeout_s:
                 self.kill_tree(f"did not finish: timeout {self.timeout_s:g} s")
 
@@ -346,7 +344,7 @@ def run_measured(
 ) -> dict[str, Any]:
     """Run ``cmd`` under a :class:`TreeSampler`; return measurements and the command's outcome.
 
-    stdout and stderr go to the given files (or are captured in memory).  When ``parse_json``
+    stdout and stderr go to the given files (or to temporary files).  When ``parse_json``
     is true, the last JSON object line of stdout is returned under ``"output"``.
     ``t_launch`` (unix time, taken just before the process is started) lets callers relate
     the command's own timestamped events to its launch.
@@ -354,8 +352,10 @@ def run_measured(
     tag = uuid.uuid4().hex
     full_env = dict(os.environ if env is None else env)
     full_env[TAG_ENV] = tag
-    out_f = open(stdout_path, "w+b") if stdout_path else subprocess.PIPE  # noqa: SIM115
-    err_f = open(stderr_path, "w+b") if stderr_path else subprocess.PIPE  # noqa: SIM115
+    # Files, not pipes: a process the command leaves behind keeps a pipe open, and reading it to
+    # the end would wait for that process instead of the command.
+    out_f = open(stdout_path, "w+b") if stdout_path else tempfile.TemporaryFile()  # noqa: SIM115
+    err_f = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()  # noqa: SIM115
 
     def preexec() -> None:
         if nice:
@@ -382,12 +382,8 @@ def run_measured(
         tag=tag,
         roles=roles,
     ).start()
-    stdout_b = stderr_b = b""
     try:
-        if out_f is subprocess.PIPE or err_f is subprocess.PIPE:
-            stdout_b, stderr_b = proc.communicate()
-        else:
-            proc.wait()
+        proc.wait()
     except BaseException:
         sampler.kill_tree("did not finish: interrupted")
         raise
@@ -401,16 +397,13 @@ def run_measured(
             sampler_killed = sampler.killed_reason
             sampler.kill_tree("leftover processes")
             sampler.killed_reason = sampler_killed
-    if out_f is not subprocess.PIPE:
-        out_f.seek(0)
-        stdout_b = out_f.read()
-        out_f.close()
-    if err_f is not subprocess.PIPE:
-        err_f.seek(0)
-        stderr_b = err_f.read()[-20000:]
-        err_f.close()
-    stdout = (stdout_b or b"").decode(errors="replace")
-    stderr = (stderr_b or b"").decode(errors="replace")
+    out_f.seek(0)
+    stdout = out_f.read().decode(errors="replace")
+    out_f.close()
+    err_f.seek(0, os.SEEK_END)
+    err_f.seek(max(0, err_f.tell() - 20000))
+    stderr = err_f.read().decode(errors="replace")
+    err_f.close()
     res: dict[str, Any] = {
         "cmd": list(cmd),
         "t_launch": t_launch,

@@ -259,10 +259,8 @@ def drive(
         if setup is not None:
             setup(ws, env)
         log_path = args.log or str(ws / "framework.log")
-        if command is not None:
-            cmd = command(ws)
-        else:
-            cmd = [sys.executable, script, "--inner", "--workdir", str(ws), *argv]
+        inner_cmd = [sys.executable, script, "--inner", "--workdir", str(ws), *argv]
+        cmd = command(ws) if command is not None else inner_cmd
         load_before = os.getloadavg()
         m = measure.run_measured(
             cmd,

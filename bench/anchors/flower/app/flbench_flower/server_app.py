@@ -28,10 +28,8 @@ def main(grid: Grid, context: Context) -> None:
     n_sites = int(cfg["num-sites"])
     num_rounds = int(cfg["num-server-rounds"])
 
-    if scenario == "large":
-        initial = pt.big_state_dict(int(cfg["model-mib"]))  # zeros
-    else:
-        initial = pt.SimpleNetwork(seed=0).state_dict()
+    large = scenario == "large"
+    initial = pt.big_state_dict(int(cfg["model-mib"])) if large else pt.SimpleNetwork(seed=0).state_dict()
     arrays = ArrayRecord(initial)
     del initial
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fl.fsutil import atomic_write_bytes
+from fl.transport import ROLE_SAN_SUFFIX
 
 __all__ = ["ProvisionError", "provision"]
 
@@ -118,7 +119,9 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
-    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([name, *dns])]
+    # The role is also a DNS SAN, as in certificates the Helm chart generates (see fl.transport).
+    names = [name, *dns, f"{role}{ROLE_SAN_SUFFIX}"]
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys(names)]
     if role == "server":
         alt_names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)

@@ -15,7 +15,7 @@ fi
 if [[ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]]; then
     echo "installing fl and its test dependencies into $FL_VENV (torch is large: this takes a few minutes once)" >&2
     "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet -e "$_repo[test,e2e]"
+    "$PY" -m pip install --quiet -e "$_repo[examples,test,e2e]"
     echo "$_want" > "$_stamp"
 else
     "$PY" -m pip install --quiet --no-deps -e "$_repo"

@@ -77,6 +77,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         tls=tls,  # type: ignore[arg-type]
+        heartbeat_interval=args.heartbeat_interval,
         lost_after=args.heartbeat_timeout,
         site_wait_timeout=args.site_wait_timeout,
     )

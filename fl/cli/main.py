@@ -22,6 +22,13 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+def _env_port() -> int:
+    """FL_PORT if it is a port number. Kubernetes injects FL_PORT=tcp://... for a Service named
+    "fl" (service links); that is not ours, so it is ignored rather than fatal."""
+    value = os.environ.get("FL_PORT", "")
+    return int(value) if value.isdigit() else 8002
+
+
 def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=_env("FL_SERVER"), help="HOST:PORT of the fl server (env FL_SERVER)")
     p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="TLS folder: ca.crt, tls.crt, tls.key (env FL_TLS_DIR)")
@@ -52,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="run the fl server daemon")
     p.add_argument("--workspace", default=_env("FL_WORKSPACE"), help="server workspace (env FL_WORKSPACE)")
     p.add_argument("--host", default=_env("FL_HOST", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=int(_env("FL_PORT", "8002") or 8002))
+    p.add_argument("--port", type=int, default=_env_port())
     p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="server TLS folder (env FL_TLS_DIR)")
     p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between site heartbeats")
     p.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
     )

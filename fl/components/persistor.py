@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,20 @@ import numpy as np
 from fl.components.base import Component
 from fl.fsutil import atomic_path, atomic_write_json
 
-__all__ = ["ModelInitError", "PTFileModelPersistor"]
+__all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
+
+#: Initial models up to this size ship their weights with the job (FedJob.export_job).
+INITIAL_WEIGHTS_MAX_BYTES = 64 * 1024 * 1024
+
+
+def model_fingerprint(model: dict[str, Any]) -> str:
+    """A stable text of a model config ({path, args}), to tell whether shipped weights belong to it."""
+    return json.dumps(model, sort_keys=True, separators=(",", ":"))
+
+
+def initial_weights_path(app_dir: Path, model: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(model_fingerprint(model).encode()).hexdigest()[:16]
+    return Path(app_dir) / "initial_weights" / f"{digest}.safetensors"
 
 
 class ModelInitError(RuntimeError):
@@ -62,6 +76,17 @@ class PTFileModelPersistor(Component):
         self.source_ckpt_file_full_name = source_ckpt_file_full_name
         self._global_version: int | None = None  # model version in FL_global_model.pt, if written here
 
+    def _shipped_weights_match(self, path: Path) -> bool:
+        from fl.tensors import LayoutError, open_tensors
+
+        assert self.model is not None
+        try:
+            f, layout, _ = open_tensors(path)
+        except (LayoutError, OSError):
+            return False
+        f.close()
+        return layout.metadata.get("fl.model") == model_fingerprint(self.model)
+
     def global_model_path(self, ctx: Any) -> Path:
         return Path(ctx.run_dir) / self.global_model_file_name
 
@@ -69,9 +94,20 @@ class PTFileModelPersistor(Component):
         return Path(ctx.run_dir) / self.best_global_model_file_name
 
     def load_initial(self, ctx: Any) -> Path:
-        """Write the initial global model as safetensors and return its path."""
+        """Write the initial global model as safetensors and return its path.
+
+        Weights shipped with the job for this model config are used as they are; otherwise the
+        model is built in a child process (so that the server never imports a job's code).
+        """
         out = Path(ctx.run_dir) / "models" / "global-r0000.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
+        if self.model is not None and not self.source_ckpt_file_full_name:
+            shipped = initial_weights_path(Path(ctx.app_dir), self.model)
+            if shipped.is_file() and self._shipped_weights_match(shipped):
+                with atomic_path(out) as tmp:
+                    shutil.copyfile(shipped, tmp)
+                ctx.log.info("initial model: weights shipped with the job (%s)", self.model["path"])
+                return out
         command = [sys.executable, "-m", "fl.components.model_init", "--out", str(out)]
         if self.model is not None:
             command += ["--model", json.dumps(self.model)]

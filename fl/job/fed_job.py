@@ -88,6 +88,7 @@ class _App:
     workflows: list[dict[str, Any]] = field(default_factory=list)
     executors: list[dict[str, Any]] = field(default_factory=list)
     code: dict[str, Path] = field(default_factory=dict)  # path inside custom/ -> source file
+    initial_models: list[tuple[dict[str, Any], Any]] = field(default_factory=list)  # (model config, module)
 
     def ids(self) -> set[str]:
         return {c["id"] for c in self.components} | {w["id"] for w in self.workflows}
@@ -270,7 +271,9 @@ class FedJob:
             model, extra = (obj.model, obj.persistor_args) if isinstance(obj, PTModel) else (obj, {})
             if target != SERVER:
                 raise JobConfigError("the initial model goes to the server: job.to(model, 'server')")
-            persistor = PTFileModelPersistor(model=_model_config(model), **extra)
+            model_config = _model_config(model)
+            persistor = PTFileModelPersistor(model=model_config, **extra)
+            app.initial_models.append((model_config, model))
             pid = self._unique_id(app, id or "persistor")
             app.components.append(_component_config(persistor, pid))
             lid = self._unique_id(app, "model_locator")
@@ -368,6 +371,8 @@ class FedJob:
                     }
                     name = "config_fed_client.json"
                 (config_dir / name).write_text(json.dumps(config, indent=2) + "\n")
+                for model_config, module in app.initial_models:
+                    _write_initial_weights(tmp / folder, model_config, module)
                 for rel, source in sorted(app.code.items()):
                     dest = tmp / folder / "custom" / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -398,6 +403,22 @@ class FedJob:
         if clients is None and n_clients is None and self.sites:
             clients = self.sites
         return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, clients=clients, gpu=gpu)
+
+
+def _write_initial_weights(app_dir: Path, model_config: dict[str, Any], module: Any) -> None:
+    """Ship the initial weights of a small model with the job, so the server needn't build it.
+
+    The persistor uses them only while they match its model config (see
+    :func:`fl.components.persistor.initial_weights_path`); larger models are built on the server.
+    """
+    from fl.components.persistor import INITIAL_WEIGHTS_MAX_BYTES, initial_weights_path, model_fingerprint
+    from fl.tensors import write_tensors
+
+    state = module.state_dict()
+    if sum(t.numel() * t.element_size() for t in state.values()) > INITIAL_WEIGHTS_MAX_BYTES:
+        return
+    path = initial_weights_path(app_dir, model_config)
+    write_tensors(path, state, {"fl.model": model_fingerprint(model_config)})
 
 
 def _is_torch_module(obj: Any) -> bool:

@@ -231,10 +231,11 @@ class JobRun:
             and self.record.status == "running"
             and self.job_id not in session.running_jobs
         ):
-            self.manager.broker.fail_site(session.name, self.job_id, "site restarted")
             self.failed_sites.pop(session.name, None)
-            self.log.info("starting the job again on %s", session.name)
+            self.log.info("%s restarted: starting the job there again", session.name)
             self._start_on_site(session.name)
+            # Tasks it had in flight go to it again: the round can still complete with it.
+            self.manager.broker.redispatch(session.name, self.job_id)
 
     def site_state(self, site: str, state: str, message: str) -> None:
         if state in ("failed", "finished") and self.record.status == "running":

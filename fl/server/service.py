@@ -26,7 +26,7 @@ from fl.server.jobs import JobRecord
 from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
 from fl.server.sites import SiteSession
 from fl.server.transfers import TransferError
-from fl.transport import CHUNK_BYTES, peer_identity
+from fl.transport import CHUNK_BYTES, IdentityError, peer_identity
 from fl.transport.bulk import UploadMeta
 
 if TYPE_CHECKING:
@@ -50,7 +50,10 @@ class _Base:
     def _identity(self, context: grpc.ServicerContext) -> tuple[str, str] | None:
         if self.server.tls is None:
             return None
-        identity = peer_identity(context)
+        try:
+            identity = peer_identity(context)
+        except IdentityError as exc:
+            _abort(context, "PERMISSION_DENIED", str(exc))
         if identity is None:
             _abort(context, "UNAUTHENTICATED", "a client certificate is required")
         return identity
@@ -100,7 +103,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         if self.server.registry.touch(request.session_id) is None:
             return pb.PollReply(unknown_session=True)
         self._site(context, request.session_id)
-        return self.server.registry.poll(request.session_id, request.wait_s)
+        return self.server.registry.poll(request.session_id, request.wait_s, context.is_active)
 
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:
         session = self._site(context, request.session_id)

@@ -133,15 +133,24 @@ class SiteRegistry:
             self._queues.setdefault(site, deque()).append(directive)
             self._lock.notify_all()
 
-    def poll(self, session_id: str, wait: float) -> pb.PollReply:
-        """The next wanted directive for the session's site, waiting up to ``wait`` seconds."""
+    def poll(self, session_id: str, wait: float, is_active: Callable[[], bool] = lambda: True) -> pb.PollReply:
+        """The next wanted directive for the session's site, waiting up to ``wait`` seconds.
+
+        Waiting is not a sign of life: only the call itself counts as one (a site that died mid-poll
+        must still be declared lost), and a caller that went away gets nothing popped for it.
+        """
         deadline = time.monotonic() + max(0.0, min(wait, 60.0))
         with self._lock:
+            first = True
             while True:
                 session = self._sessions.get(session_id)
                 if session is None:
                     return pb.PollReply(unknown_session=True)
-                session.last_seen = time.time()
+                if first:
+                    session.last_seen = time.time()
+                    first = False
+                if not is_active():
+                    return pb.PollReply()
                 queue = self._queues.setdefault(session.name, deque())
                 while queue:
                     directive = queue.popleft()
@@ -150,7 +159,7 @@ class SiteRegistry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
                     return pb.PollReply()
-                self._lock.wait(min(remaining, 5.0))
+                self._lock.wait(min(remaining, 1.0))
 
     def drop_directives(self, site: str, predicate: Callable[[pb.PollReply], bool]) -> None:
         with self._lock:

@@ -67,6 +67,7 @@ class PendingTask:
     spec: TaskSpec
     on_result: OnResult | None
     round: _Round
+    message: pb.Task | None = None  # the directive as sent, for sending again
     busy: bool = False  # a result is being processed
 
 
@@ -162,6 +163,15 @@ class TaskBroker:
                 rnd.failed[task.site] = error or "failed"
             rnd.cond.notify_all()
 
+    def redispatch(self, site: str, job_id: str) -> int:
+        """Send ``site`` its pending tasks of ``job_id`` again (it restarted mid-round); returns how many."""
+        with self._lock:
+            tasks = [t for t in self._pending.values() if t.site == site and t.job_id == job_id and not t.busy]
+        for task in tasks:
+            if task.message is not None:
+                self.registry.enqueue(site, pb.PollReply(task=task.message))
+        return len(tasks)
+
     def fail_site(self, site: str, job_id: str | None, reason: str) -> None:
         """Fail every pending task of ``site`` (for ``job_id``, or all its jobs)."""
         with self._lock:
@@ -227,6 +237,7 @@ class JobCommunicator:
             )
             if blob is not None:
                 message.model.CopyFrom(pb.BlobRef(blob_id=blob.blob_id, size=blob.size, checksum=blob.checksum))
+            p.message = message
             self.broker.registry.enqueue(p.site, pb.PollReply(task=message))
         self.log.info("%s task sent to %s", task.name, ", ".join(targets), extra={"round": task.round + 1})
         deadline = time.monotonic() + timeout

@@ -13,7 +13,9 @@ import grpc
 __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "IdentityError",
     "TLSConfig",
+    "certificate_identity",
     "is_loopback",
     "make_channel",
     "make_server",
@@ -111,18 +113,50 @@ def make_channel(target: str, *, tls: TLSConfig | None, server_name: str | None 
     return grpc.secure_channel(target, credentials, options=options)
 
 
-def peer_identity(context: grpc.ServicerContext) -> tuple[str, str] | None:
-    """``(common name, role)`` from the peer's verified certificate; None on an insecure connection."""
-    auth = context.auth_context()
-    der = auth.get("x509_pem_cert")
-    if not der:
-        return None
+ROLE_SAN_SUFFIX = ".role.fl.invalid"
+ROLES = ("server", "site", "admin")
+
+
+class IdentityError(ValueError):
+    """A certificate that does not say clearly who and what its holder is."""
+
+
+def certificate_identity(pem: bytes) -> tuple[str, str]:
+    """``(common name, role)`` of a participant's certificate.
+
+    The role is the subject's OU (certificates from ``fl provision``) or a DNS SAN
+    ``<role>.role.fl.invalid`` (certificates that Helm generates, which cannot carry an OU). When
+    both are present they must agree; a certificate with neither, or with two roles, is refused.
+    """
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    cert = x509.load_pem_x509_certificate(der[0])
+    cert = x509.load_pem_x509_certificate(pem)
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     cn = str(cns[0].value) if cns else ""
-    role = str(ous[0].value) if ous else ""
-    return cn, role
+    roles: set[str] = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)}
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        roles |= {
+            n[: -len(ROLE_SAN_SUFFIX)] for n in sans.get_values_for_type(x509.DNSName) if n.endswith(ROLE_SAN_SUFFIX)
+        }
+    except x509.ExtensionNotFound:
+        pass
+    if not cn:
+        raise IdentityError("certificate has no common name")
+    if len(roles) != 1 or next(iter(roles)) not in ROLES:
+        found = ", ".join(sorted(roles)) or "none"
+        raise IdentityError(f"certificate of {cn!r} must name exactly one role of {', '.join(ROLES)}; found {found}")
+    return cn, roles.pop()
+
+
+def peer_identity(context: grpc.ServicerContext) -> tuple[str, str] | None:
+    """``(common name, role)`` of the peer's verified certificate; None on an insecure connection.
+
+    Raises :class:`IdentityError` when the certificate does not name one role.
+    """
+    auth = context.auth_context()
+    pem = auth.get("x509_pem_cert")
+    if not pem:
+        return None
+    return certificate_identity(pem[0])

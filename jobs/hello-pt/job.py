@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 def define_parser():
     parser = argparse.ArgumentParser(description="Hello PyTorch: FedAvg with the Job API")
     parser.add_argument("--n-clients", type=int, default=2)
+    parser.add_argument("--sites", help="comma-separated site names (default: site-1 ... site-N)")
     parser.add_argument("--num-rounds", type=int, default=2)
     parser.add_argument("--workspace", default="/tmp/fl/hello-pt", help="simulator workspace")
     parser.add_argument("--export-dir", help="export the job folder here instead of simulating")
@@ -54,6 +55,11 @@ def main():
         if value is not None:
             script_args += [flag, str(value)]
 
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
+    if sites:
+        args.n_clients = len(sites)
+    sites = sites or [f"site-{i + 1}" for i in range(args.n_clients)]
+
     job = FedJob(name="hello-pt", min_clients=args.n_clients)
 
     # Define the controller workflow and send to server
@@ -64,14 +70,14 @@ def main():
     job.to(SimpleNetwork(), "server")
 
     # Add clients
-    for i in range(args.n_clients):
+    for site in sites:
         runner = ScriptRunner(script="src/hello-pt_cifar10_fl.py", script_args=shlex.join(script_args))
-        job.to(runner, f"site-{i + 1}")
+        job.to(runner, site)
 
     if export_dir is not None:
         print(f"job folder: {job.export_job(export_dir)}")
         return 0
-    return job.simulator_run(workspace, n_clients=args.n_clients, threads=args.threads)
+    return job.simulator_run(workspace, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ ${key:+Signed-By: $key
   fi
   rm -f "$SRC_FILE.tmp"; return 1
 }
-src_available() { apt-cache showsrc kubernetes 2>/dev/null | grep -qx "Version: $FL_K8S_DEB_VERSION"; }
+src_available() { apt-cache showsrc kubernetes 2>/dev/null | grep -cx "Version: $FL_K8S_DEB_VERSION" >/dev/null; }
 if write_deb_src || ! src_available; then
   log "apt-get update"
   apt-get update -q >&2
@@ -82,7 +82,7 @@ if [ ! -f "$WORK/.extracted" ]; then
   log "apt-get source kubernetes=$FL_K8S_DEB_VERSION"
   # -o APT::Sandbox::User=root: the work folder may not be readable by the _apt user
   (cd "$WORK/dl" && apt-get source -q -o APT::Sandbox::User=root "kubernetes=$FL_K8S_DEB_VERSION" >&2)
-  d="$(find "$WORK/dl" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -1)"
+  d="$(find "$WORK/dl" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' -print -quit)"
   [ -n "$d" ] || die "apt-get source left no kubernetes-* folder in $WORK/dl"
   mv "$d" "$SRC"
   rm -rf "$WORK/dl"
@@ -101,7 +101,7 @@ export GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
 log "make (nice -n 10): kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; ~12 min cold"
 (cd "$SRC" && nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kube-proxy" >&2)
 
-PAUSE_C="$(find "$SRC/build/pause" -name pause.c | sort | head -1)"
+PAUSE_C="$(find "$SRC/build/pause" -name pause.c | sort | sed -n 1p)"
 [ -n "$PAUSE_C" ] || die "pause.c not found under $SRC/build/pause"
 log "gcc -static $PAUSE_C"
 nice -n 10 gcc -Os -Wall -Werror -static -DVERSION="fl-$FL_K8S_VERSION" -o "$WORK/pause" "$PAUSE_C"

@@ -86,7 +86,7 @@ findmnt -rn -o TARGET | awk -v r="$ROOT/" 'index($0, r) == 1 || $0 == substr(r, 
   while read -r m; do umount "$m" 2>/dev/null || umount -l "$m"; log "umount $m"; done
 
 # 5. network namespace (deleting it removes its veth pair, bridge and iptables rules)
-if [ "${NETNS_CREATED:-0}" = 1 ] && ip netns list | awk '{print $1}' | grep -qx "$NETNS"; then
+if [ "${NETNS_CREATED:-0}" = 1 ] && ip netns list | awk '{print $1}' | grep -cx "$NETNS" >/dev/null; then
   ip netns delete "$NETNS" && log "deleted netns $NETNS"
 fi
 if [ "$RUN_NETNS_WAS_MOUNTED" = 0 ] && mountpoint -q /run/netns && [ -z "$(ls -A /run/netns)" ]; then
@@ -111,7 +111,7 @@ fi
 left=""
 while read -r n pid st; do pid_is "$pid" "$st" && left+=" $n($pid)"; done < <(cat "$ROOT/pids" 2>/dev/null)
 [ -z "$left" ] || log "WARNING: still running:$left"
-if findmnt -rn -o TARGET | grep -q "^$ROOT\(/\|$\)"; then log "WARNING: mounts left below $ROOT"; fi
+if findmnt -rn -o TARGET | grep -c "^$ROOT\(/\|$\)" >/dev/null; then log "WARNING: mounts left below $ROOT"; fi
 if [ -n "$CGROOT" ]; then for mnt in /sys/fs/cgroup/*; do [ -d "$mnt$CGROOT" ] && log "WARNING: cgroup left: $mnt$CGROOT"; done; fi
 if [ -n "$left" ]; then log "down incomplete after $((SECONDS - T0)) s"; exit 1; fi
 # all stopped: mark the record as done so that up.sh may start again from this ROOT

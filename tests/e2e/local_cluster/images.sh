@@ -197,7 +197,7 @@ import_image() {
   # podman names the image in the archive by its full reference; --base-name keeps that name
   ctr --address "$sock" --namespace k8s.io images import --base-name "${full%:*}" "$tmp/image.tar" >/dev/null
   rm -rf "$tmp"
-  ctr --address "$sock" --namespace k8s.io images ls -q | grep -qx "$full" || die "import of $tag did not produce $full in containerd"
+  ctr --address "$sock" --namespace k8s.io images ls -q | grep -cx "$full" >/dev/null || die "import of $tag did not produce $full in containerd"
   log "imported $full into the cluster"
 }
 
@@ -230,7 +230,7 @@ case "$cmd" in
     [ -f "$dockerfile" ] || die "no Dockerfile at $dockerfile"
     # which base images to stand in for
     if [ -z "$base_arg" ]; then
-      base_arg="$(sed -n -E 's/^[[:space:]]*ARG[[:space:]]+BASE_IMAGE=["'\'']?([^"'\''[:space:]]+).*/\1/Ip' "$dockerfile" | head -1)"
+      base_arg="$(sed -n -E 's/^[[:space:]]*ARG[[:space:]]+BASE_IMAGE=["'\'']?([^"'\''[:space:]]+).*/\1/Ip' "$dockerfile" | sed -n 1p)"
     fi
     [ -n "$base_arg" ] && bases+=("$base_arg")
     stages=" "

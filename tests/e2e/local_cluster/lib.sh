@@ -34,13 +34,16 @@ die() { log "ERROR: $*"; exit 1; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
 
+# (Under `set -o pipefail`, never end a pipeline with a reader that stops early, such as `grep -q`,
+#  `head` or `awk '{exit}'`: the writer may die of SIGPIPE and fail the pipeline at random.)
+
 # ensure_pkgs PKG...: apt-get install the Debian packages that are not installed yet.
 # Services that packages ship are never started: apt runs with a policy-rc.d that forbids it
 # (the machine's own one when present, else a temporary one removed afterwards).
 ensure_pkgs() {
   local missing=() p
   for p in "$@"; do
-    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -c '^install ok installed$' >/dev/null || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   log "apt-get install ${missing[*]}"
@@ -103,7 +106,7 @@ debian_deb_sources() {
                   if ($(i+1) == "bookworm" || $(i+1) == "bookworm-security") print $(i+1), $i, "" }'
 }
 # The mirror for bookworm (e.g. http://deb.debian.org/debian).
-debian_mirror() { debian_deb_sources | awk '$1 == "bookworm" {print $2; exit}'; }
+debian_mirror() { debian_deb_sources | awk '$1 == "bookworm" && !m {print $2; m = 1}'; }
 
 # proc_starttime PID: the process's start time (field 22 of /proc/PID/stat), to tell it from a later
 # process that gets the same PID

@@ -50,8 +50,8 @@ finish() {
     done < "$ROOT/pids.stopped"
   fi
   [ -s "$ROOT/pids" ] && leftovers+=" pids-file-not-cleared"
-  findmnt -rn -o TARGET | grep -q "^$ROOT\(/\|$\)" && leftovers+=" mounts-under-ROOT"
-  ip netns list | awk '{print $1}' | grep -qx "$FL_CLUSTER_NETNS" && leftovers+=" netns"
+  findmnt -rn -o TARGET | grep -c "^$ROOT\(/\|$\)" >/dev/null && leftovers+=" mounts-under-ROOT"
+  ip netns list | awk '{print $1}' | grep -cx "$FL_CLUSTER_NETNS" >/dev/null && leftovers+=" netns"
   ip link show node0 >/dev/null 2>&1 && leftovers+=" veth-on-host"
   local cg; cg="$(awk -F= '$1=="CGROOT"{print $2}' "$ROOT/state.env" 2>/dev/null || true)"
   if [ -n "$cg" ]; then for m in /sys/fs/cgroup/*; do [ -d "$m$cg" ] && leftovers+=" cgroup:$m$cg"; done; fi

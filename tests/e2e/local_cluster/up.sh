@@ -32,7 +32,7 @@ case "$ROOT" in /var|/var/*|/run|/run/*|/) die "FL_CLUSTER_ROOT must not be unde
 if [ -s "$ROOT/pids" ]; then
   die "$ROOT/pids exists: a cluster is (or was) running from $ROOT; run down.sh first"
 fi
-if ip netns list | awk '{print $1}' | grep -qx "$NETNS"; then die "netns $NETNS exists already; run down.sh first"; fi
+if ip netns list | awk '{print $1}' | grep -cx "$NETNS" >/dev/null; then die "netns $NETNS exists already; run down.sh first"; fi
 # the private ranges must not clash with a route of this machine (they only ever exist inside the netns,
 # but a clash would make debugging from the host confusing and could hide a real network)
 python3 - "$FL_CLUSTER_NODE_CIDR" "$FL_CLUSTER_POD_CIDR" "$FL_CLUSTER_SERVICE_CIDR" <<'PY' || die "address ranges clash with this machine's routes (set FL_CLUSTER_*_CIDR)"
@@ -52,7 +52,7 @@ for line in subprocess.run(["ip", "-4", "route", "show", "table", "all"], captur
         if m.overlaps(net):
             print(f"{m} overlaps the route {line!r}", file=sys.stderr); sys.exit(1)
 PY
-if ss -Hltn "sport = :$FL_CLUSTER_API_PORT" | grep -q .; then
+if ss -Hltn "sport = :$FL_CLUSTER_API_PORT" | grep -c . >/dev/null; then
   die "127.0.0.1:$FL_CLUSTER_API_PORT is taken on this machine (set FL_CLUSTER_API_PORT)"
 fi
 
@@ -63,7 +63,7 @@ T_START=$SECONDS   # the deadline counts from here, after any build
 
 # a fresh ROOT (never rm -rf through a mount)
 if [ -e "$ROOT" ]; then
-  if findmnt -rn -o TARGET | grep -q "^$ROOT\(/\|$\)"; then die "mounts left under $ROOT; run down.sh first"; fi
+  if findmnt -rn -o TARGET | grep -c "^$ROOT\(/\|$\)" >/dev/null; then die "mounts left under $ROOT; run down.sh first"; fi
   rm -rf "$ROOT"
 fi
 mkdir -p "$ROOT"/{logs,etc,pki,run,etcd,kubelet,containerd,dns/hosts,ns/var.upper,ns/var.work,ns/sysctl,cni}
@@ -298,7 +298,7 @@ start containerd containerd --config "$ROOT/etc/containerd.toml"
 CTR=(ctr --address "$C/containerd.sock" --namespace k8s.io)
 wait_for "containerd socket" 30 "${CTR[@]}" version
 "${CTR[@]}" images import "$(dirname "$K8S_BIN")/images/pause.oci.tar" >/dev/null
-"${CTR[@]}" images ls -q | grep -qx "$PAUSE_IMAGE" || die "pause image $PAUSE_IMAGE missing after import"
+"${CTR[@]}" images ls -q | grep -cx "$PAUSE_IMAGE" >/dev/null || die "pause image $PAUSE_IMAGE missing after import"
 
 # ---------------------------------------------------------------------------------------------------------
 # 6. kubelet and kube-proxy

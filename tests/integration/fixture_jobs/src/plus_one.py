@@ -5,6 +5,7 @@ Options: --nan (send NaN instead), --crash-in-round R (raise in round R), --metr
 
 import argparse
 import sys
+import time
 
 import fl.client as flare
 
@@ -13,6 +14,7 @@ parser.add_argument("--nan", action="store_true")
 parser.add_argument("--crash-in-round", type=int, default=-1)
 parser.add_argument("--exit-in-round", type=int, default=-1)
 parser.add_argument("--metric", action="store_true")
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
 args = parser.parse_args()
 
 flare.init()
@@ -27,6 +29,7 @@ while flare.is_running():
     if model.current_round == args.exit_in_round:
         sys.exit(3)
     metrics = {"accuracy": float(model.current_round)} if args.metric else None
+    time.sleep(args.sleep)
     if flare.is_evaluate():
         flare.send(flare.FLModel(metrics=metrics))
         continue

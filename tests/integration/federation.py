@@ -1,0 +1,167 @@
+"""A federation of real processes on loopback: `fl server`, `fl site` daemons and admin commands.
+
+Every process this harness starts (and every training script they start) is recorded by PID and
+ended at teardown; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fl.provision import provision
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """One `python -m fl ...` process with its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_dir / f"{name}.log"
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.known_pids: set[int] = set()
+
+    def start(self) -> Daemon:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env or {})
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fl", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        self.known_pids.add(self.proc.pid)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        return wait_for(lambda: re.search(pattern, self.log()), timeout, f"{pattern!r} in {self.name}'s log")
+
+    def remember_children(self) -> None:
+        """Record the PIDs of the processes this daemon started (training scripts)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.known_pids.update(p.pid for p in psutil.Process(self.proc.pid).children(recursive=True))
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.remember_children()
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.remember_children()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in self.known_pids:  # scripts orphaned by a kill -9 of their daemon
+            try:
+                process = psutil.Process(pid)
+                if process.is_running():
+                    process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+class Federation:
+    """Provisioned TLS material, a server, sites and admin commands, all on 127.0.0.1."""
+
+    def __init__(self, root: Path, sites: list[str], *, heartbeat_timeout: float = 6.0) -> None:
+        self.root = root
+        self.tls = root / "tls"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        provision(self.tls, server_name="server", sites=sites, admins=["admin"])
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.heartbeat_timeout = heartbeat_timeout
+        self.daemons: list[Daemon] = []
+        self.server: Daemon | None = None
+
+    def start_server(self, *extra: str) -> Daemon:
+        args = [
+            "server", "--workspace", str(self.root / "server"), "--host", "127.0.0.1", "--port", str(self.port),
+            "--tls", str(self.tls / "server"), "--heartbeat-interval", "1",
+            "--heartbeat-timeout", str(self.heartbeat_timeout), "--site-wait-timeout", "60", *extra,
+        ]  # fmt: skip
+        self.server = Daemon(f"server-{len(self.daemons)}", args, self.logs).start()
+        self.daemons.append(self.server)
+        self.server.wait_for_log("fl server listening", 60)
+        return self.server
+
+    def start_site(self, name: str, *, tls: Path | None = None, extra: tuple[str, ...] = ()) -> Daemon:
+        args = [
+            "site", "--name", name, "--server", self.address, "--tls", str(tls or self.tls / name),
+            "--workspace", str(self.root / name), *extra,
+        ]  # fmt: skip
+        daemon = Daemon(f"{name}-{len(self.daemons)}", args, self.logs).start()
+        self.daemons.append(daemon)
+        return daemon
+
+    def fl(self, *args: str, tls: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """An admin command; returns the finished process."""
+        command = [sys.executable, "-m", "fl", *args, "--server", self.address, "--tls", str(tls or self.tls / "admin")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    def fl_json(self, *args: str) -> Any:
+        proc = self.fl(*args, "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def wait_sites(self, names: list[str], timeout: float = 60) -> None:
+        def connected() -> bool:
+            sites = {s["name"]: s for s in self.fl_json("sites")}
+            return all(sites.get(n, {}).get("connected") for n in names)
+
+        wait_for(connected, timeout, f"sites {', '.join(names)} to connect")
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.fl_json("status", job_id)
+        return result
+
+    def stop(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop()

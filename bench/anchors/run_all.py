@@ -29,6 +29,18 @@ if str(REPO_ROOT) not in sys.path:
 from bench import envs, loopback  # noqa: E402
 
 
+def run_anchor(anchor: str, scenario: str, extra: list[str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """For bench/run.py: ensure the anchor's venv, run one scenario, return its JSON line as a dict
+    (or ``{"status": "not installed: ..."}``)."""
+    env = envs.ensure_env(anchor)
+    if not env.ok:
+        first = (env.error or "").splitlines()[0] if env.error else ""
+        return {"anchor": anchor, "scenario": scenario, "args": extra or [], "status": f"not installed: {first}"}
+    res = _run(env.python, anchor, scenario, list(extra or []), timeout)
+    res.setdefault("versions", env.versions)
+    return res
+
+
 def _run(python: Path, anchor: str, scenario: str, extra: list[str], timeout: float) -> dict[str, Any]:
     script = HERE / anchor / f"{scenario}.py"
     cmd = ["nice", "-n", "10", str(python), str(script), "--timeout", str(timeout), *extra]

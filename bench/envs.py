@@ -177,9 +177,7 @@ def ensure_env(name: str, *, rebuild: bool = False, log=None, timeout: float = 3
     say(f"[bench.envs] building {name} {version} venv in {tmp} (log: {pip_log})")
     try:
         with open(pip_log, "w") as logf:
-            subprocess.run(
-                [sys.executable, "-m", "venv", str(tmp)], check=True, stdout=logf, stderr=logf, timeout=600
-            )
+            subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, stdout=logf, stderr=logf, timeout=600)
             py = tmp / "bin" / "python"
             reqs = [
                 f"{spec['dist']}{spec['extras']}=={version}",
@@ -228,9 +226,7 @@ def ensure_env(name: str, *, rebuild: bool = False, log=None, timeout: float = 3
         shutil.move(str(pip_log), str(final / "pip-install.log"))
         failed_log.unlink(missing_ok=True)
         say(f"[bench.envs] {name} ready at {final}: {versions}")
-        return AnchorEnv(
-            name, version, final, True, versions, built_now=True, build_seconds=marker["build_seconds"]
-        )  # type: ignore[arg-type]
+        return AnchorEnv(name, version, final, True, versions, built_now=True, build_seconds=marker["build_seconds"])  # type: ignore[arg-type]
     except (subprocess.SubprocessError, OSError, RuntimeError) as e:
         tail = _tail(pip_log)
         with contextlib.suppress(OSError):
@@ -238,9 +234,7 @@ def ensure_env(name: str, *, rebuild: bool = False, log=None, timeout: float = 3
         shutil.rmtree(tmp, ignore_errors=True)
         err = f"installing {spec['dist']}=={version} failed: {e}\n--- log tail ({failed_log}) ---\n{tail}"
         say(f"[bench.envs] {err}")
-        return AnchorEnv(
-            name, version, final, False, error=err, build_seconds=round(time.monotonic() - t0, 1)
-        )
+        return AnchorEnv(name, version, final, False, error=err, build_seconds=round(time.monotonic() - t0, 1))
 
 
 def main(argv: list[str] | None = None) -> int:

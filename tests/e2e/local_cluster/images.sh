@@ -32,6 +32,7 @@ PODMAN_HOME="$FL_CACHE_DIR/podman"
 IMG_CACHE="$FL_CACHE_DIR/images"
 
 setup_podman() {
+  case "$FL_CACHE_DIR/" in /var/*|/run/*) die "FL_CACHE_DIR must not be under /var or /run (podman runs with /var overlaid)";; esac
   ensure_pkgs podman buildah runc debootstrap uidmap containerd
   mkdir -p "$PODMAN_HOME"/{storage,run,tmp,netconf} "$IMG_CACHE"
   cat > "$PODMAN_HOME/containers.conf" <<CONF
@@ -64,8 +65,21 @@ CONF
   export CONTAINERS_STORAGE_CONF="$PODMAN_HOME/storage.conf"
   export CONTAINERS_REGISTRIES_CONF="$PODMAN_HOME/registries.conf"
 }
-podman() { command podman --cgroup-manager=cgroupfs "$@"; }
-# (podman is a function below; `nice` needs the binary, which resolves through PATH)
+# podman, in a private mount namespace of its own where /var is an overlay whose writes go to a
+# throw-away folder: podman 4.3 / buildah write a blob-info cache to /var/lib/containers/cache and big
+# temporary files to /var/tmp whatever their configuration says; this keeps the machine's /var
+# untouched. Mounts that podman makes (layers during builds) also vanish with the namespace.
+# _podman NICENESS ARGS...; `podman` = niceness 0, `podman_nice` = 10 (for builds)
+_podman() {
+  local ov rc=0; ov="$(mktemp -d "$PODMAN_HOME/.var.XXXX")"; mkdir "$ov/upper" "$ov/work"
+  unshare --mount --propagation private sh -c '
+    mount -t overlay fl-podman-var -o "lowerdir=/var,upperdir=$1/upper,workdir=$1/work" /var || exit 125
+    n="$2"; shift 2; exec nice -n "$n" podman --cgroup-manager=cgroupfs "$@"' sh "$ov" "$@" || rc=$?
+  rm -rf "$ov"
+  return $rc
+}
+podman() { _podman 0 "$@"; }
+podman_nice() { _podman 10 "$@"; }
 have_image() { podman image exists "$1" 2>/dev/null; }
 
 # Docker's normalisation of a reference: python:3.11-slim -> docker.io/library/python:3.11-slim
@@ -172,7 +186,7 @@ make_standin() {
     echo 'CMD ["python3"]'
   } > "$ctx/Dockerfile"
   log "building the stand-in $STANDIN"
-  nice -n 10 podman --cgroup-manager=cgroupfs build -q --isolation=chroot --pull=never --network=host --layers \
+  podman_nice build -q --isolation=chroot --pull=never --network=host --layers \
     -t "$STANDIN" "$ctx" >/dev/null || { rm -rf "$ctx"; die "stand-in build failed"; }
   rm -rf "$ctx"
 }
@@ -244,7 +258,7 @@ case "$cmd" in
     mounts=()
     while read -r m; do [ -n "$m" ] && mounts+=(-v "$m:$m:ro"); done < "$PODMAN_HOME/pip-mounts"
     log "podman build -t $tag -f $dockerfile ${build_args[*]} $context"
-    nice -n 10 podman --cgroup-manager=cgroupfs build --isolation=chroot --pull=never --network=host --layers \
+    podman_nice build --isolation=chroot --pull=never --network=host --layers \
       "${mounts[@]}" "${build_args[@]}" -f "$dockerfile" -t "$tag" "$context" >&2
     [ $do_import = 1 ] && import_image "$tag"
     log "done in $((SECONDS - T0)) s" ;;

@@ -26,7 +26,7 @@ from fl.server.jobstore import JobError, JobSpec, read_job, zip_folder
 from fl.server.sites import SiteRegistry, SiteSession
 from fl.server.tasks import JobCommunicator, TaskBroker
 from fl.server.transfers import BlobStore
-from fl.workflows.base import Controller, JobAborted
+from fl.workflows.base import Controller, JobAborted, RoundFailed
 
 __all__ = ["TERMINAL", "JobManager", "JobRecord", "JobRun"]
 
@@ -132,6 +132,10 @@ class JobRun:
             available = self.sites
             if len(available) >= count or time.monotonic() >= deadline:
                 return available
+            if len(self.participants) - len(self.failed_sites) < count:
+                # Sites whose job failed do not come back on their own: don't wait for them.
+                reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.failed_sites.items()))
+                raise RoundFailed(f"{count} sites needed but the job failed on {len(self.failed_sites)}: {reasons}")
             if self.abort_event.wait(0.5):
                 raise JobAborted("job aborted")
 

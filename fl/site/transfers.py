@@ -7,6 +7,7 @@ checked against the checksum the server announced; every upload carries the site
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -23,6 +24,8 @@ from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.transport.bulk import BULK_CHUNK_BYTES, BulkStub, UploadMeta
 
 __all__ = ["TransferFailed", "download_blob", "upload_file"]
+
+log = logging.getLogger("fl.site.transfers")
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -121,6 +124,7 @@ def download_blob(
                 if exc.code() not in RETRYABLE:
                     raise TransferFailed(f"download refused: {exc.code().name}: {exc.details()}") from None
                 last_error = _describe(exc, guard)
+            log.warning("download interrupted (%s); resuming from byte %d of %d", last_error, received, ref.size)
             attempt += 1
             time.sleep(_backoff(attempt))
     if checksum.hexdigest() != ref.checksum:
@@ -173,6 +177,7 @@ def upload_file(
             if status.complete:
                 return upload_id
             offset = status.received
+            log.warning("upload interrupted (%s); resumed from byte %d of %d", last_error, offset, total)
         meta = UploadMeta(sid, upload_id, job_id, task_id, offset, total, checksum)
         guard_box: list[_StallGuard] = []
 

@@ -132,9 +132,11 @@ class Federation:
         self.server.wait_for_log("fl server listening", 60)
         return self.server
 
-    def start_site(self, name: str, *, tls: Path | None = None, extra: tuple[str, ...] = ()) -> Daemon:
+    def start_site(
+        self, name: str, *, tls: Path | None = None, extra: tuple[str, ...] = (), address: str | None = None
+    ) -> Daemon:
         args = [
-            "site", "--name", name, "--server", self.address, "--tls", str(tls or self.tls / name),
+            "site", "--name", name, "--server", address or self.address, "--tls", str(tls or self.tls / name),
             "--workspace", str(self.root / name), *extra,
         ]  # fmt: skip
         daemon = Daemon(f"{name}-{len(self.daemons)}", args, self.logs).start()
@@ -165,3 +167,81 @@ class Federation:
     def stop(self) -> None:
         for daemon in reversed(self.daemons):
             daemon.stop()
+
+
+class FlakyProxy:
+    """A TCP proxy on loopback that, once armed, cuts every connection after N more bytes upstream.
+
+    Sites connect through it to the server; cutting mid-upload exercises resumable transfers.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.cut_after: int | None = None
+        self.upstream = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, after_bytes: int) -> None:
+        with self._lock:
+            self.upstream = 0
+            self.cut_after = after_bytes
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._conns += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if upstream:
+                    with self._lock:
+                        self.upstream += len(data)
+                        cut = self.cut_after is not None and self.upstream > self.cut_after
+                        if cut:
+                            self.cut_after = None
+                            self.cuts += 1
+                    if cut:
+                        self._cut_all()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _cut_all(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        self._cut_all()

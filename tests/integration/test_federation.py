@@ -165,3 +165,51 @@ def test_killed_site_restarts_and_rejoins(federation, tmp_path, make_job):
     assert final["status"] == "finished", final["message"]
     assert torch.equal(_final_weight(fed, job_id, tmp_path / "out"), torch.full((16,), 3.0))
     assert "train result delivered" in back.log()
+
+
+def test_transfers_cut_mid_stream_resume_and_the_job_finishes(federation, tmp_path, make_job):
+    from tests.integration.federation import FlakyProxy
+
+    fed = federation
+    fed.start_server()
+    proxy = FlakyProxy(fed.port)
+    try:
+        site = fed.start_site("site-1", address=f"127.0.0.1:{proxy.port}")
+        fed.wait_sites(["site-1"])
+        numel = 32 * 2**20 // 4  # 32 MiB of float32
+        job = make_job(sites=1, rounds=2, numel=numel, framework="pytorch")
+        job_id = json.loads(fed.fl("submit", str(job.export_job(tmp_path / "export")), "--json").stdout)["job_id"]
+        site.wait_for_log("task train received", 120)
+        proxy.arm(8 * 2**20)  # cut the connection 8 MiB into the upload of the result
+        final = wait_for(lambda: (j := fed.job(job_id))["status"] in ("finished", "failed") and j, 300, "the job")
+        assert final["status"] == "finished", final["message"]
+        assert proxy.cuts == 1
+        weight = _final_weight(fed, job_id, tmp_path / "out")
+        assert weight.numel() == numel and bool((weight == 2.0).all())
+        assert "upload interrupted" in site.log() and "resumed from byte" in site.log()
+    finally:
+        proxy.close()
+
+
+def test_site_policy_refuses_jobs_with_custom_code(federation, tmp_path, make_job):
+    fed = federation
+    fed.start_server()
+    fed.start_site("site-1", extra=("--no-custom-code",))
+    fed.wait_sites(["site-1"])
+    job = make_job(sites=1, rounds=1)
+    job_id = json.loads(fed.fl("submit", str(job.export_job(tmp_path / "export")), "--json").stdout)["job_id"]
+    final = wait_for(lambda: (j := fed.job(job_id))["status"] in ("finished", "failed") and j, 120, "the job to end")
+    assert final["status"] == "failed"
+    assert "refuses jobs that carry custom code" in final["message"], final["message"]
+
+
+def test_a_job_waits_in_the_queue_until_its_sites_connect(federation, tmp_path, make_job):
+    fed = federation
+    fed.start_server()
+    job = make_job(sites=2, rounds=1)
+    job_id = json.loads(fed.fl("submit", str(job.export_job(tmp_path / "export")), "--json").stdout)["job_id"]
+    wait_for(lambda: fed.job(job_id)["status"] == "waiting", 60, "the job to wait for its sites")
+    fed.start_site("site-1")
+    fed.start_site("site-2")
+    final = wait_for(lambda: (j := fed.job(job_id))["status"] in ("finished", "failed") and j, 120, "the job to end")
+    assert final["status"] == "finished", final["message"]

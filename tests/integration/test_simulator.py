@@ -118,3 +118,34 @@ def test_non_finite_update_is_refused_and_the_round_goes_on(make_job, tmp_path):
     assert torch.equal(final, torch.full((16,), 2.0))
     log = (run_dir(tmp_path / "ws") / "logs" / "site-2.log").read_text()
     assert "non-finite" in log or "non-finite" in json.dumps(read_json(run_dir(tmp_path / "ws") / "status.json"))
+
+
+def test_ctrl_c_stops_the_simulation_and_every_process_it_started(make_job, tmp_path):
+    import signal
+
+    import psutil
+
+    job = make_job(rounds=3, script_args={s: "--sleep 60" for s in ("site-1", "site-2")})
+    folder = job.export_job(tmp_path / "export")
+    log = tmp_path / "sim.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("task train received") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2  # the two training scripts
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        time.sleep(0.5)
+        alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"still running after Ctrl-C: {alive}"
+        assert "interrupted: stopping the job" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

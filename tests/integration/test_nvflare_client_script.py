@@ -1,0 +1,88 @@
+"""NVIDIA FLARE's own hello-pt client script runs on fl with only its imports changed.
+
+The script is read from an NVFlare repository at test time (never copied into this project):
+``FL_NVFLARE_REPO`` names a checkout or git folder; the default is this machine's mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl.job import FedJob, ScriptRunner
+from fl.simulator import simulate
+from fl.workflows.fedavg import FedAvg
+from tests.integration.conftest import run_dir
+
+EXAMPLE = "examples/hello-world/hello-pt"
+DEFAULT_REPO = "/work/.mirror/NVIDIA+NVFlare/repo"
+IMPORTS = {
+    "import nvflare.client as flare": "import fl.client as flare",
+    "from nvflare.client.tracking import SummaryWriter": "from fl.client.tracking import SummaryWriter",
+}
+
+
+def _example_files(repo: Path) -> dict[str, str]:
+    """The example's Python files, from a checkout or from a git folder without a work tree."""
+    if (repo / EXAMPLE).is_dir():
+        return {p.name: p.read_text() for p in (repo / EXAMPLE).glob("*.py")}
+    names = subprocess.run(
+        ["git", "--git-dir", str(repo), "ls-tree", "--name-only", f"HEAD:{EXAMPLE}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return {
+        name: subprocess.run(
+            ["git", "--git-dir", str(repo), "show", f"HEAD:{EXAMPLE}/{name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for name in names
+        if name.endswith(".py")
+    }
+
+
+@pytest.mark.timeout(600)
+def test_nvflare_hello_pt_client_runs_with_its_imports_changed(tmp_path, monkeypatch):
+    repo = Path(os.environ.get("FL_NVFLARE_REPO", DEFAULT_REPO))
+    if not repo.exists():
+        pytest.skip(f"no NVFlare repository at {repo} (set FL_NVFLARE_REPO to a checkout of NVIDIA/NVFlare)")
+    files = _example_files(repo)
+    if "client.py" not in files:
+        pytest.skip(f"{repo} has no {EXAMPLE}/client.py")
+    for name, text in files.items():
+        if name == "job.py":
+            continue  # FLARE's job definition; ours is below
+        for old, new in IMPORTS.items():
+            text = text.replace(old, new)
+        assert "nvflare" not in "\n".join(
+            line for line in text.splitlines() if line.lstrip().startswith(("import", "from"))
+        ), f"{name} imports more of nvflare than the Client API"
+        (tmp_path / name).write_text(text)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from model import SimpleNetwork
+
+    job = FedJob(name="nvflare-hello-pt", min_clients=2)
+    job.to(FedAvg(num_clients=2, num_rounds=2), "server")
+    job.to(SimpleNetwork(), "server")
+    args = "--synthetic_data --train_size 64 --test_size 32 --epochs 1 --batch_size 16"
+    help_text = files["client.py"]
+    if "--num_workers" in help_text:
+        args += " --num_workers 0"
+    for site in ("site-1", "site-2"):
+        job.to(ScriptRunner(script="client.py", script_args=args), site)
+    code = simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False)
+    sys.modules.pop("model", None)
+    run = run_dir(tmp_path / "ws")
+    logs = (run / "logs" / "site-1.log").read_text()
+    assert code == 0, logs[-3000:]
+    assert "Finished Training for site-1" in logs
+    assert torch.load(run / "FL_global_model.pt", weights_only=True)["round"] == 1
+    assert (run / "validation.json").is_file()

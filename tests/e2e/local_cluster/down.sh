@@ -2,8 +2,9 @@
 # Stop the cluster that up.sh started and leave the machine as it was before:
 #   - stops every process recorded in $ROOT/pids (and their process groups), only if the PID still
 #     belongs to the same process (start time recorded by up.sh); never looks processes up by name
-#   - kills the pod containers through containerd first, then the containerd shims by the PIDs
-#     containerd wrote in its own state folder ($ROOT/containerd/state/.../shim.pid)
+#   - kills the pod containers through containerd first; then whatever is left of them (say containerd
+#     died): processes in the cgroups below the cluster's cgroupRoot (containers) or in the cluster's
+#     private mount namespace (containerd shims), which only this cluster's processes can be in
 #   - unmounts everything below $ROOT in the cluster's mount namespace (kubelet volumes, containerd
 #     snapshots, ...), then the namespace pins; deletes the netns (and its veth pair) and the
 #     /run/netns mount if up.sh's `ip netns add` created it; removes the cgroups it made
@@ -46,8 +47,9 @@ for n in dns-sync dnsmasq forward-host forward-ns kube-proxy kubelet kube-schedu
 
 # 2. pod containers: kill and delete every task through containerd, then wait for the shims to exit
 SOCK="$ROOT/containerd/containerd.sock"
-TASKS_DIR="$ROOT/containerd/state/io.containerd.runtime.v2.task"
+CTRD_OK=0
 if [ -S "$SOCK" ] && timeout 5 ctr --address "$SOCK" version >/dev/null 2>&1; then
+  CTRD_OK=1
   CTR=(timeout 20 ctr --address "$SOCK" --namespace k8s.io)
   for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do
     "${CTR[@]}" tasks kill -a -s SIGKILL "$t" >/dev/null 2>&1 || true
@@ -56,23 +58,57 @@ if [ -S "$SOCK" ] && timeout 5 ctr --address "$SOCK" version >/dev/null 2>&1; th
   for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks delete -f "$t" >/dev/null 2>&1 || true; done
   for c in $("${CTR[@]}" containers ls -q 2>/dev/null); do "${CTR[@]}" containers delete "$c" >/dev/null 2>&1 || true; done
 fi
-# the shims' and containers' own PIDs, as containerd recorded them
-shim_pids() { find "$TASKS_DIR" -maxdepth 3 \( -name shim.pid -o -name init.pid \) -exec cat {} + 2>/dev/null | sort -u; }
-end=$((SECONDS + 10))
-while [ $SECONDS -lt $end ]; do
-  alive=""; for p in $(shim_pids); do [ -d "/proc/$p" ] && alive+=" $p"; done
-  [ -z "$alive" ] && break
-  sleep 0.5
-done
-for p in $(shim_pids); do
-  # only a containerd-shim / container process of this cluster: its mount namespace is ours
-  if [ -d "/proc/$p" ] && mntns_alive && [ "$(stat -L -c %i "/proc/$p/ns/mnt" 2>/dev/null)" = "$(stat -L -c %i "$MNTNS")" ]; then
-    log "killing leftover shim/container process $p"; kill -KILL "$p" 2>/dev/null || true
-  fi
-done
+# Whatever is left of the pods (e.g. after containerd died): identified only by what is unique to this
+# cluster, never by name: container processes are in the cgroups below the cluster's cgroupRoot; the
+# containerd shims (and any runc) are in the cluster's private mount namespace. The recorded services
+# (containerd, kube-apiserver, etcd: still running) are spared here and stopped in step 3.
+cluster_leftovers() {
+  local recorded p f
+  recorded=" $(awk '{printf "%s ", $2}' "$ROOT/pids" 2>/dev/null) "
+  {
+    if [ -n "$CGROOT" ]; then
+      for f in $(find /sys/fs/cgroup/*"$CGROOT" -name cgroup.procs 2>/dev/null || true); do cat "$f" 2>/dev/null || true; done
+    fi
+    if mntns_alive; then
+      local ino; ino="$(stat -L -c %i "$MNTNS")"
+      for p in /proc/[0-9]*; do
+        if [ "$(stat -L -c %i "$p/ns/mnt" 2>/dev/null)" = "$ino" ]; then echo "${p#/proc/}"; fi
+      done
+    fi
+  } | sort -un | while read -r p; do
+    if [[ "$recorded" == *" $p "* ]] || [ "$p" = $$ ]; then continue; fi
+    if st="$(proc_starttime "$p")" && pid_is "$p" "$st"; then echo "$p"; fi
+  done
+  return 0
+}
+if [ "$CTRD_OK" = 1 ]; then   # give the shims a moment to exit on their own after the deletes above
+  end=$((SECONDS + 10))
+  while [ $SECONDS -lt $end ] && [ -n "$(cluster_leftovers)" ]; do sleep 0.5; done
+fi
+left_pids="$(cluster_leftovers | xargs)"
+if [ -n "$left_pids" ]; then
+  log "killing leftover pod/shim processes of this cluster: $left_pids"
+  # shellcheck disable=SC2086
+  kill -KILL $left_pids 2>/dev/null || true
+  end=$((SECONDS + 10))
+  while [ $SECONDS -lt $end ] && [ -n "$(cluster_leftovers)" ]; do sleep 0.2; done
+fi
 
 # 3. containerd, the API server, etcd
 for n in containerd kube-apiserver etcd; do stop "$n" 20; done
+
+# anything still in the cluster's namespace or cgroups now (e.g. a runc started by the dying containerd)
+left_pids="$(cluster_leftovers | xargs)"
+if [ -n "$left_pids" ]; then
+  log "killing leftover processes of this cluster: $left_pids"
+  # shellcheck disable=SC2086
+  kill -KILL $left_pids 2>/dev/null || true
+  end=$((SECONDS + 10))
+  while [ $SECONDS -lt $end ] && [ -n "$(cluster_leftovers)" ]; do sleep 0.2; done
+  left_pids="$(cluster_leftovers | xargs)"
+  # keep the namespace pin and the PID record, so that another down.sh can still find them
+  [ -z "$left_pids" ] || { log "ERROR: processes of this cluster survived SIGKILL: $left_pids"; exit 1; }
+fi
 
 # 4. mounts: everything below $ROOT inside the cluster's mount namespace, deepest first, then the pins
 if mntns_alive; then

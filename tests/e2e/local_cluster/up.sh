@@ -302,20 +302,23 @@ wait_for "containerd socket" 30 "${CTR[@]}" version
 
 # ---------------------------------------------------------------------------------------------------------
 # 6. kubelet and kube-proxy
-# kubelet requires cgroupRoot to exist in every cgroup v1 hierarchy; create it (and record what we made)
+# kubelet requires cgroupRoot to exist in every cgroup v1 hierarchy: create it. Record every level of the
+# path that does not exist yet in any hierarchy (runc also makes them in the cgroup2 "unified" one), so
+# that down.sh removes exactly those.
 : > "$ROOT/cgroups-created"
 for mnt in /sys/fs/cgroup/*; do
   [ -f "$mnt/cgroup.procs" ] || continue
-  [ "$(stat -f -c %T "$mnt")" = cgroup2fs ] && continue
+  v1=1; [ "$(stat -f -c %T "$mnt")" = cgroup2fs ] && v1=0
   path="$mnt"
   IFS=/ read -r -a parts <<<"${CGROOT#/}"
   for part in "${parts[@]}"; do
     parent="$path"; path="$path/$part"
-    if [ ! -d "$path" ]; then
-      mkdir "$path"; echo "$path" >> "$ROOT/cgroups-created"
-      if [ -f "$path/cpuset.cpus" ]; then   # a new cpuset is empty until given cpus and mems
-        cat "$parent/cpuset.cpus" > "$path/cpuset.cpus"; cat "$parent/cpuset.mems" > "$path/cpuset.mems"
-      fi
+    [ -d "$path" ] && continue
+    echo "$path" >> "$ROOT/cgroups-created"
+    [ $v1 = 1 ] || continue
+    mkdir "$path"
+    if [ -f "$path/cpuset.cpus" ]; then   # a new cpuset is empty until given cpus and mems
+      cat "$parent/cpuset.cpus" > "$path/cpuset.cpus"; cat "$parent/cpuset.mems" > "$path/cpuset.mems"
     fi
   done
 done

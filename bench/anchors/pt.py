@@ -54,6 +54,7 @@ class BigModel(nn.Module):
 
     def __init__(self, mib: int = 100) -> None:
         super().__init__()
+        self.mib = int(mib)  # kept, so that a job config can record how the model was built
         n = int(mib) * MiB // 4
         self.weight = nn.Parameter(torch.zeros(n, dtype=torch.float32), requires_grad=False)
 

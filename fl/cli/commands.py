@@ -110,6 +110,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         tls=tls,  # type: ignore[arg-type]
         server_name=args.server_name,
         accepts_custom_code=not args.no_custom_code,
+        exchange_root=Path(args.exchange_dir) if args.exchange_dir else None,
     )
     stop = threading.Event()
     _on_signals(stop)

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=_env("FL_SITE_NAME"), help="site name (env FL_SITE_NAME)")
     p.add_argument("--workspace", default=_env("FL_WORKSPACE"), help="site workspace (env FL_WORKSPACE)")
     p.add_argument(
+        "--exchange-dir",
+        default=_env("FL_EXCHANGE_DIR"),
+        help="where models pass to and from training scripts (default: the workspace; /dev/shm is faster)",
+    )
+    p.add_argument(
         "--no-custom-code",
         action="store_true",
         default=_env("FL_NO_CUSTOM_CODE") == "1",

@@ -151,6 +151,53 @@ def _model_config(model: Any) -> dict[str, Any]:
     return {"path": _class_path(cls), "args": args}
 
 
+def _check_model_config(config: dict[str, Any], model: Any) -> None:
+    """Build ``config`` on torch's meta device (no memory) and compare it with ``model``.
+
+    The server builds the initial model from the config when its weights are too large to ship
+    with the job; a config that misses a constructor argument would silently build another model.
+    """
+    import torch
+
+    from fl.config import ConfigError, instantiate
+
+    try:
+        with torch.device("meta"):
+            built = instantiate(config, allow_custom=True, recursive=True)
+    except (ConfigError, Exception) as exc:  # a model whose __init__ can't run on meta
+        if _state_bytes(model) > _max_shipped_bytes():
+            raise JobConfigError(
+                f"cannot check that {config['path']}({config.get('args')}) builds this model: {exc}; pass "
+                "PTModel(model, persistor_args={'model': {'path': ..., 'args': ...}})"
+            ) from None
+        return
+    mine = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    theirs = {k: (tuple(v.shape), v.dtype) for k, v in built.state_dict().items()}
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
+        raise JobConfigError(
+            f"{config['path']} with args {config.get('args')} builds a different model than the one given "
+            f"(e.g. {diff}); store its constructor arguments as attributes of the same names, or pass "
+            "PTModel(model, persistor_args={'model': {'path': ..., 'args': ...}})"
+        )
+
+
+def _shippable(model: Any) -> bool:
+    """Whether the model's weights are small enough, and real (not on the meta device), to ship."""
+    tensors = list(model.state_dict().values())
+    return _state_bytes(model) <= _max_shipped_bytes() and not any(t.is_meta for t in tensors)
+
+
+def _state_bytes(model: Any) -> int:
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+
+
+def _max_shipped_bytes() -> int:
+    from fl.components.persistor import INITIAL_WEIGHTS_MAX_BYTES
+
+    return INITIAL_WEIGHTS_MAX_BYTES
+
+
 def _module_code(cls: type) -> dict[str, Path]:
     """The source files that define ``cls``: its module, or its whole top-level package."""
     module = sys.modules.get(cls.__module__)
@@ -271,9 +318,11 @@ class FedJob:
             model, extra = (obj.model, obj.persistor_args) if isinstance(obj, PTModel) else (obj, {})
             if target != SERVER:
                 raise JobConfigError("the initial model goes to the server: job.to(model, 'server')")
-            model_config = _model_config(model)
+            model_config = extra.pop("model", None) or _model_config(model)
+            _check_model_config(model_config, model)
             persistor = PTFileModelPersistor(model=model_config, **extra)
-            app.initial_models.append((model_config, model))
+            if _shippable(model):
+                app.initial_models.append((model_config, model))
             pid = self._unique_id(app, id or "persistor")
             app.components.append(_component_config(persistor, pid))
             lid = self._unique_id(app, "model_locator")
@@ -411,12 +460,10 @@ def _write_initial_weights(app_dir: Path, model_config: dict[str, Any], module: 
     The persistor uses them only while they match its model config (see
     :func:`fl.components.persistor.initial_weights_path`); larger models are built on the server.
     """
-    from fl.components.persistor import INITIAL_WEIGHTS_MAX_BYTES, initial_weights_path, model_fingerprint
+    from fl.components.persistor import initial_weights_path, model_fingerprint
     from fl.tensors import write_tensors
 
     state = module.state_dict()
-    if sum(t.numel() * t.element_size() for t in state.values()) > INITIAL_WEIGHTS_MAX_BYTES:
-        return
     path = initial_weights_path(app_dir, model_config)
     write_tensors(path, state, {"fl.model": model_fingerprint(model_config)})
 

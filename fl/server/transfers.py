@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from fl.checksum import Checksum, file_checksum
 from fl.tensors import Layout, LayoutError, StreamChecker
-from fl.transport import CHUNK_BYTES
+from fl.transport.bulk import BULK_DOWNLOAD_CHUNK_BYTES
 
 __all__ = ["Blob", "BlobStore", "TransferError", "Upload", "UploadManager"]
 
@@ -88,7 +88,7 @@ class BlobStore:
         with f:
             f.seek(offset)
             while True:
-                data = f.read(CHUNK_BYTES)
+                data = f.read(BULK_DOWNLOAD_CHUNK_BYTES)
                 if not data:
                     return
                 yield data, blob.size

@@ -43,6 +43,7 @@ class SiteAgent:
         server_name: str | None = None,
         accepts_custom_code: bool = True,
         task_gate: threading.Semaphore | None = None,
+        exchange_root: Path | None = None,
     ) -> None:
         self.name = name
         self.server = server
@@ -51,6 +52,9 @@ class SiteAgent:
         self.tls = tls
         self.accepts_custom_code = accepts_custom_code
         self.task_gate = task_gate
+        #: Where models pass between this agent and its scripts (default: each job's folder);
+        #: a memory-backed folder (/dev/shm) spares the disk two model-sized writes per round.
+        self.exchange_root = exchange_root
         self.log = adapter("fl.site", site=name)
         self.channel = make_channel(server, tls=tls, server_name=server_name)
         self.stub = pb_grpc.FederationStub(self.channel)

@@ -13,6 +13,7 @@ import contextlib
 import os
 import queue
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,7 +56,7 @@ class JobRunner:
         self.start_msg = start
         self.job_id = start.job_id
         self.job_dir = agent.workspace / start.job_id
-        self.exchange = self.job_dir / "exchange"
+        self.exchange = (agent.exchange_root / start.job_id) if agent.exchange_root else self.job_dir / "exchange"
         self.log = agent.log.bind(job=start.job_id)
         self.round: int | None = None
         self.tasks: queue.Queue[tuple[pb.Task, Path | None] | _Ended] = queue.Queue()
@@ -103,6 +104,7 @@ class JobRunner:
         try:
             if task.model.blob_id:
                 path = self.exchange / f"task-{task.task_id}.safetensors"
+                started = time.monotonic()
                 download_blob(
                     self.agent.bulk,
                     self.agent.current_session,
@@ -111,6 +113,7 @@ class JobRunner:
                     deadline=task.deadline or time.time() + 3600,
                     stop=self.stop_event,
                 )
+                self._log_transfer("model downloaded", task.model.size, started, task.round)
         except TransferFailed as exc:
             self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra={"round": task.round + 1})
             self._submit_error(task, f"model download failed: {exc}")
@@ -135,13 +138,14 @@ class JobRunner:
             self.log.info("training script exited (code %d)", code)
             self._report(job_state="finished" if self.ended is None or self.ended.status == "finished" else "")
         self._release_gate()
+        shutil.rmtree(self.exchange, ignore_errors=True)
         self.done.set()
 
     def _setup(self) -> None:
         if self.start_msg.has_custom_code and not self.agent.accepts_custom_code:
             raise JobError("this site's policy refuses jobs that carry custom code (--no-custom-code)")
         self.job_dir.mkdir(parents=True, exist_ok=True)
-        self.exchange.mkdir(exist_ok=True)
+        self.exchange.mkdir(parents=True, exist_ok=True)
         archive = self.job_dir / "app.zip"
         download_blob(
             self.agent.bulk,
@@ -318,6 +322,7 @@ class JobRunner:
             if result_path is not None:
                 if result_path.parent.resolve() != self.exchange.resolve():
                     return False, "result file outside the job's exchange folder"
+                started = time.monotonic()
                 upload_id = upload_file(
                     self.agent.bulk,
                     self.agent.stub,
@@ -329,6 +334,7 @@ class JobRunner:
                     checksum=message.get("checksum"),
                     stop=self.stop_event,
                 )
+                self._log_transfer("result uploaded", result_path.stat().st_size, started, task.round)
             reply = self.agent.call(
                 "SubmitResult",
                 pb.SubmitResultRequest(
@@ -357,6 +363,19 @@ class JobRunner:
             self.log.warning("%s result not accepted: %s", task.name, text, extra=extra)
         self.current = None
         return accepted, text
+
+    def _log_transfer(self, what: str, size: int, started: float, round: int) -> None:
+        """Large transfers get a line with their size and rate (small ones would be noise)."""
+        if size >= 64 * 1024 * 1024:
+            seconds = max(time.monotonic() - started, 1e-6)
+            self.log.info(
+                "%s: %.1f MiB in %.2f s (%.0f MB/s)",
+                what,
+                size / 2**20,
+                seconds,
+                size / seconds / 1e6,
+                extra={"round": round + 1},
+            )
 
     def _submit_error(self, task: pb.Task, error: str) -> None:
         try:

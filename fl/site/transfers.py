@@ -21,7 +21,7 @@ import grpc
 from fl.checksum import Checksum, file_checksum
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
-from fl.transport.bulk import BULK_CHUNK_BYTES, BulkStub, UploadMeta
+from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES, BulkStub, UploadMeta
 
 __all__ = ["TransferFailed", "download_blob", "upload_file"]
 
@@ -184,7 +184,7 @@ def upload_file(
         def chunks(start: int = offset, guard_box: list[_StallGuard] = guard_box) -> Iterator[bytes]:
             with open(path, "rb") as f:
                 f.seek(start)
-                while data := f.read(BULK_CHUNK_BYTES):
+                while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
                     if guard_box:
                         guard_box[0].kick()
                     yield data

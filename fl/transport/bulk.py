@@ -20,11 +20,21 @@ import grpc
 
 from fl.proto import federation_pb2 as pb
 
-__all__ = ["BULK_CHUNK_BYTES", "BULK_SERVICE", "BulkStub", "UploadMeta", "bulk_handler"]
+__all__ = [
+    "BULK_DOWNLOAD_CHUNK_BYTES",
+    "BULK_SERVICE",
+    "BULK_UPLOAD_CHUNK_BYTES",
+    "BulkStub",
+    "UploadMeta",
+    "bulk_handler",
+]
 
 BULK_SERVICE = "fl.v1.Bulk"
-#: Chunk size of bulk streams (1 MiB moved fastest here, ahead of 4 and 16 MiB).
-BULK_CHUNK_BYTES = 1 << 20
+#: Chunk sizes of bulk streams. Each message of a client stream costs the sync gRPC server a
+#: hand-off between threads, so uploads move fastest in large chunks (measured here with 1 GiB:
+#: 1 MiB 3.2 s, 4 MiB 2.2 s, 8 MiB 1.8 s); downloads were as fast at 4 MiB as at 8.
+BULK_DOWNLOAD_CHUNK_BYTES = 4 << 20
+BULK_UPLOAD_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,11 @@ class WeightedAverage:
         self._lock = threading.Lock()
         self._broken: str | None = None
         self._final: dict[str, np.ndarray] | None = None
+        self._hold: threading.Event | None = None
+
+    def hold_until(self, released: threading.Event) -> None:
+        """Make folds wait until ``released`` is set (someone is still reading the last result)."""
+        self._hold = released
 
     def reset(self) -> None:
         """Start a new average, reusing the sums' memory (the first update overwrites them)."""
@@ -142,6 +147,9 @@ class WeightedAverage:
     ) -> None:
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"aggregation weight must be a positive finite number, got {weight!r}")
+        hold = self._hold
+        if hold is not None:
+            hold.wait()
         with self._lock:
             if self._broken:
                 raise RuntimeError(self._broken)

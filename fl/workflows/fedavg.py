@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +119,30 @@ class FedAvg(Controller):
             model_path = persistor.load_initial(ctx)
         layout = read_layout(model_path)
         averager = WeightedAverage(layout)
-        model_checksum: str | None = None
         reported_metrics = bool(state.get("sites_report_metrics", False))
         ctx.set_progress(round=start, num_rounds=self.num_rounds)
+        checkpoint = _Background()
+        if state.get("model_file") and start > 0:
+            # After a restart the .pt may lag the resumed model by a round: write it again.
+            persistor.save_global(ctx, model_path, round=start - 1)
+        try:
+            self._rounds(ctx, persistor, start, model_path, layout, averager, checkpoint, reported_metrics)
+        finally:
+            checkpoint.wait()
+        ctx.set_progress(round=self.num_rounds, num_rounds=self.num_rounds, phase="done")
+
+    def _rounds(
+        self,
+        ctx: JobContext,
+        persistor: Any,
+        start: int,
+        model_path: Path,
+        layout: Layout,
+        averager: WeightedAverage,
+        checkpoint: _Background,
+        reported_metrics: bool,
+    ) -> None:
+        model_checksum: str | None = None
 
         for rnd in range(start, self.num_rounds):
             ctx.set_progress(round=rnd, num_rounds=self.num_rounds, phase="training")
@@ -144,7 +167,11 @@ class FedAvg(Controller):
             digest = Checksum()
             averager.write_result(new_path, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
             model_checksum = digest.hexdigest()
-            persistor.save_global(ctx, new_path, round=rnd, arrays=averager.finalize())
+            # The .pt checkpoint is written while the next round's downloads and training go on;
+            # it reads the averager's memory, so the next round's first fold waits for it.
+            checkpoint.wait()
+            checkpoint.start(persistor.save_global, ctx, new_path, round=rnd, arrays=averager.finalize())
+            averager.hold_until(checkpoint.done)
             ctx.fire("round_completed", round=rnd, model_path=new_path, metrics=metrics, sites=sorted(weights))
             ctx.save_state(
                 {"next_round": rnd + 1, "model_file": new_path.name, "sites_report_metrics": reported_metrics}
@@ -162,7 +189,6 @@ class FedAvg(Controller):
 
         if self.final_validation and reported_metrics:
             self._validate_final(ctx, model_path, model_checksum, layout)
-        ctx.set_progress(round=self.num_rounds, num_rounds=self.num_rounds, phase="done")
 
     def _train_round(
         self,
@@ -227,6 +253,35 @@ class FedAvg(Controller):
                 metrics=metrics,
             )
             ctx.log.info("final model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+class _Background:
+    """One background task at a time; ``wait`` re-raises what it raised."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.done.set()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        def run() -> None:
+            try:
+                fn(*args, **kwargs)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self.done.set()
+
+        self.done.clear()
+        self._thread = threading.Thread(target=run, name="fl-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _remove_old_model(path: Path) -> None:

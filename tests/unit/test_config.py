@@ -193,3 +193,17 @@ def test_zip_round_trip(tmp_path):
     (tmp_path / "a/b/c.py").write_text("print(1)\n")
     extract_zip(zip_folder(tmp_path / "a"), tmp_path / "copy")
     assert (tmp_path / "copy/b/c.py").read_text() == "print(1)\n"
+
+
+def test_a_model_config_that_builds_another_model_is_refused():
+    class Net(torch.nn.Module):
+        def __init__(self, width: int = 4):
+            super().__init__()
+            self.layer = torch.nn.Linear(width, 2)  # width is not kept as an attribute
+
+    Net.__module__, Net.__qualname__ = "tests.unit.test_config", "Net"
+    globals()["Net"] = Net
+    job = FedJob(name="x")
+    job.to(Net(), "server")  # the default width: the config builds the same model
+    with pytest.raises(JobConfigError, match="builds a different model"):
+        job.to(Net(width=8), "server")

@@ -1,0 +1,126 @@
+"""fl side of the benchmark's scenarios: a FedJob run in fl's simulator.
+
+As in jobs/hello-pt/job.py: ``FedJob`` + ``FedAvg`` + the initial model + ``ScriptRunner("client.py")``
+per site, run with ``fl.simulator.simulate``: the server and one site agent per site in one
+process (talking gRPC over loopback), each site's training script in a process of its own.
+
+The driver (no ``--inner``) runs this same script with ``--inner`` under the tree sampler and
+prints one JSON line, exactly as for the anchors (bench/anchors/common.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.anchors import common  # noqa: E402
+
+
+def _is_server(cmdline: Sequence[str]) -> bool:
+    # The simulator process hosts the server (and the site agents, which hold no models).
+    return "--inner" in cmdline and any("fl_side" in part for part in cmdline)
+
+
+def inner(scenario: str, args: Any) -> None:
+    """Build the job and run it in the simulator (inside the measured tree)."""
+    from bench.anchors import pt
+    from fl.job import FedJob, ScriptRunner
+    from fl.simulator import simulate
+    from fl.workflows.fedavg import FedAvg
+
+    common.emit("job_start")
+    os.chdir(HERE)
+    if scenario == "large":
+        import torch
+
+        with torch.device("meta"):  # describes the model without allocating it in the server process
+            model: Any = pt.BigModel(mib=args.mib)
+        script_args = "--scenario large"
+    else:
+        model = pt.SimpleNetwork(seed=0)
+        script_args = (
+            f"--scenario {scenario} --train-size {args.train_size} --epochs {args.epochs} "
+            f"--batch-size {args.batch_size} --lr {args.lr} --momentum {args.momentum}"
+        )
+    job = FedJob(name="bench", min_clients=args.sites, key_metric=None)
+    job.to(FedAvg(num_clients=args.sites, num_rounds=args.rounds), "server")
+    job.to(model, "server")
+    del model
+    job.to_clients(ScriptRunner(script="client.py", script_args=script_args))
+    job.to_clients(str(REPO_ROOT / "bench" / "anchors"))  # the shared model/data code, as the anchors have it
+    folder = job.export_job(Path(args.workdir) / "export")
+    code = simulate(folder, Path(args.workdir) / "sim", n_clients=args.sites, progress=False)
+    common.write_result(job_exit_code=code)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def _run_dir(ws: Path) -> Path:
+    jobs = sorted((ws / "sim" / "server" / "jobs").iterdir())
+    return jobs[-1]
+
+
+def _post(scenario: str, args: Any) -> Any:
+    """After the measured run: read fl's saved global model (FL_global_model.pt)."""
+
+    def post(ws: Path, out: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from bench.anchors import pt
+
+        path = _run_dir(ws) / "FL_global_model.pt"
+        if not path.exists():
+            return {"final_check": None, "final_check_error": f"no {path.name} in the job's folder"}
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = saved["model"]
+        if scenario == "large":
+            check = pt.check_exact(sd["weight"], float(args.rounds))
+            return {"final_check": check, "final_check_by": "driver, on fl's saved FL_global_model.pt"}
+        if scenario == "train":
+            sites = [f"site-{i}" for i in range(1, args.sites + 1)]
+            return pt.evaluate_global(sd, sites, args.val_size)
+        return {}
+
+    return post
+
+
+def main(scenario: str, argv: list[str] | None = None) -> int:
+    ap = common.base_parser(f"fl: the {scenario} scenario", scenario)
+    raw = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(raw)
+    if args.inner:
+        inner(scenario, args)
+        return 0
+
+    import fl
+
+    params = {k: getattr(args, k) for k in common.SCENARIOS[scenario]}
+    out = common.drive(
+        anchor="fl",
+        scenario=scenario,
+        script=str(HERE / f"{scenario}.py"),
+        args=args,
+        argv=raw,
+        params=params,
+        rounds=args.rounds,
+        server_predicate=_is_server,
+        post=_post(scenario, args),
+        framework_dists=(),
+    )
+    out["versions"]["fl"] = fl.__version__
+    out["simulator"] = (
+        f"fl simulator: server and {args.sites} site agents in one process (gRPC over loopback), "
+        "one training-script process per site"
+    )
+    if scenario == "large":
+        common.add_throughput(out, args.sites, args.mib)
+    common.print_json(out)
+    return 0 if out["status"] == "ok" else 1

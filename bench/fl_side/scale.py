@@ -1,0 +1,8 @@
+"""fl: the scale scenario (see bench/README.md)."""
+
+import sys
+
+from runner import main
+
+if __name__ == "__main__":
+    sys.exit(main("scale"))

@@ -103,6 +103,23 @@ def summarize_events(events: list[dict[str, Any]], t_launch: float, rounds: int)
     last = rounds - 1
     if last in recv and last in sent_last:
         res["last_round_client_seconds"] = round(sent_last[last] - recv[last], 3)
+    # The sites' own work per round (slowest site: received -> sent); the rest of a cycle is the
+    # framework's: aggregation, persistence, moving models.
+    sent_by_site: dict[tuple[int, str], float] = {}
+    recv_by_site: dict[tuple[int, str], float] = {}
+    for e in events:
+        if "round" in e and "site" in e and e["kind"] in ("received", "sent"):
+            key = (int(e["round"]), str(e["site"]))
+            (recv_by_site if e["kind"] == "received" else sent_by_site)[key] = e["t"]
+    client = {}
+    for (r, site), t_sent in sent_by_site.items():
+        if (r, site) in recv_by_site:
+            client[r] = max(client.get(r, 0.0), t_sent - recv_by_site[(r, site)])
+    framework = [
+        recv[r + 1] - recv[r] - client[r] for r in range(rounds - 1) if r in recv and r + 1 in recv and r in client
+    ]
+    if framework:
+        res["framework_seconds_per_round"] = round(sum(framework) / len(framework), 3)
     if cycles:
         res["seconds_per_round"] = round(sum(cycles) / len(cycles), 3)
     else:

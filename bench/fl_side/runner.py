@@ -29,36 +29,46 @@ def _is_server(cmdline: Sequence[str]) -> bool:
     return "--inner" in cmdline and any("fl_side" in part for part in cmdline)
 
 
-def inner(scenario: str, args: Any) -> None:
-    """Build the job and run it in the simulator (inside the measured tree)."""
+def export(scenario: str, args: Any, workdir: Path) -> Path:
+    """Build the job with the Job API and export it (in the driver, outside the measured tree,
+    as a user exports a job before submitting it)."""
     from bench.anchors import pt
     from fl.job import FedJob, ScriptRunner
-    from fl.simulator import simulate
     from fl.workflows.fedavg import FedAvg
 
-    common.emit("job_start")
+    cwd = os.getcwd()
     os.chdir(HERE)
-    if scenario == "large":
-        import torch
+    try:
+        if scenario == "large":
+            import torch
 
-        with torch.device("meta"):  # describes the model without allocating it in the server process
-            model: Any = pt.BigModel(mib=args.mib)
-        script_args = "--scenario large"
-    else:
-        model = pt.SimpleNetwork(seed=0)
-        script_args = (
-            f"--scenario {scenario} --train-size {args.train_size} --epochs {args.epochs} "
-            f"--batch-size {args.batch_size} --lr {args.lr} --momentum {args.momentum}"
-        )
-    job = FedJob(name="bench", min_clients=args.sites, key_metric=None)
-    job.to(FedAvg(num_clients=args.sites, num_rounds=args.rounds), "server")
-    job.to(model, "server")
-    del model
-    job.to_clients(ScriptRunner(script="client.py", script_args=script_args))
-    job.to_clients(str(REPO_ROOT / "bench" / "anchors"))  # the shared model/data code, as the anchors have it
-    folder = job.export_job(Path(args.workdir) / "export")
+            with torch.device("meta"):  # describes the model without allocating it
+                model: Any = pt.BigModel(mib=args.mib)
+            script_args = "--scenario large"
+        else:
+            model = pt.SimpleNetwork(seed=0)
+            script_args = (
+                f"--scenario {scenario} --train-size {args.train_size} --epochs {args.epochs} "
+                f"--batch-size {args.batch_size} --lr {args.lr} --momentum {args.momentum}"
+            )
+        job = FedJob(name="bench", min_clients=args.sites, key_metric=None)
+        job.to(FedAvg(num_clients=args.sites, num_rounds=args.rounds), "server")
+        job.to(model, "server")
+        job.to_clients(ScriptRunner(script="client.py", script_args=script_args))
+        job.to_clients(str(REPO_ROOT / "bench" / "anchors"))  # the shared model/data code, as the anchors have it
+        return job.export_job(workdir / "export")
+    finally:
+        os.chdir(cwd)
+
+
+def inner(scenario: str, args: Any) -> None:
+    """Run the exported job in the simulator (inside the measured tree)."""
+    from fl.simulator import simulate
+
+    common.emit("job_start")
+    folder = Path(args.workdir) / "export" / "bench"
     code = simulate(folder, Path(args.workdir) / "sim", n_clients=args.sites, progress=False)
-    common.write_result(job_exit_code=code)
+    common.write_result(job_exit_code=code, server_imported_torch="torch" in sys.modules)
     if code != 0:
         raise SystemExit(code)
 
@@ -114,6 +124,7 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
         server_predicate=_is_server,
         post=_post(scenario, args),
         framework_dists=(),
+        setup=lambda ws, env: export(scenario, args, ws) and None,
     )
     out["versions"]["fl"] = fl.__version__
     out["simulator"] = (

@@ -8,14 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fl.components.base import Component
-from fl.fsutil import atomic_path, atomic_write_json
+from fl.fsutil import atomic_path
+from fl.tensors import TensorSpec
 
 __all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
 
@@ -142,11 +143,7 @@ class PTFileModelPersistor(Component):
         ``arrays`` (the model in memory, in ``model_path``'s layout) saves reading the file back.
         """
         info = {"round": round, "model_version": round + 1, "job_id": ctx.job_id}
-        target = self.global_model_path(ctx)
-        if arrays is not None:
-            _save_state(_torch_state(arrays, model_path), target, info)
-        else:
-            _save_pt(model_path, target, info)
+        _save_pt(model_path, self.global_model_path(ctx), info, arrays)
         self._global_version = round + 1
 
     def save_best(self, ctx: Any, model_path: Path, *, model_version: int, metric: float) -> None:
@@ -155,40 +152,29 @@ class PTFileModelPersistor(Component):
         info = {"round": model_version - 1, "model_version": model_version, "metric": metric, "job_id": ctx.job_id}
         current = self.global_model_path(ctx)
         if self._global_version == model_version and current.exists():
-            # FL_global_model.pt holds this very model: copy it (in the kernel) and note the metric.
+            # FL_global_model.pt holds this very model: copy it (in the kernel).
             with atomic_path(target) as tmp:
                 shutil.copyfile(current, tmp)
-            atomic_write_json(Path(ctx.run_dir) / "best_model_info.json", info)
             return
         _save_pt(model_path, target, info)
 
 
-def _torch_state(arrays: Mapping[str, np.ndarray], layout_source: Path) -> dict[str, Any]:
-    """Torch tensors sharing the arrays' memory (BF16 arrays hold raw bits)."""
-    import torch
+def _save_pt(source: Path, target: Path, info: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
+    """A torch checkpoint of the safetensors model ``source`` (or of ``arrays`` in its layout), atomically.
 
-    from fl.tensors import open_tensors
+    Written by :mod:`fl.components.torch_format`, block by block: the server never imports torch.
+    """
+    from fl.components.torch_format import write_pt
+    from fl.tensors import BLOCK_BYTES, iter_blocks, open_tensors
+    from fl.tensors.io import as_byte_view
 
-    f, layout, _ = open_tensors(layout_source)
-    f.close()
-    state: dict[str, Any] = {}
-    for spec in layout.tensors:
-        tensor = torch.from_numpy(np.ascontiguousarray(arrays[spec.name]))
-        if spec.dtype == "BF16":
-            tensor = tensor.view(torch.bfloat16)
-        state[spec.name] = tensor
-    return state
+    f, layout, data_offset = open_tensors(source)
+    with f:
 
+        def tensor_bytes(spec: TensorSpec) -> Iterable[bytes | memoryview]:
+            if arrays is not None:
+                view = as_byte_view(arrays[spec.name])
+                return (view[i : i + BLOCK_BYTES] for i in range(0, len(view), BLOCK_BYTES))
+            return (block.tobytes() for _, block in iter_blocks(f, spec, data_offset))
 
-def _save_state(state: Mapping[str, Any], target: Path, info: dict[str, Any]) -> None:
-    import torch
-
-    with atomic_path(target) as tmp:
-        torch.save({"model": dict(state), **info}, tmp)
-
-
-def _save_pt(source: Path, target: Path, info: dict[str, Any]) -> None:
-    """Convert a safetensors model to a torch checkpoint, atomically."""
-    from fl.tensors import load_torch
-
-    _save_state(load_torch(source), target, info)
+        write_pt(target, layout, tensor_bytes, info)

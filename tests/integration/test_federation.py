@@ -72,6 +72,10 @@ def test_submit_hello_pt_to_a_tls_federation_and_download_the_results(federation
     for name in ("FL_global_model.pt", "best_FL_global_model.pt", "validation.json", "logs/site-2.log"):
         assert name in files, name
     assert any(f.startswith("tb_events/site-1/") for f in files)
+    # The server wrote every checkpoint without loading torch's libraries.
+    assert fed.server is not None and fed.server.proc is not None
+    maps = Path(f"/proc/{fed.server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps, "the server process loaded torch"
     # Each site's own log shows its training as it happened, with site, job and round in each line.
     site_log = sites[0].log()
     assert "[site-1 job=" in site_log and "round=2]" in site_log and "round 2 epoch 2/2" in site_log

@@ -215,8 +215,8 @@ def evaluate_targets(by_run: dict[str, list[dict[str, Any]]], loop: dict[str, An
         targets.append({
             "target": f"scale: seconds per round from {lo} to {hi} sites grow no faster than the bytes moved",
             "holds": growth <= hi / lo,
-            "figures": f"{scale[lo]['seconds_per_round']:.2f} s -> {scale[hi]['seconds_per_round']:.2f} s: {growth:.1f}x "
-            f"for {hi / lo:.0f}x the bytes",
+            "figures": f"{scale[lo]['seconds_per_round']:.2f} s -> {scale[hi]['seconds_per_round']:.2f} s: "
+            f"{growth:.1f}x for {hi / lo:.0f}x the bytes",
         })  # fmt: skip
     if "train" in by_run:
         fl = fl_of("train")

@@ -51,7 +51,7 @@ def _context(record: logging.LogRecord) -> str:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         line = f"{stamp} {record.levelname:<7} {_context(record)}{record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -242,30 +242,37 @@ def simulate(
 
 
 class _SitesHost:
-    """The simulated sites: one child process running a SiteAgent per site (threads).
+    """The simulated sites: child processes running a SiteAgent per site (threads).
 
     Keeping the sites out of the server's process lets the two sides of every transfer use a
-    core each. The child's output comes back line by line through this process's stderr.
+    core each; with several cores the sites are spread over as many processes (one process when
+    ``threads`` limits how many train at once, since that limit is kept inside a process). The
+    children's output comes back line by line through this process's stderr.
     """
 
     def __init__(self, server: str, workspace: Path, sites: list[str], threads: int | None) -> None:
-        self.command = [
-            sys.executable, "-m", "fl.simulator", "--server", server, "--workspace", str(workspace),
-            "--sites", ",".join(sites), "--threads", str(threads or 0),
-            "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
+        groups = 1 if threads else max(1, min(len(sites), os.cpu_count() or 1))
+        self.commands = [
+            [
+                sys.executable, "-m", "fl.simulator", "--server", server, "--workspace", str(workspace),
+                "--sites", ",".join(sites[i::groups]), "--threads", str(threads or 0),
+                "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
+            ]
+            for i in range(groups)
         ]  # fmt: skip
         self.sites = sites
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        threading.Thread(target=self._forward, name="fl-sites-output", daemon=True).start()
+        for command in self.commands:
+            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self.procs.append(proc)
+            threading.Thread(target=self._forward, args=(proc,), name="fl-sites-output", daemon=True).start()
 
-    def _forward(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for raw in iter(self.proc.stdout.readline, b""):
+    @staticmethod
+    def _forward(proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
             sys.stderr.write(raw.decode("utf-8", errors="replace"))
             sys.stderr.flush()
 
@@ -274,25 +281,27 @@ class _SitesHost:
         while time.monotonic() < deadline:
             if set(self.sites) <= set(server.registry.connected_sites()):
                 return True
-            if self.proc is not None and self.proc.poll() is not None:
+            if any(proc.poll() is not None for proc in self.procs):
                 return False
             time.sleep(0.05)
         return False
 
     def stop(self, *, graceful: bool) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(b"finish\n" if graceful else b"stop\n")
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        for proc in self.procs:
+            if proc.poll() is not None or proc.stdin is None:
+                continue
+            try:
+                proc.stdin.write(b"finish\n" if graceful else b"stop\n")
+                proc.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 40
+        for proc in self.procs:
+            try:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def _run_sites(argv: list[str] | None = None) -> int:

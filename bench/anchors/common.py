@@ -120,8 +120,13 @@ def summarize_events(events: list[dict[str, Any]], t_launch: float, rounds: int)
     ]
     if framework:
         res["framework_seconds_per_round"] = round(sum(framework) / len(framework), 3)
-    if cycles:
-        res["seconds_per_round"] = round(sum(cycles) / len(cycles), 3)
+    if len(cycles) >= 2:
+        # Steady state: the first cycle also holds the sites' start-up skew and first-touch costs,
+        # reported apart.
+        res["first_cycle_seconds"] = cycles[0]
+        res["seconds_per_round"] = round(sum(cycles[1:]) / len(cycles[1:]), 3)
+    elif cycles:
+        res["seconds_per_round"] = cycles[0]
     else:
         res["seconds_per_round"] = res.get("last_round_client_seconds")
     res["events"] = len(events)

@@ -9,6 +9,7 @@ from pathlib import Path
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fl.log import adapter
+from fl.memory import tune_malloc
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.server.jobs import JobManager
 from fl.server.service import AdminServicer, BulkServicer, FederationServicer
@@ -68,6 +69,7 @@ class FLServer:
         self._stopped = threading.Event()
 
     def start(self) -> int:
+        tune_malloc()
         server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)

@@ -18,6 +18,7 @@ import grpc
 from fl import __version__
 from fl.fsutil import atomic_write_json
 from fl.log import adapter
+from fl.memory import tune_malloc
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.site.job_runner import JobRunner
@@ -140,6 +141,7 @@ class SiteAgent:
 
     # ------------------------------------------------------------------ loops
     def start(self) -> None:
+        tune_malloc()
         for target, name in ((self._poll_loop, "fl-poll"), (self._heartbeat_loop, "fl-heartbeat")):
             thread = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
             thread.start()

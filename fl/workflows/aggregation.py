@@ -99,6 +99,12 @@ class WeightedAverage:
         """Make folds wait until ``released`` is set (someone is still reading the last result)."""
         self._hold = released
 
+    def prefault(self) -> None:
+        """Touch the sums' memory now (e.g. while sites start up) rather than in the first fold."""
+        with self._lock:
+            for acc in self._sums.values():
+                acc.fill(0)
+
     def reset(self) -> None:
         """Start a new average, reusing the sums' memory (the first update overwrites them)."""
         with self._lock:

@@ -122,6 +122,9 @@ class FedAvg(Controller):
         reported_metrics = bool(state.get("sites_report_metrics", False))
         ctx.set_progress(round=start, num_rounds=self.num_rounds)
         checkpoint = _Background()
+        # The sums' memory is touched while the sites download and train; the first fold waits.
+        checkpoint.start(averager.prefault)
+        averager.hold_until(checkpoint.done)
         if state.get("model_file") and start > 0:
             # After a restart the .pt may lag the resumed model by a round: write it again.
             persistor.save_global(ctx, model_path, round=start - 1)

@@ -80,7 +80,9 @@ def summarize_events(events: list[dict[str, Any]], t_launch: float, rounds: int)
       round r, i.e. a whole cycle: local work, upload, aggregation, download of the next model;
       the last round, which has no next one, is ``last_sent`` of the last round - earliest
       ``received`` of it (no aggregation counted) and is reported apart;
-    * ``seconds_per_round``: mean of the full cycles when there are any, else the last round.
+    * ``seconds_per_round``: mean of the full cycles after the first (steady state; the first is
+      ``first_cycle_seconds``) when there are two or more, else the one cycle, else the last round;
+    * ``framework_seconds_per_round``: the same cycles less the slowest site's own work.
     """
     by_kind: dict[str, dict[int, list[float]]] = {}
     for e in events:
@@ -118,6 +120,8 @@ def summarize_events(events: list[dict[str, Any]], t_launch: float, rounds: int)
     framework = [
         recv[r + 1] - recv[r] - client[r] for r in range(rounds - 1) if r in recv and r + 1 in recv and r in client
     ]
+    if len(framework) >= 2:
+        framework = framework[1:]  # steady state, like seconds_per_round below
     if framework:
         res["framework_seconds_per_round"] = round(sum(framework) / len(framework), 3)
     if len(cycles) >= 2:
@@ -198,7 +202,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # The same CNN, a little training per site (16 samples: 4 steps), many sites.
     "scale": {
         "sites": 2,
-        "rounds": 2,
+        "rounds": 4,
         "train_size": 16,
         "val_size": 0,
         "epochs": 1,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -145,10 +146,10 @@ class Pod:
                     (local / "tls.key").chmod(0o600)
 
     def local(self, text: str) -> str:
-        """A path of the pod's filesystem as the folder that stands in for it here."""
-        for mount_path, folder in sorted(self.mounts.items(), key=lambda kv: -len(kv[0])):
-            text = text.replace(mount_path, str(folder))
-        return text.replace("/opt/fl/jobs", str(REPO / "jobs"))
+        """Paths of the pod's filesystem, in ``text``, as the folders that stand in for them here."""
+        places = {**{k: str(v) for k, v in self.mounts.items()}, "/opt/fl/jobs": str(REPO / "jobs")}
+        pattern = "|".join(re.escape(p) for p in sorted(places, key=len, reverse=True))
+        return re.sub(rf"(?<![\w/])({pattern})(?=/|\s|$|[^\w])", lambda m: places[m.group(1)], text)
 
     def command(self, container: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         # No command: the image's entrypoint, `tini -- fl` (images/*/Dockerfile).
@@ -197,6 +198,11 @@ def test_the_rendered_chart_runs_hello_pt_across_hosts(hosts: Hosts, tmp_path: P
             logs[name] = tmp_path / f"{name}.log"
             with open(logs[name], "wb") as out:
                 processes.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT))
+        started = time.monotonic()
+        while "listening" not in logs["server"].read_text():
+            assert processes[0].poll() is None, f"the server exited:\n{logs['server'].read_text()[-3000:]}"
+            assert time.monotonic() - started < 120, "the server did not start listening within 120 s"
+            time.sleep(0.2)
         # The submit hook, container by container, as the Job runs them.
         submit = pods["submit"]
         for container in submit.spec.get("initContainers", []) + submit.spec["containers"]:

@@ -160,7 +160,12 @@ def test_helm_install_runs_hello_pt_and_every_site_shows_its_training(release: R
     release.uninstall()
     instance = f"app.kubernetes.io/instance={release.name}"
     kinds = "all,secrets,pvc,configmaps"
-    left = release.c.kubectl_run("get", kinds, "-n", release.namespace, "-l", instance, "-o", "name").stdout.split()
+    deadline = time.monotonic() + 240  # pods of deleted objects take a while to go (1.20: ~2 min)
+    while True:
+        left = release.c.kubectl_run("get", kinds, "-n", release.namespace, "-l", instance, "-o", "name").stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert not left, f"helm uninstall left {left}"
 
 

@@ -547,7 +547,7 @@ def test_submit_hook_exports_and_submits_the_configured_job(case: str) -> None:
     job = hook_job(objs)
     annotations = job["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "post-install"
-    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] == "Never"
     assert [c["name"] for c in spec["initContainers"]] == ["wait-for-server", "export"]

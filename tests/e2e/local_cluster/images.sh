@@ -149,7 +149,10 @@ for section, kv in conf.items():
             if p is None or not os.path.exists(p):
                 continue
             if os.path.isdir(p):
-                mounts.add(os.path.realpath(p))
+                # A local index (".../simple") links its wheels relative to itself, e.g.
+                # ../../files/x.whl: mount the repository around it, not only the index pages.
+                real = os.path.realpath(p)
+                mounts.add(os.path.dirname(real) if key.endswith("index-url") else real)
             else:
                 files[p] = p
 with open(os.path.join(ctx, "pip.conf"), "w") as f:

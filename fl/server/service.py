@@ -7,7 +7,6 @@ role (OU) is ``admin``. Without TLS (simulator, loopback) a site is who it regis
 from __future__ import annotations
 
 import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -305,6 +304,3 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
             ]
         )
 
-
-def new_id() -> str:
-    return secrets.token_hex(8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import queue
 import shlex
@@ -287,8 +288,6 @@ class JobRunner:
         self.current = task
         self.round = task.round
         self.log.info("task %s received", task.name, extra={"round": task.round + 1})
-        import json
-
         return {
             "op": "task",
             "task": {
@@ -309,8 +308,6 @@ class JobRunner:
             self.agent.task_gate.release()
 
     def _deliver(self, message: dict[str, Any]) -> tuple[bool, str]:
-        import json
-
         task = self.current
         if task is None or message.get("task_id") != task.task_id:
             return False, "no current task for this result"

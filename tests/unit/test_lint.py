@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKED = ["fl", "jobs", "tests", "scripts"]
+CHECKED = ["fl", "jobs", "tests", "bench"]
 
 
 def _tool(module: str) -> list[str]:

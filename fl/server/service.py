@@ -303,4 +303,3 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
                 for s in self.server.registry.all_sessions()
             ]
         )
-

@@ -65,7 +65,7 @@ for req in requires("fl") or []:
     print(req)
 PY
 )"
-echo "install-venv: dependencies:" ${deps}
+printf 'install-venv: dependencies: %s\n' "$(printf '%s' "${deps}" | tr '\n' ' ')"
 # Each line is one requirement (it may hold spaces and markers); split on newlines only.
 old_ifs="${IFS}"
 IFS='

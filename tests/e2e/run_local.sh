@@ -10,7 +10,10 @@ LC=tests/e2e/local_cluster
 PY="${PY:-${FL_VENV:-$PWD/.venv}/bin/python}"
 started=$SECONDS
 
-trap 'bash "$LC/down.sh" >/dev/null 2>&1 || true' EXIT
+ROOT="${FL_CLUSTER_ROOT:-/tmp/fl-local-cluster}"
+# Tear down, then drop the cluster's image store (gigabytes; images are imported again next run);
+# the logs stay in $ROOT/logs.
+trap 'bash "$LC/down.sh" >/dev/null 2>&1 || true; rm -rf "$ROOT/containerd"' EXIT
 echo "== local cluster: up"
 KUBECONFIG="$(bash "$LC/up.sh")"
 echo "== local cluster: up after $((SECONDS - started)) s ($KUBECONFIG)"

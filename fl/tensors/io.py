@@ -31,8 +31,8 @@ __all__ = [
     "write_tensors",
 ]
 
-#: Upper bound on the bytes read or converted at once.
-BLOCK_BYTES = 32 * 1024 * 1024
+#: Upper bound on the bytes read or converted at once (transient buffers stay small next to a model).
+BLOCK_BYTES = 8 * 1024 * 1024
 
 TensorSource = Any  # numpy.ndarray or torch.Tensor
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -121,19 +120,26 @@ class AdminClient:
             raise _error(exc, self.server) from None
 
     def download(self, job_id: str, out: Path) -> list[str]:
-        """Fetch the job's results into ``out``; returns the files written."""
-        buf = io.BytesIO()
-        try:
-            for chunk in self.stub.DownloadResults(pb.JobRequest(job_id=job_id), timeout=max(self.timeout, 3600)):
-                buf.write(chunk.data)
-        except grpc.RpcError as exc:
-            raise _error(exc, self.server) from None
+        """Fetch the job's results into ``out``; returns the files written.
+
+        The archive goes to a temporary file beside ``out`` (models can be larger than memory).
+        """
+        import tempfile
         import zipfile
 
         out.mkdir(parents=True, exist_ok=True)
-        extract_zip(buf.getvalue(), out, max_bytes=1 << 62)
-        with zipfile.ZipFile(buf) as zf:
-            return sorted(zf.namelist())
+        with tempfile.TemporaryFile(dir=out) as archive:
+            try:
+                for chunk in self.stub.DownloadResults(pb.JobRequest(job_id=job_id), timeout=max(self.timeout, 3600)):
+                    archive.write(chunk.data)
+            except grpc.RpcError as exc:
+                raise _error(exc, self.server) from None
+            archive.seek(0)
+            with zipfile.ZipFile(archive) as zf:
+                names = sorted(zf.namelist())
+            archive.seek(0)
+            extract_zip(archive, out, max_bytes=1 << 62)
+        return names
 
 
 def _error(exc: grpc.RpcError, server: str) -> AdminError:

@@ -14,7 +14,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fl.config import ConfigError, build_component, load_config
 
@@ -53,8 +53,9 @@ def zip_folder(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-def extract_zip(data: bytes | Path, target: Path, *, max_bytes: int = MAX_JOB_BYTES) -> None:
-    """Unpack a job archive, refusing absolute paths, '..', links and archives that expand too far."""
+def extract_zip(data: bytes | Path | BinaryIO, target: Path, *, max_bytes: int = MAX_JOB_BYTES) -> None:
+    """Unpack an archive (bytes, a path or an open file), refusing absolute paths, '..', links and
+    archives that expand too far."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         zf = zipfile.ZipFile(source)

@@ -11,6 +11,16 @@ PY="${PY:-${FL_VENV:-$PWD/.venv}/bin/python}"
 started=$SECONDS
 
 ROOT="${FL_CLUSTER_ROOT:-/tmp/fl-local-cluster}"
+# One run at a time on this machine (they share the netns, the API port and $ROOT): a second run
+# waits for the first to finish instead of failing or tearing down the other's cluster. The lock is
+# released when this process ends, however it ends.
+LOCK="${FL_CACHE_DIR:-/root/.cache/fl}/local-cluster.lock"
+mkdir -p "$(dirname "$LOCK")"
+exec 7>"$LOCK"
+if ! flock -n 7; then
+  echo "== another e2e run holds $LOCK; waiting for it (up to ${FL_CLUSTER_LOCK_WAIT:-2400} s)"
+  flock -w "${FL_CLUSTER_LOCK_WAIT:-2400}" 7 || { echo "ERROR: $LOCK still held after ${FL_CLUSTER_LOCK_WAIT:-2400} s" >&2; exit 1; }
+fi
 # Tear down, then drop the cluster's image store (gigabytes; images are imported again next run);
 # the logs stay in $ROOT/logs.
 trap 'bash "$LC/down.sh" >/dev/null 2>&1 || true; rm -rf "$ROOT/containerd"' EXIT

@@ -29,8 +29,15 @@ CGROOT="$(my_memory_cgroup)"; CGROOT="${CGROOT%/}/fl-local-cluster"
 # 0. preconditions
 case "$ROOT" in /var|/var/*|/run|/run/*|/) die "FL_CLUSTER_ROOT must not be under /var or /run (they are overlaid inside the cluster)";; esac
 [ "${FL_CLUSTER_NODE_CIDR#*/}" = 24 ] || die "FL_CLUSTER_NODE_CIDR must be a /24"
+# Left over from a run that ended without down.sh (killed, machine session ended): if none of the
+# processes it recorded is still the same process, the state is stale and down.sh clears it (it only
+# ever acts on what that run recorded). A cluster that is still running is never touched.
 if [ -s "$ROOT/pids" ]; then
-  die "$ROOT/pids exists: a cluster is (or was) running from $ROOT; run down.sh first"
+  alive=""
+  while read -r n pid st; do pid_is "$pid" "$st" && alive+=" $n($pid)"; done < "$ROOT/pids"
+  [ -z "$alive" ] || die "a cluster is running from $ROOT (alive:$alive); run down.sh first, or set FL_CLUSTER_ROOT"
+  log "stale state in $ROOT from a run that did not stop (none of its processes is alive): clearing it with down.sh"
+  "$LC_DIR/down.sh" >&2 || die "down.sh could not clear the stale state in $ROOT"
 fi
 if ip netns list | awk '{print $1}' | grep -cx "$NETNS" >/dev/null; then die "netns $NETNS exists already; run down.sh first"; fi
 # the private ranges must not clash with a route of this machine (they only ever exist inside the netns,

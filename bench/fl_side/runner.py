@@ -1,8 +1,9 @@
 """fl side of the benchmark's scenarios: a FedJob run in fl's simulator.
 
 As in jobs/hello-pt/job.py: ``FedJob`` + ``FedAvg`` + the initial model + ``ScriptRunner("client.py")``
-per site, run with ``fl.simulator.simulate``: the server and one site agent per site in one
-process (talking gRPC over loopback), each site's training script in a process of its own.
+per site, run with ``fl.simulator.simulate``: the server in the simulator's process, the site
+agents in child processes spread over the cores (gRPC over loopback), each site's training script
+in a process of its own.
 
 The driver (no ``--inner``) runs this same script with ``--inner`` under the tree sampler and
 prints one JSON line, exactly as for the anchors (bench/anchors/common.py).
@@ -128,8 +129,8 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
     )
     out["versions"]["fl"] = fl.__version__
     out["simulator"] = (
-        f"fl simulator: server and {args.sites} site agents in one process (gRPC over loopback), "
-        "one training-script process per site"
+        f"fl simulator: server in one process, {args.sites} site agents in child processes spread over "
+        "the cores (gRPC over loopback), one training-script process per site"
     )
     if scenario == "large":
         common.add_throughput(out, args.sites, args.mib)

@@ -7,6 +7,8 @@ progress; it ends with a summary of the results and where they are.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -319,7 +321,8 @@ def _run_sites(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format)
     sites = args.sites.split(",")
     gate = threading.Semaphore(args.threads) if 0 < args.threads < len(sites) else None
-    exchange = _memory_folder()
+    memory = _memory_folder()
+    exchange = memory[0] if memory else None
     agents = [
         SiteAgent(
             name,
@@ -338,17 +341,65 @@ def _run_sites(argv: list[str] | None = None) -> int:
             agent.wait_idle(10.0)
     for agent in agents:
         agent.stop("simulation over")
-    if exchange is not None:
-        shutil.rmtree(exchange, ignore_errors=True)
+    if memory is not None:
+        shutil.rmtree(memory[0], ignore_errors=True)
+        os.close(memory[1])
     return 0
 
 
-def _memory_folder() -> Path | None:
-    """A private folder in /dev/shm for the models that pass between agents and scripts, if any."""
-    shm = Path("/dev/shm")
+SHM = Path("/dev/shm")
+OWNER = ".owner"  # held with flock by the process that made the folder, for as long as it lives
+STALE_GRACE_S = 30.0
+
+
+def _memory_folder(shm: Path = SHM) -> tuple[Path, int] | None:
+    """A private folder in /dev/shm for the models that pass between agents and scripts, if any,
+    with the descriptor of its lock (kept open for the life of this process).
+
+    A process killed with SIGKILL cannot remove its folder, and what it leaves in /dev/shm holds
+    memory until the machine restarts; so the folder carries a lock that the kernel releases when
+    its process dies, however it dies, and every start removes the folders whose lock is free.
+    """
     if not (shm.is_dir() and os.access(shm, os.W_OK)):
         return None
-    return Path(tempfile.mkdtemp(prefix="fl-sim-", dir=shm))
+    _sweep_stale(shm)
+    folder = Path(tempfile.mkdtemp(prefix="fl-sim-", dir=shm))
+    fd = os.open(folder / OWNER, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else can hold it
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return folder, fd
+
+
+def _sweep_stale(shm: Path) -> list[Path]:
+    """Remove this user's simulator folders in ``shm`` whose owning process is gone; returns them."""
+    removed = []
+    now = time.time()
+    for folder in shm.glob("fl-sim-*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            owner = folder / OWNER
+            if not owner.exists():  # just made (its owner is about to lock it), or from an older fl
+                if now - folder.stat().st_mtime > STALE_GRACE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+                continue
+            fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            if now - owner.stat().st_mtime <= STALE_GRACE_S:  # never a folder whose owner is still starting
+                continue
+            log.info("removing %s, left by a simulator process that no longer runs", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def logging_configured() -> bool:

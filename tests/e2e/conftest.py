@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from tests.tools import tool_path
+
 REPO = Path(__file__).resolve().parents[2]
 KIND_CLUSTER = "fl-e2e"
 IMAGE_TAG = "e2e"
@@ -59,11 +61,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--keep-cluster", action="store_true", help="keep (and reuse) the kind cluster")
     group.addoption("--artifacts", default=str(REPO / "artifacts" / "e2e"), help="where failure dumps go")
-
-
-def _tool(name: str) -> str | None:
-    cached = Path(os.environ.get("FL_CACHE_DIR", Path.home() / ".cache" / "fl")) / "tools" / "bin" / name
-    return str(cached) if cached.is_file() else shutil.which(name)
 
 
 @dataclass
@@ -175,7 +172,7 @@ def _kind_cluster(config: pytest.Config) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def cluster(pytestconfig: pytest.Config) -> Iterator[Cluster]:
-    helm, kubectl = _tool("helm"), _tool("kubectl")
+    helm, kubectl = tool_path("helm"), tool_path("kubectl")
     missing_tools = [n for n, p in (("helm", helm), ("kubectl", kubectl)) if p is None]
     if missing_tools:
         pytest.skip(f"{' and '.join(missing_tools)} not found (bash tools/install-tools.sh installs both)")

@@ -26,14 +26,11 @@ from typing import Any
 
 import pytest
 
+from tests.tools import tool_path
+
 REPO = Path(__file__).resolve().parents[2]
 SUBNET = "10.231.{}.{}"
 pytestmark = pytest.mark.timeout(900)
-
-
-def _helm() -> str | None:
-    cached = Path(os.environ.get("FL_CACHE_DIR", Path.home() / ".cache" / "fl")) / "tools" / "bin" / "helm"
-    return str(cached) if cached.is_file() else shutil.which("helm")
 
 
 def _requirements() -> str | None:
@@ -41,7 +38,7 @@ def _requirements() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
-    if _helm() is None:
+    if tool_path("helm") is None:
         return "helm not found (bash tools/install-tools.sh installs it)"
     try:
         import yaml  # noqa: F401
@@ -109,7 +106,7 @@ def hosts() -> Iterator[Hosts]:
 def _render(*sets: str) -> list[dict[str, Any]]:
     import yaml
 
-    helm = _helm()
+    helm = tool_path("helm")
     assert helm is not None
     command = [helm, "template", "fl", str(REPO / "charts" / "fl"), "-f", str(REPO / "charts/fl/ci/cpu-values.yaml")]
     for item in sets:

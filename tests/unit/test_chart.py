@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.tools import find_tool
 
 yaml = pytest.importorskip(
     "yaml", reason="PyYAML is missing from this venv: pip install pyyaml (it renders nothing without it)"
@@ -43,22 +43,6 @@ Obj = dict[str, Any]
 
 
 # --- tools ---------------------------------------------------------------------------------------
-def tools_bin() -> Path:
-    cache = os.environ.get("FL_CACHE_DIR") or str(Path.home() / ".cache" / "fl")
-    return Path(cache) / "tools" / "bin"
-
-
-def find_tool(name: str) -> str:
-    """The tool's path from the installer's cache or PATH; skip the test when it is in neither."""
-    candidate = tools_bin() / name
-    if candidate.exists() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    pytest.skip(f"{name} not found in {tools_bin()} or on PATH; install it with: bash tools/install-tools.sh")
-
-
 def run(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:

@@ -10,7 +10,6 @@ hadolint comes from `bash tools/install-tools.sh` (the cache folder it prints) o
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import find_tool
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
 DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile"))
@@ -28,21 +29,6 @@ UID_GID = "10001:10001"
 VENV = "/opt/fl/venv"
 TORCH_DEFAULT = "torch==2.14.1"
 CUDA_OF_TORCH_DEFAULT = "13.0"  # torch 2.14.1's default PyPI wheels: torch.version.cuda == "13.0"
-
-
-def tools_bin() -> Path:
-    cache = os.environ.get("FL_CACHE_DIR") or str(Path.home() / ".cache" / "fl")
-    return Path(cache) / "tools" / "bin"
-
-
-def find_tool(name: str) -> str:
-    candidate = tools_bin() / name
-    if candidate.exists() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    pytest.skip(f"{name} not found in {tools_bin()} or on PATH; install it with: bash tools/install-tools.sh")
 
 
 @dataclass

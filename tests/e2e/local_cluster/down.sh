@@ -144,8 +144,7 @@ if [ -f "$ROOT/cgroups-created" ]; then
 fi
 
 # 7. report what is left (there should be nothing)
-left=""
-while read -r n pid st; do pid_is "$pid" "$st" && left+=" $n($pid)"; done < <(cat "$ROOT/pids" 2>/dev/null)
+left="$(alive_in "$ROOT/pids")"
 [ -z "$left" ] || log "WARNING: still running:$left"
 if findmnt -rn -o TARGET | grep -c "^$ROOT\(/\|$\)" >/dev/null; then log "WARNING: mounts left below $ROOT"; fi
 if [ -n "$CGROOT" ]; then for mnt in /sys/fs/cgroup/*; do [ -d "$mnt$CGROOT" ] && log "WARNING: cgroup left: $mnt$CGROOT"; done; fi

@@ -120,3 +120,10 @@ pid_is() {
   set -- "$2" $stat
   [ "$2" != Z ] && [ "${21}" = "$1" ]
 }
+# alive_in FILE: " name(pid)" for each process recorded in FILE ("name pid starttime" lines) that is
+# still the same process; empty when none is (or FILE does not exist)
+alive_in() {
+  local n pid st out=""
+  while read -r n pid st; do pid_is "$pid" "$st" && out+=" $n($pid)"; done < <(cat "$1" 2>/dev/null)
+  printf '%s' "$out"
+}

@@ -44,11 +44,8 @@ finish() {
   step_done "down.sh"
   # nothing may be left behind
   local leftovers=""
-  if [ -f "$ROOT/pids.stopped" ]; then
-    while read -r n pid st; do
-      pid_is "$pid" "$st" && leftovers+=" process:$n($pid)"
-    done < "$ROOT/pids.stopped"
-  fi
+  local alive; alive="$(alive_in "$ROOT/pids.stopped")"
+  [ -z "$alive" ] || leftovers+=" process:${alive# }"
   [ -s "$ROOT/pids" ] && leftovers+=" pids-file-not-cleared"
   findmnt -rn -o TARGET | grep -c "^$ROOT\(/\|$\)" >/dev/null && leftovers+=" mounts-under-ROOT"
   ip netns list | awk '{print $1}' | grep -cx "$FL_CLUSTER_NETNS" >/dev/null && leftovers+=" netns"

@@ -33,8 +33,7 @@ case "$ROOT" in /var|/var/*|/run|/run/*|/) die "FL_CLUSTER_ROOT must not be unde
 # processes it recorded is still the same process, the state is stale and down.sh clears it (it only
 # ever acts on what that run recorded). A cluster that is still running is never touched.
 if [ -s "$ROOT/pids" ]; then
-  alive=""
-  while read -r n pid st; do pid_is "$pid" "$st" && alive+=" $n($pid)"; done < "$ROOT/pids"
+  alive="$(alive_in "$ROOT/pids")"
   [ -z "$alive" ] || die "a cluster is running from $ROOT (alive:$alive); run down.sh first, or set FL_CLUSTER_ROOT"
   log "stale state in $ROOT from a run that did not stop (none of its processes is alive): clearing it with down.sh"
   "$LC_DIR/down.sh" >&2 || die "down.sh could not clear the stale state in $ROOT"

@@ -214,3 +214,19 @@ def evaluate_global(state_dict: dict[str, Any], sites: list[str], val_size: int)
 
 def state_dict_checksum(sd: dict[str, Any]) -> float:
     return float(sum(float(torch.as_tensor(v).double().sum()) for v in sd.values()))
+
+
+def check_saved_global(path: Path, scenario: str, args: Any, framework: str) -> dict[str, Any]:
+    """The driver's check of a framework's saved ``FL_global_model.pt`` (a state dict, or FLARE's
+    ``{"model": state dict, ...}``): exact values for the large scenario, accuracy for train."""
+    if not path.exists():
+        return {"final_check": None, "final_check_error": f"no {path.name} in {path.parent}"}
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    sd = saved.get("model", saved) if isinstance(saved, dict) else saved
+    if scenario == "large":
+        check = check_exact(sd["weight"], float(args.rounds))
+        return {"final_check": check, "final_check_by": f"driver, on {framework}'s saved {path.name}"}
+    if scenario == "train":
+        sites = [f"site-{i}" for i in range(1, args.sites + 1)]
+        return evaluate_global(sd, sites, args.val_size)
+    return {}

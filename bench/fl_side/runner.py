@@ -83,22 +83,9 @@ def _post(scenario: str, args: Any) -> Any:
     """After the measured run: read fl's saved global model (FL_global_model.pt)."""
 
     def post(ws: Path, out: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
         from bench.anchors import pt
 
-        path = _run_dir(ws) / "FL_global_model.pt"
-        if not path.exists():
-            return {"final_check": None, "final_check_error": f"no {path.name} in the job's folder"}
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        sd = saved["model"]
-        if scenario == "large":
-            check = pt.check_exact(sd["weight"], float(args.rounds))
-            return {"final_check": check, "final_check_by": "driver, on fl's saved FL_global_model.pt"}
-        if scenario == "train":
-            sites = [f"site-{i}" for i in range(1, args.sites + 1)]
-            return pt.evaluate_global(sd, sites, args.val_size)
-        return {}
+        return pt.check_saved_global(_run_dir(ws) / "FL_global_model.pt", scenario, args, "fl")
 
     return post
 

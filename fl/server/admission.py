@@ -138,10 +138,9 @@ class Admission:
             log.info("no revocation list at %s: no certificate is revoked", self.crl_path)
             return
         try:
-            self._install(parse_revocation_list(self._read(), self.ca_pem))
+            self._install(parse_revocation_list(self._read(), self.ca_pem), "loaded")
         except (OSError, RevocationListError) as exc:
             raise RevocationListError(f"revocation list {self.crl_path}: {exc}") from None
-        self._log_loaded("loaded")
 
     def reload(self, why: str) -> bool:
         """Re-read the list; a refused one leaves the current list in force. True when a new list was installed."""
@@ -171,8 +170,7 @@ class Admission:
                 self.current.describe(),
             )
             return False
-        self._install(new)
-        self._log_loaded(f"reloaded ({why})")
+        self._install(new, f"reloaded ({why})")
         return True
 
     def _read(self) -> bytes:
@@ -183,18 +181,16 @@ class Admission:
         next_update = self.current.next_update
         return next_update is not None and next_update < datetime.datetime.now(datetime.timezone.utc)
 
-    def _install(self, new: RevocationList) -> None:
-        """Put ``new`` in force and end the sessions of sites whose latest certificate it revokes."""
+    def _install(self, new: RevocationList, what: str) -> None:
+        """Put ``new`` in force, log it, and end the sessions of sites whose latest certificate it revokes."""
         self.current = new
+        log.info("revocation list %s %s: %s", self.crl_path, what, new.describe())
         with self._lock:
             revoked = [cert for cert in self._latest.values() if new.revokes(cert)]
             for cert in revoked:
                 del self._latest[cert.name]
         for cert in revoked:
             self.on_revoked(cert.name, f"its certificate (serial {cert.serial:x}) was revoked")
-
-    def _log_loaded(self, what: str) -> None:
-        log.info("revocation list %s %s: %s", self.crl_path, what, self.current.describe())
 
     # ------------------------------------------------------------------ reloading
     def start(self) -> None:

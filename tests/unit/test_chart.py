@@ -441,6 +441,27 @@ def test_revocation_list_is_a_secret_mounted_into_the_server_and_named_by_crl(tm
     assert by_kind(objs, "Secret") == [], "an existing revocation Secret is not made by the chart"
 
 
+def test_the_revoke_flow_works_with_the_chart_generated_ca(tmp_path: Path) -> None:
+    """README's flow for tls.mode generate: the chart's (RSA) CA signs a list the server accepts."""
+    import base64
+
+    from fl.provision import revoke
+    from fl.server.admission import parse_revocation_list
+    from fl.transport import parse_certificate
+
+    secrets = {s["metadata"]["name"]: s["data"] for s in by_kind(render("(chart defaults)"), "Secret")}
+    (tmp_path / "ca").mkdir()
+    for key in ("ca.crt", "ca.key"):
+        (tmp_path / "ca" / key).write_bytes(base64.b64decode(secrets["fl-ca"][key]))
+    site_cert = tmp_path / "site-2.crt"
+    site_cert.write_bytes(base64.b64decode(secrets["fl-site-site-2-tls"]["tls.crt"]))
+    assert [r.name for r in revoke(tmp_path, cert_files=[site_cert])] == ["site-2"]
+    crl = parse_revocation_list((tmp_path / "ca" / "crl.pem").read_bytes(), (tmp_path / "ca" / "ca.crt").read_bytes())
+    assert crl.revokes(parse_certificate(site_cert.read_bytes()))
+    other = base64.b64decode(secrets["fl-site-site-1-tls"]["tls.crt"])
+    assert not crl.revokes(parse_certificate(other))
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -63,7 +63,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
 
 
+def _names(value: str | None) -> list[str]:
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    from fl.server.admission import RevocationListError
     from fl.server.app import FLServer
 
     setup_logging(args.log_format, args.log_level)
@@ -72,17 +77,28 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
-    server = FLServer(
-        Path(args.workspace),
-        host=args.host,
-        port=args.port,
-        tls=tls,  # type: ignore[arg-type]
-        heartbeat_interval=args.heartbeat_interval,
-        lost_after=args.heartbeat_timeout,
-        site_wait_timeout=args.site_wait_timeout,
-    )
+    if not args.crl_refresh > 0:
+        return _fail(f"fl server: --crl-refresh {args.crl_refresh} must be a positive number of seconds")
+    try:
+        server = FLServer(
+            Path(args.workspace),
+            host=args.host,
+            port=args.port,
+            tls=tls,  # type: ignore[arg-type]
+            heartbeat_interval=args.heartbeat_interval,
+            lost_after=args.heartbeat_timeout,
+            site_wait_timeout=args.site_wait_timeout,
+            crl_path=Path(args.crl) if args.crl else None,
+            crl_refresh=args.crl_refresh,
+            allowed_sites=_names(args.allowed_sites) or None,
+        )
+    except ValueError as exc:
+        return _fail(f"fl server: {exc}")
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_revocations())
     try:
         server.start()
+    except RevocationListError as exc:
+        return _fail(f"fl server: {exc}")
     except OSError as exc:
         return _fail(f"fl server: {exc}", EXIT_UNREACHABLE)
     stop = threading.Event()
@@ -163,8 +179,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from fl.provision import ProvisionError, provision
 
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    admins = [a.strip() for a in args.admins.split(",") if a.strip()]
+    sites, admins = _names(args.sites), _names(args.admins)
+    if args.revoke or args.revoke_cert:
+        if sites or admins:
+            return _fail("fl provision: give either --sites/--admins (to issue) or --revoke/--revoke-cert, not both")
+        return _revoke(args)
     try:
         written = provision(
             Path(args.out),
@@ -174,9 +193,33 @@ def cmd_provision(args: argparse.Namespace) -> int:
             admins=admins,
             project=args.project,
             days=args.days,
+            crl_days=args.crl_days,
         )
     except ProvisionError as exc:
         return _fail(str(exc))
     for name, folder, created in written:
         print(f"{'created' if created else 'kept   '} {name:<24} {folder}")
+    return EXIT_OK
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    """``fl provision --revoke``: add certificates to the project's CRL and say where it was written."""
+    from fl.provision import CRL_FILE, ProvisionError, revoke
+
+    out = Path(args.out)
+    try:
+        revoked = revoke(
+            out,
+            names=_names(args.revoke),
+            cert_files=[Path(p) for p in args.revoke_cert],
+            server_name=args.server_name,
+            crl_days=args.crl_days,
+        )
+    except ProvisionError as exc:
+        return _fail(str(exc))
+    for name, serial, added in revoked:
+        print(f"{'revoked' if added else 'already'} {name:<24} serial {serial:x}")
+    written = [p for p in (out / "ca" / CRL_FILE, out / args.server_name / CRL_FILE) if p.exists()]
+    print(f"revocation list: {', '.join(map(str, written))}")
+    print("the server enforces it after a SIGHUP or its next --crl-refresh; in Kubernetes set tls.crl (charts/fl)")
     return EXIT_OK

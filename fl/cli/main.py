@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
     )
     p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
+    p.add_argument(
+        "--crl",
+        default=_env("FL_CRL"),
+        help="revocation list (PEM CRL) to enforce (default: crl.pem in the TLS folder)",
+    )
+    p.add_argument(
+        "--crl-refresh",
+        type=float,
+        default=60.0,
+        help="seconds between re-reads of the revocation list (and on SIGHUP)",
+    )
+    p.add_argument(
+        "--allowed-sites", default=_env("FL_ALLOWED_SITES"), help="comma-separated: only these sites may join"
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")
@@ -104,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admins", default="", help="comma-separated admin names")
     p.add_argument("--project", default="fl", help="project name (in the CA's subject)")
     p.add_argument("--days", type=int, default=825, help="certificate validity")
+    p.add_argument("--revoke", default="", help="comma-separated participants whose certificates to revoke")
+    p.add_argument(
+        "--revoke-cert",
+        action="append",
+        default=[],
+        help="a certificate file to revoke (repeatable; e.g. from a Secret)",
+    )
+    p.add_argument("--crl-days", type=int, default=365, help="validity of the revocation list (renewed on every run)")
 
     sub.add_parser("version", help="print the version")
     return parser

@@ -25,7 +25,7 @@ from fl.server.jobs import JobRecord
 from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
 from fl.server.sites import SiteSession
 from fl.server.transfers import TransferError
-from fl.transport import CHUNK_BYTES, IdentityError, peer_identity
+from fl.transport import CHUNK_BYTES, IdentityError, peer_certificate
 from fl.transport.bulk import UploadMeta
 
 if TYPE_CHECKING:
@@ -47,15 +47,19 @@ class _Base:
         self.server = server
 
     def _identity(self, context: grpc.ServicerContext) -> tuple[str, str] | None:
+        """The caller's ``(name, role)``; a revoked certificate or a site off the allow-list is refused here."""
         if self.server.tls is None:
             return None
         try:
-            identity = peer_identity(context)
+            cert = peer_certificate(context)
         except IdentityError as exc:
             _abort(context, "PERMISSION_DENIED", str(exc))
-        if identity is None:
+        if cert is None:
             _abort(context, "UNAUTHENTICATED", "a client certificate is required")
-        return identity
+        refusal = self.server.admission.refusal(cert)
+        if refusal is not None:
+            _abort(context, "PERMISSION_DENIED", refusal)
+        return cert.name, cert.role
 
 
 class FederationServicer(_Base, pb_grpc.FederationServicer):

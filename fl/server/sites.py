@@ -127,6 +127,19 @@ class SiteRegistry:
                     return ready
                 self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
 
+    def expel(self, name: str, reason: str) -> bool:
+        """End ``name``'s session now (its session id stops working) and tell listeners it is lost."""
+        with self._lock:
+            session = self._by_name.get(name)
+            if session is None or self._sessions.pop(session.session_id, None) is None:
+                return False
+            session.connected = False
+            self._lock.notify_all()
+        log.warning("site %s expelled: %s", name, reason)
+        for listener in self._lost_listeners:
+            listener(name, reason)
+        return True
+
     # ------------------------------------------------------------------ directives
     def enqueue(self, site: str, directive: pb.PollReply) -> None:
         with self._lock:

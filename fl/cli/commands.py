@@ -60,6 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         clients=clients,
         gpu=args.gpu,
         timeout=args.timeout,
+        status_interval=args.status_interval,
     )
 
 
@@ -80,6 +81,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         lost_after=args.heartbeat_timeout,
         site_wait_timeout=args.site_wait_timeout,
+        status_interval=args.status_interval,
     )
     try:
         server.start()

@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
     p.add_argument("-c", "--clients", help="comma-separated site names")
     p.add_argument("--gpu", help="comma-separated GPU ids, assigned to sites in turn")
-    p.add_argument("--timeout", type=float, help="abort if the job has not finished after this many seconds")
+    p.add_argument(
+        "--timeout", type=float, help="abort if the job has not finished after this many seconds (default: no limit)"
+    )
+    p.add_argument(
+        "--status-interval", type=float, default=30.0, help="seconds between 'still waiting for' lines in a round"
+    )
     _add_logging(p)
 
     p = sub.add_parser("server", help="run the fl server daemon")
@@ -67,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
     )
     p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=float(_env("FL_STATUS_INTERVAL") or 60.0),
+        help="seconds between 'still waiting for' lines while a round waits (env FL_STATUS_INTERVAL)",
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")

@@ -14,7 +14,7 @@ from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.server.jobs import JobManager
 from fl.server.service import AdminServicer, BulkServicer, FederationServicer
 from fl.server.sites import SiteRegistry
-from fl.server.tasks import TaskBroker
+from fl.server.tasks import STATUS_INTERVAL_S, TaskBroker
 from fl.server.transfers import BlobStore, UploadManager
 from fl.transport import TLSConfig, is_loopback, make_server
 from fl.transport.bulk import bulk_handler
@@ -40,6 +40,7 @@ class FLServer:
         site_wait_timeout: float = 600.0,
         max_running_jobs: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,7 @@ class FLServer:
             site_wait_timeout=site_wait_timeout,
             max_running=max_running_jobs,
             site_env=site_env,
+            status_interval=status_interval,
         )
         self.health = health.HealthServicer()
         self._grpc = None

@@ -244,13 +244,13 @@ def simulate(
     gpu: str | None = None,
     timeout: float | None = None,
     progress: bool | None = None,
-    status_interval: float = SIM_STATUS_INTERVAL_S,
+    status_interval: float | None = None,
 ) -> int:
     """Run an exported job; returns 0 when it finished, 1 when it failed, 2 when it could not start
     (bad job, workspace in use), 130 on Ctrl-C.
 
     ``timeout``: seconds the whole run may take (default: no limit; see the module's docstring).
-    ``status_interval``: seconds between the lines that say whom a waiting round waits for.
+    ``status_interval``: seconds between the lines that say whom a waiting round waits for (30).
     """
     if not logging_configured():
         setup_logging()
@@ -266,7 +266,8 @@ def simulate(
         log.error("%s", exc)
         return 2
     with held:
-        return _run(job_dir, workspace, sites, threads, gpu, timeout, progress, status_interval)
+        interval = status_interval or SIM_STATUS_INTERVAL_S
+        return _run(job_dir, workspace, sites, threads, gpu, timeout, progress, interval)
 
 
 def _run(

@@ -81,7 +81,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         lost_after=args.heartbeat_timeout,
         site_wait_timeout=args.site_wait_timeout,
-        status_interval=args.status_interval,
+        **({} if args.status_interval is None else {"status_interval": args.status_interval}),
     )
     try:
         server.start()

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, help="abort if the job has not finished after this many seconds (default: no limit)"
     )
     p.add_argument(
-        "--status-interval", type=float, default=30.0, help="seconds between 'still waiting for' lines in a round"
+        "--status-interval", type=float, help="seconds between 'still waiting for' lines in a round (default: 30)"
     )
     _add_logging(p)
 
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--status-interval",
         type=float,
-        default=float(_env("FL_STATUS_INTERVAL") or 60.0),
-        help="seconds between 'still waiting for' lines while a round waits (env FL_STATUS_INTERVAL)",
+        default=_env("FL_STATUS_INTERVAL"),
+        help="seconds between 'still waiting for' lines while a round waits (default: 60; env FL_STATUS_INTERVAL)",
     )
     _add_logging(p)
 

@@ -60,6 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         clients=clients,
         gpu=args.gpu,
         timeout=args.timeout,
+        status_interval=args.status_interval,
     )
 
 
@@ -91,6 +92,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             crl_path=Path(args.crl) if args.crl else None,
             crl_refresh=args.crl_refresh,
             allowed_sites=_names(args.allowed_sites) or None,
+            **({} if args.status_interval is None else {"status_interval": args.status_interval}),
         )
     except ValueError as exc:
         return _fail(f"fl server: {exc}")

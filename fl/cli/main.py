@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
     p.add_argument("-c", "--clients", help="comma-separated site names")
     p.add_argument("--gpu", help="comma-separated GPU ids, assigned to sites in turn")
-    p.add_argument("--timeout", type=float, help="abort if the job has not finished after this many seconds")
+    p.add_argument(
+        "--timeout", type=float, help="abort if the job has not finished after this many seconds (default: no limit)"
+    )
+    p.add_argument(
+        "--status-interval", type=float, help="seconds between 'still waiting for' lines in a round (default: 30)"
+    )
     _add_logging(p)
 
     p = sub.add_parser("server", help="run the fl server daemon")
@@ -80,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allowed-sites", default=_env("FL_ALLOWED_SITES"), help="comma-separated: only these sites may join"
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=_env("FL_STATUS_INTERVAL"),
+        help="seconds between 'still waiting for' lines while a round waits (default: 60; env FL_STATUS_INTERVAL)",
     )
     _add_logging(p)
 

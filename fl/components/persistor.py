@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from fl.components.base import Component
+from fl.components.base import Component, Events
 from fl.fsutil import atomic_path
+from fl.rounds import model_label
 from fl.tensors import TensorSpec
 
 __all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
@@ -42,8 +43,10 @@ class PTFileModelPersistor(Component):
     """Builds the initial model and writes ``FL_global_model.pt`` / ``best_FL_global_model.pt``.
 
     The job's model class (``model={"path": ..., "args": ...}``) is instantiated in a child process,
-    so that the server process never imports a job's code. Checkpoints hold
-    ``{"model": state_dict, "round": ..., "job_id": ...}`` and load with ``torch.load(weights_only=True)``.
+    so that the server process never imports a job's code. Checkpoints hold ``{"model": state_dict,
+    "model_version": v, "round": v - 1, "description": ..., "job_id": ...}`` (numbering as in
+    :mod:`fl.rounds`: ``round`` is the 0-based index of the round that produced the model, None for
+    the initial model) and load with ``torch.load(weights_only=True)``.
 
     Parameters
     ----------
@@ -76,6 +79,20 @@ class PTFileModelPersistor(Component):
         self.best_global_model_file_name = best_global_model_file_name
         self.source_ckpt_file_full_name = source_ckpt_file_full_name
         self._global_version: int | None = None  # model version in FL_global_model.pt, if written here
+        self._num_rounds: int | None = None  # the job's rounds, for the checkpoints' descriptions
+
+    def handle_event(self, event: str, data: dict[str, Any], ctx: Any) -> None:
+        if event == Events.ROUND_STARTED and data.get("num_rounds"):
+            self._num_rounds = int(data["num_rounds"])
+
+    def _info(self, model_version: int, ctx: Any) -> dict[str, Any]:
+        """A checkpoint's metadata for ``model_version``, numbered as everywhere else (fl.rounds)."""
+        return {
+            "model_version": model_version,
+            "round": model_version - 1 if model_version > 0 else None,
+            "description": model_label(model_version, self._num_rounds),
+            "job_id": ctx.job_id,
+        }
 
     def _shipped_weights_match(self, path: Path) -> bool:
         from fl.tensors import LayoutError, open_tensors
@@ -142,14 +159,13 @@ class PTFileModelPersistor(Component):
 
         ``arrays`` (the model in memory, in ``model_path``'s layout) saves reading the file back.
         """
-        info = {"round": round, "model_version": round + 1, "job_id": ctx.job_id}
-        _save_pt(model_path, self.global_model_path(ctx), info, arrays)
+        _save_pt(model_path, self.global_model_path(ctx), self._info(round + 1, ctx), arrays)
         self._global_version = round + 1
 
     def save_best(self, ctx: Any, model_path: Path, *, model_version: int, metric: float) -> None:
         """Write ``best_FL_global_model.pt`` for model version ``model_version`` (0: the initial model)."""
         target = self.best_model_path(ctx)
-        info = {"round": model_version - 1, "model_version": model_version, "metric": metric, "job_id": ctx.job_id}
+        info = {**self._info(model_version, ctx), "metric": metric}
         current = self.global_model_path(ctx)
         if self._global_version == model_version and current.exists():
             # FL_global_model.pt holds this very model: copy it (in the kernel).

@@ -443,15 +443,32 @@ class FedJob:
         threads: int | None = None,
         gpu: str | None = None,
         clients: list[str] | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Export the job and run it in the simulator; returns the exit code (0: finished)."""
-        from fl.simulator import simulate
+        """Export the job and run it in the simulator; returns the exit code (0: finished).
 
-        workspace = Path(workspace)
-        job_dir = self.export_job(workspace / "job_config")
+        Earlier runs in ``workspace`` are kept (each is a job folder of its own; ``workspace/latest``
+        is the newest); a run still going there makes this one refuse with exit code 2.
+        ``timeout``: seconds the run may take, default no limit (see :mod:`fl.simulator`).
+        """
+        from fl.log import setup_logging
+        from fl.simulator import WorkspaceBusy, log, logging_configured, simulate, workspace_lock
+
+        workspace = Path(workspace).resolve()
         if clients is None and n_clients is None and self.sites:
             clients = self.sites
-        return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, clients=clients, gpu=gpu)
+        if not logging_configured():
+            setup_logging()
+        try:
+            # Held across the export too: a concurrent run must not rewrite job_config under this one.
+            with workspace_lock(workspace):
+                job_dir = self.export_job(workspace / "job_config")
+                return simulate(
+                    job_dir, workspace, n_clients=n_clients, threads=threads, clients=clients, gpu=gpu, timeout=timeout
+                )
+        except WorkspaceBusy as exc:
+            log.error("%s", exc)
+            return 2
 
 
 def _write_initial_weights(app_dir: Path, model_config: dict[str, Any], module: Any) -> None:

@@ -16,7 +16,7 @@ from fl.server.admission import Admission
 from fl.server.jobs import JobManager
 from fl.server.service import AdminServicer, BulkServicer, FederationServicer
 from fl.server.sites import SiteRegistry
-from fl.server.tasks import TaskBroker
+from fl.server.tasks import STATUS_INTERVAL_S, TaskBroker
 from fl.server.transfers import BlobStore, UploadManager
 from fl.transport import TLSConfig, is_loopback, make_server
 from fl.transport.bulk import bulk_handler
@@ -45,6 +45,7 @@ class FLServer:
         crl_path: Path | None = None,
         crl_refresh: float = 60.0,
         allowed_sites: Collection[str] | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ class FLServer:
             site_wait_timeout=site_wait_timeout,
             max_running=max_running_jobs,
             site_env=site_env,
+            status_interval=status_interval,
         )
         self.admission = self._admission(crl_path, crl_refresh, allowed_sites)
         self.health = health.HealthServicer()

@@ -24,7 +24,7 @@ from fl.log import adapter
 from fl.proto import federation_pb2 as pb
 from fl.server.jobstore import JobError, JobSpec, read_job, zip_folder
 from fl.server.sites import SiteRegistry, SiteSession
-from fl.server.tasks import JobCommunicator, TaskBroker
+from fl.server.tasks import STATUS_INTERVAL_S, JobCommunicator, TaskBroker
 from fl.server.transfers import BlobStore
 from fl.workflows.base import Controller, JobAborted, RoundFailed
 
@@ -72,6 +72,8 @@ class JobLogs:
         folder.mkdir(parents=True, exist_ok=True)
         self.cond = threading.Condition()
         self.closed = False
+        #: source -> (when its last line arrived, the line): what a "still waiting" line shows.
+        self.last_line: dict[str, tuple[float, str]] = {}
 
     def append(self, source: str, lines: list[str]) -> None:
         if not lines:
@@ -80,6 +82,7 @@ class JobLogs:
         with self.cond:
             with open(self.folder / f"{safe}.log", "a", encoding="utf-8") as f:
                 f.writelines(line.rstrip("\n") + "\n" for line in lines)
+            self.last_line[source] = (time.time(), lines[-1].rstrip("\n"))
             self.cond.notify_all()
 
     def close(self) -> None:
@@ -108,6 +111,8 @@ class JobRun:
             self.abort_event,
             self.log,
             progress=lambda done, total: self.set_progress(sites_done=done, sites_total=total),
+            status_interval=manager.status_interval,
+            describe_site=self.describe_site,
         )
         self.components: dict[str, Any] = {}
         self.workflows: list[Controller] = []
@@ -132,12 +137,37 @@ class JobRun:
             available = self.sites
             if len(available) >= count or time.monotonic() >= deadline:
                 return available
+            if len(self.participants) < count:
+                raise RoundFailed(
+                    f"the job runs on {len(self.participants)} sites ({', '.join(self.participants)}), fewer than "
+                    f"the {count} needed: lower the workflow's min_clients/num_clients or run the job on more sites"
+                )
             if len(self.participants) - len(self.failed_sites) < count:
                 # Sites whose job failed do not come back on their own: don't wait for them.
                 reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.failed_sites.items()))
                 raise RoundFailed(f"{count} sites needed but the job failed on {len(self.failed_sites)}: {reasons}")
             if self.abort_event.wait(0.5):
                 raise JobAborted("job aborted")
+
+    def describe_site(self, site: str) -> str:
+        """What was last heard from ``site`` in this job: its output and heartbeat, with their ages."""
+        now = time.time()
+        parts = []
+        if site in self.failed_sites:
+            parts.append(f"its job failed ({self.failed_sites[site]})")
+        last = self.logs.last_line.get(site)
+        if last is not None:
+            line = last[1] if len(last[1]) <= 200 else last[1][:197] + "..."
+            parts.append(f"last output {now - last[0]:.0f} s ago: {line!r}")
+        else:
+            parts.append("no output from its script yet")
+        session = self.manager.registry.session(site)
+        if session is None:
+            parts.append("never registered")
+        else:
+            state = "connected" if session.connected else "lost"
+            parts.append(f"{state}, last heard {now - session.last_seen:.0f} s ago")
+        return ", ".join(parts)
 
     def fire(self, event: str, **data: Any) -> None:
         for cid, component in list(self.components.items()):
@@ -311,8 +341,10 @@ class JobManager:
         site_wait_timeout: float = 600.0,
         max_running: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
     ) -> None:
         self.workspace = workspace
+        self.status_interval = status_interval
         self.jobs_dir = workspace / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
@@ -414,17 +446,18 @@ class JobManager:
         run = self.runs.get(job_id)
         return run is None or not run.participants or site in run.participants
 
-    def abort(self, job_id: str) -> JobRecord | None:
+    def abort(self, job_id: str, reason: str = "aborted by admin") -> JobRecord | None:
+        """Abort a job; ``reason`` (who or what ended it) becomes its status message."""
         record = self.get(job_id)
         if record is None:
             return None
         run = self.runs.get(record.job_id)
         if run is not None:
-            run.abort("aborted by admin")
+            run.abort(reason)
         elif record.status not in TERMINAL:
             with self._lock:
                 self._queue = [(j, r) for j, r in self._queue if j != record.job_id]
-            self.set_status(record, "aborted", "aborted by admin before it started")
+            self.set_status(record, "aborted", f"{reason} (before it started)")
         return record
 
     def wait(self, job_id: str, timeout: float | None) -> JobRecord:

@@ -244,9 +244,9 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         return self._record(context, request.job_id).to_proto()
 
     def AbortJob(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
-        self._admin(context)
+        admin = self._admin(context)
         self._record(context, request.job_id)
-        record = self.server.jobs.abort(request.job_id)
+        record = self.server.jobs.abort(request.job_id, f"aborted by admin {admin}")
         assert record is not None
         return record.to_proto()
 

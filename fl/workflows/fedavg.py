@@ -3,8 +3,9 @@
 Weights are each result's ``NUM_STEPS_CURRENT_ROUND`` (equal weights when it is absent). Results
 are folded into the average as they arrive (see :mod:`fl.workflows.aggregation`), so server memory
 does not grow with the number of sites. Metrics that sites send with a train result describe the
-model they received, i.e. the global model of the previous round; after the last round a
-``validate`` task measures the final model (skipped when sites report no metrics).
+model they received, i.e. the global model of the previous round (the initial model in round 1/N);
+after the last round a ``validate`` task measures the final model (skipped when sites report no
+metrics). Round indices, model versions and their labels follow :mod:`fl.rounds`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from fl.checksum import Checksum
 from fl.client.model import FLMetaKey
+from fl.rounds import model_label, round_label
 from fl.tensors import Layout, open_tensors
 from fl.workflows.aggregation import ParamsType, WeightedAverage, weighted_metrics
 from fl.workflows.base import Controller, JobContext, RoundFailed, TaskResult, TaskSpec
@@ -89,6 +91,11 @@ class FedAvg(Controller):
         self.num_clients = num_clients
         self.num_rounds = num_rounds
         self.min_clients = min_clients or num_clients
+        self._clients_setting = (
+            f"num_clients={num_clients}, min_clients={min_clients}"
+            if min_clients
+            else f"num_clients={num_clients}, so min_clients={num_clients}"
+        )
         self.round_timeout = round_timeout
         self.persistor_id = persistor_id
         self.aggregation_weight_key = aggregation_weight_key
@@ -96,12 +103,19 @@ class FedAvg(Controller):
         self.start_round = start_round
         self.site_wait_timeout = site_wait_timeout
 
-    def _targets(self, ctx: JobContext) -> list[str]:
+    def _targets(self, ctx: JobContext, rnd: int) -> list[str]:
         sites = ctx.sites
+        cannot = f"FedAvg ({self._clients_setting}) cannot run {round_label(rnd, self.num_rounds)}"
         if len(sites) < self.min_clients:
-            sites = ctx.wait_for_sites(self.min_clients, self.site_wait_timeout)
+            try:
+                sites = ctx.wait_for_sites(self.min_clients, self.site_wait_timeout)
+            except RoundFailed as exc:
+                raise RoundFailed(f"{cannot}: {exc}") from None
         if len(sites) < self.min_clients:
-            raise RoundFailed(f"the job has {len(sites)} sites ({', '.join(sites)}); FedAvg needs {self.min_clients}")
+            raise RoundFailed(
+                f"{cannot}: {len(sites)} of its sites can take tasks ({', '.join(sites) or 'none'}) after waiting "
+                f"{self.site_wait_timeout:.0f} s (site_wait_timeout) for {self.min_clients}"
+            )
         if len(sites) > self.num_clients:
             return sorted(random.sample(sites, self.num_clients))
         return sites
@@ -114,7 +128,7 @@ class FedAvg(Controller):
         start = int(state.get("next_round", self.start_round))
         if state.get("model_file"):
             model_path = ctx.run_dir / "models" / state["model_file"]
-            ctx.log.info("resuming at round %d of %d from %s", start + 1, self.num_rounds, model_path.name)
+            ctx.log.info("resuming at %s from %s", round_label(start, self.num_rounds), model_path.name)
         else:
             model_path = persistor.load_initial(ctx)
         layout = read_layout(model_path)
@@ -162,6 +176,7 @@ class FedAvg(Controller):
                     model_version=rnd,
                     model_path=model_path,
                     round=rnd,
+                    num_rounds=self.num_rounds,
                     site_metrics=site_metrics,
                     site_weights=weights,
                     metrics=metrics,
@@ -179,19 +194,23 @@ class FedAvg(Controller):
             ctx.save_state(
                 {"next_round": rnd + 1, "model_file": new_path.name, "sites_report_metrics": reported_metrics}
             )
-            ctx.log.info(
-                "round %d/%d done: %d results%s",
-                rnd + 1,
-                self.num_rounds,
-                len(results),
-                "".join(f", {k}={v:.4g}" for k, v in metrics.items()),
-            )
+            label = round_label(rnd, self.num_rounds)
+            ctx.log.info("%s done: %d results%s", label, len(results), self._scored(rnd, metrics))
             if model_path != new_path:
                 _remove_old_model(model_path)
             model_path = new_path
 
         if self.final_validation and reported_metrics:
             self._validate_final(ctx, model_path, model_checksum, layout)
+        elif self.final_validation:
+            ctx.log.info("no final validation: the sites sent no metrics with their results")
+
+    def _scored(self, rnd: int, metrics: dict[str, float]) -> str:
+        """How a round's metrics read: they score the model the sites received, not the new one."""
+        if not metrics:
+            return ""
+        values = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        return f"; the model they received ({model_label(rnd, self.num_rounds)}) scored {values}"
 
     def _train_round(
         self,
@@ -221,7 +240,7 @@ class FedAvg(Controller):
         )
         return ctx.communicator.broadcast_and_wait(
             task,
-            self._targets(ctx),
+            self._targets(ctx, rnd),
             min_responses=self.min_clients,
             timeout=self.round_timeout,
             on_result=on_result,
@@ -240,7 +259,7 @@ class FedAvg(Controller):
             expect_params=False,
         )
         results = ctx.communicator.broadcast_and_wait(
-            task, self._targets(ctx), min_responses=self.min_clients, timeout=self.round_timeout
+            task, self._targets(ctx, self.num_rounds), min_responses=self.min_clients, timeout=self.round_timeout
         )
         site_metrics = {r.site: r.metrics for r in results if r.metrics}
         if site_metrics:
@@ -251,11 +270,13 @@ class FedAvg(Controller):
                 model_version=self.num_rounds,
                 model_path=model_path,
                 round=self.num_rounds,
+                num_rounds=self.num_rounds,
                 site_metrics=site_metrics,
                 site_weights=weights,
                 metrics=metrics,
             )
-            ctx.log.info("final model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            values = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            ctx.log.info("%s: %s", model_label(self.num_rounds, self.num_rounds), values)
 
 
 class _Background:

@@ -1,6 +1,7 @@
 """Federated averaging: each round, sites train on the global model; the server averages the results.
 
-Weights are each result's ``NUM_STEPS_CURRENT_ROUND`` (equal weights when it is absent). Results
+Weights are each result's ``NUM_STEPS_CURRENT_ROUND`` (equal weights when it is absent); a claimed
+weight that is not a number in ``(0, max_weight]`` refuses that result (see :func:`result_weight`). Results
 are folded into the average as they arrive (see :mod:`fl.workflows.aggregation`), so server memory
 does not grow with the number of sites. Metrics that sites send with a train result describe the
 model they received, i.e. the global model of the previous round; after the last round a
@@ -10,6 +11,7 @@ model they received, i.e. the global model of the previous round; after the last
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -19,21 +21,43 @@ from typing import Any
 from fl.checksum import Checksum
 from fl.client.model import FLMetaKey
 from fl.tensors import Layout, open_tensors
-from fl.workflows.aggregation import ParamsType, WeightedAverage, weighted_metrics
+from fl.workflows.aggregation import NonFiniteAverage, ParamsType, WeightedAverage, weighted_metrics
 from fl.workflows.base import Controller, JobContext, RoundFailed, TaskResult, TaskSpec
 
-__all__ = ["FedAvg", "result_weight"]
+__all__ = ["DEFAULT_MAX_WEIGHT", "FedAvg", "result_weight"]
 
 TRAIN_TASK = "train"
 VALIDATE_TASK = "validate"
+#: The largest weight a site may claim by default. A weight is a count of steps or samples in one
+#: round: 1e9 is beyond any honest round, yet far below where float32 sums overflow (3.4e38), and
+#: sums of such weights over any number of sites stay exact in float64 (integers up to 2**53).
+DEFAULT_MAX_WEIGHT = 1e9
+_MAX_SHOWN = 60  # characters of a refused value shown in the error
 
 
-def result_weight(meta: dict[str, Any], key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND) -> float:
-    """A result's aggregation weight: its positive step count, or 1."""
-    value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+def result_weight(
+    meta: dict[str, Any],
+    key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND,
+    *,
+    site: str = "a site",
+    max_weight: float = DEFAULT_MAX_WEIGHT,
+) -> float:
+    """A result's aggregation weight: ``meta[key]``, or 1 when the site claims none (key absent, as FLARE).
+
+    A claim that is not a number in ``(0, max_weight]`` (a bool, string, null, NaN, Inf, zero,
+    negative or too large) is refused: :class:`ValueError` naming the site, the value and the bound.
+    """
+    if key not in meta:
         return 1.0
-    return float(value)
+    value = meta[key]
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= max_weight:
+        return float(value)
+    shown = repr(value)
+    shown = shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN] + "..."
+    raise ValueError(
+        f"{site} claimed {key}={shown}: a weight must be a number greater than 0 and at most {max_weight:g} "
+        "(FedAvg max_weight)"
+    )
 
 
 def read_layout(path: Path) -> Layout:
@@ -63,6 +87,9 @@ class FedAvg(Controller):
     site_wait_timeout:
         When fewer than ``min_clients`` sites are available at the start of a round (e.g. some are
         restarting), how long to wait for them before failing the job.
+    max_weight:
+        The largest weight (``aggregation_weight_key``) a site may claim; a result claiming more,
+        or anything but a positive number, is refused (see :data:`DEFAULT_MAX_WEIGHT`).
     """
 
     def __init__(
@@ -77,6 +104,7 @@ class FedAvg(Controller):
         final_validation: bool = True,
         start_round: int = 0,
         site_wait_timeout: float = 300.0,
+        max_weight: float = DEFAULT_MAX_WEIGHT,
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be at least 1, got {num_clients}")
@@ -86,6 +114,8 @@ class FedAvg(Controller):
             raise ValueError(f"min_clients must be between 1 and num_clients ({num_clients}), got {min_clients}")
         if round_timeout <= 0:
             raise ValueError(f"round_timeout must be positive, got {round_timeout}")
+        if isinstance(max_weight, bool) or not isinstance(max_weight, int | float) or not 0 < max_weight < math.inf:
+            raise ValueError(f"max_weight must be a positive finite number, got {max_weight!r}")
         self.num_clients = num_clients
         self.num_rounds = num_rounds
         self.min_clients = min_clients or num_clients
@@ -95,6 +125,15 @@ class FedAvg(Controller):
         self.final_validation = final_validation
         self.start_round = start_round
         self.site_wait_timeout = site_wait_timeout
+        self.max_weight = float(max_weight)
+
+    def _weight(self, result: TaskResult) -> float:
+        """``result``'s aggregation weight under this job's bound; ValueError names the site if refused."""
+        return result_weight(result.meta, self.aggregation_weight_key, site=result.site, max_weight=self.max_weight)
+
+    def _check_weight(self, result: TaskResult) -> None:
+        """on_result of tasks that carry no params: refuse a result whose weight claim is invalid."""
+        self._weight(result)
 
     def _targets(self, ctx: JobContext) -> list[str]:
         sites = ctx.sites
@@ -154,7 +193,7 @@ class FedAvg(Controller):
             results = self._train_round(ctx, rnd, model_path, model_checksum, layout, averager)
             site_metrics = {r.site: r.metrics for r in results if r.metrics}
             reported_metrics = reported_metrics or bool(site_metrics)
-            weights = {r.site: result_weight(r.meta, self.aggregation_weight_key) for r in results}
+            weights = {r.site: self._weight(r) for r in results}
             metrics = weighted_metrics((r.metrics, weights[r.site]) for r in results)
             if site_metrics:
                 ctx.fire(
@@ -168,7 +207,12 @@ class FedAvg(Controller):
                 )
             new_path = ctx.run_dir / "models" / f"global-r{rnd + 1:04d}.safetensors"
             digest = Checksum()
-            averager.write_result(new_path, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
+            try:
+                averager.write_result(new_path, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
+            except NonFiniteAverage as exc:
+                raise RoundFailed(
+                    f"round {rnd + 1}: {exc}; it was not written, the global model stays {model_path.name}"
+                ) from None
             model_checksum = digest.hexdigest()
             # The .pt checkpoint is written while the next round's downloads and training go on;
             # it reads the averager's memory, so the next round's first fold waits for it.
@@ -205,7 +249,7 @@ class FedAvg(Controller):
         def on_result(result: TaskResult) -> None:
             if result.params_path is None:
                 raise ValueError("a train result must carry params")
-            weight = result_weight(result.meta, self.aggregation_weight_key)
+            weight = self._weight(result)
             params_type = result.params_type or ParamsType.FULL
             averager.add_file(result.params_path, weight, params_type=params_type, base_path=model_path)
             ctx.fire("result_received", round=rnd, site=result.site, metrics=result.metrics, meta=result.meta)
@@ -240,11 +284,15 @@ class FedAvg(Controller):
             expect_params=False,
         )
         results = ctx.communicator.broadcast_and_wait(
-            task, self._targets(ctx), min_responses=self.min_clients, timeout=self.round_timeout
+            task,
+            self._targets(ctx),
+            min_responses=self.min_clients,
+            timeout=self.round_timeout,
+            on_result=self._check_weight,
         )
         site_metrics = {r.site: r.metrics for r in results if r.metrics}
         if site_metrics:
-            weights = {r.site: result_weight(r.meta, self.aggregation_weight_key) for r in results}
+            weights = {r.site: self._weight(r) for r in results}
             metrics = weighted_metrics((r.metrics, weights[r.site]) for r in results)
             ctx.fire(
                 "model_evaluated",

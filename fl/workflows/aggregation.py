@@ -20,7 +20,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "NonFiniteAverage",
     "ParamsType",
     "WeightedAverage",
+    "capped_weights",
     "weighted_average",
     "weighted_metrics",
 ]
@@ -314,6 +315,32 @@ def weighted_average(updates: Iterable[tuple[Mapping[str, Any], float]]) -> dict
     if avg is None:
         raise ValueError("no updates to average")
     return avg.result_arrays()
+
+
+def capped_weights(weights: Sequence[float], max_share: float) -> list[float]:
+    """``weights`` with the largest lowered to a common cap so that none is over ``max_share`` of the sum.
+
+    Water-filling: the cap ``t`` solves ``t = max_share * (sum of uncapped weights + k * t)`` for the
+    ``k`` largest weights, which are set to ``t``; the others keep their value and their order.
+    """
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share!r}")
+    if len(weights) * max_share < 1:
+        raise ValueError(f"{len(weights)} results cannot each hold at most {max_share:g} of the average")
+    order = sorted(range(len(weights)), key=lambda i: weights[i], reverse=True)
+    capped = 0
+
+    def cap() -> float:
+        rest = math.fsum(weights[i] for i in order[capped:])  # summed afresh: no cancellation error
+        return max_share * rest / (1.0 - max_share * capped)
+
+    # Capping one more can only be needed while (capped + 1) * max_share < 1 (else cap() >= the rest).
+    while max_share * (capped + 1) < 1 and weights[order[capped]] > cap():
+        capped += 1
+    out = [float(w) for w in weights]
+    for i in order[:capped]:
+        out[i] = cap()
+    return out
 
 
 def weighted_metrics(results: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,13 @@ from typing import Any
 from fl.checksum import Checksum
 from fl.client.model import FLMetaKey
 from fl.tensors import Layout, open_tensors
-from fl.workflows.aggregation import NonFiniteAverage, ParamsType, WeightedAverage, weighted_metrics
+from fl.workflows.aggregation import (
+    NonFiniteAverage,
+    ParamsType,
+    WeightedAverage,
+    capped_weights,
+    weighted_metrics,
+)
 from fl.workflows.base import Controller, JobContext, RoundFailed, TaskResult, TaskSpec
 
 __all__ = ["DEFAULT_MAX_WEIGHT", "FedAvg", "result_weight"]
@@ -90,6 +97,11 @@ class FedAvg(Controller):
     max_weight:
         The largest weight (``aggregation_weight_key``) a site may claim; a result claiming more,
         or anything but a positive number, is refused (see :data:`DEFAULT_MAX_WEIGHT`).
+    max_site_share:
+        If set (in ``(0, 1]``, at least ``1 / min_clients``), no site's share of the average exceeds
+        it: the largest weights are lowered to a common cap when the round closes
+        (:func:`~fl.workflows.aggregation.capped_weights`). The round's updates then wait on the
+        server's disk (one model file per site, not memory) and are folded after the round closes.
     """
 
     def __init__(
@@ -105,6 +117,7 @@ class FedAvg(Controller):
         start_round: int = 0,
         site_wait_timeout: float = 300.0,
         max_weight: float = DEFAULT_MAX_WEIGHT,
+        max_site_share: float | None = None,
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be at least 1, got {num_clients}")
@@ -116,6 +129,15 @@ class FedAvg(Controller):
             raise ValueError(f"round_timeout must be positive, got {round_timeout}")
         if isinstance(max_weight, bool) or not isinstance(max_weight, int | float) or not 0 < max_weight < math.inf:
             raise ValueError(f"max_weight must be a positive finite number, got {max_weight!r}")
+        if max_site_share is not None and not (
+            isinstance(max_site_share, int | float) and not isinstance(max_site_share, bool) and 0 < max_site_share <= 1
+        ):
+            raise ValueError(f"max_site_share must be a number in (0, 1], got {max_site_share!r}")
+        if max_site_share is not None and max_site_share * (min_clients or num_clients) < 1:
+            raise ValueError(
+                f"max_site_share {max_site_share:g} cannot be met by a round of {min_clients or num_clients} results "
+                "(min_clients): it must be at least 1 / min_clients"
+            )
         self.num_clients = num_clients
         self.num_rounds = num_rounds
         self.min_clients = min_clients or num_clients
@@ -126,6 +148,7 @@ class FedAvg(Controller):
         self.start_round = start_round
         self.site_wait_timeout = site_wait_timeout
         self.max_weight = float(max_weight)
+        self.max_site_share = max_site_share
 
     def _weight(self, result: TaskResult) -> float:
         """``result``'s aggregation weight under this job's bound; ValueError names the site if refused."""
@@ -246,12 +269,17 @@ class FedAvg(Controller):
         layout: Layout,
         averager: WeightedAverage,
     ) -> list[TaskResult]:
+        spool = None if self.max_site_share is None else _Spool(ctx.run_dir / "models" / "spool", self.max_site_share)
+
         def on_result(result: TaskResult) -> None:
             if result.params_path is None:
                 raise ValueError("a train result must carry params")
             weight = self._weight(result)
             params_type = result.params_type or ParamsType.FULL
-            averager.add_file(result.params_path, weight, params_type=params_type, base_path=model_path)
+            if spool is not None:
+                spool.keep(result, weight)
+            else:
+                averager.add_file(result.params_path, weight, params_type=params_type, base_path=model_path)
             ctx.fire("result_received", round=rnd, site=result.site, metrics=result.metrics, meta=result.meta)
 
         task = TaskSpec(
@@ -263,13 +291,24 @@ class FedAvg(Controller):
             model_checksum=model_checksum,
             meta={FLMetaKey.CURRENT_ROUND: rnd, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
         )
-        return ctx.communicator.broadcast_and_wait(
-            task,
-            self._targets(ctx),
-            min_responses=self.min_clients,
-            timeout=self.round_timeout,
-            on_result=on_result,
-        )
+        if spool is None:
+            return ctx.communicator.broadcast_and_wait(
+                task,
+                self._targets(ctx),
+                min_responses=self.min_clients,
+                timeout=self.round_timeout,
+                on_result=on_result,
+            )
+        with spool:
+            results = ctx.communicator.broadcast_and_wait(
+                task,
+                self._targets(ctx),
+                min_responses=self.min_clients,
+                timeout=self.round_timeout,
+                on_result=on_result,
+            )
+            spool.fold(averager, [r.site for r in results], base_path=model_path)
+        return results
 
     def _validate_final(self, ctx: JobContext, model_path: Path, model_checksum: str | None, layout: Layout) -> None:
         ctx.set_progress(phase="validating final model")
@@ -304,6 +343,41 @@ class FedAvg(Controller):
                 metrics=metrics,
             )
             ctx.log.info("final model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+class _Spool:
+    """A round's updates kept on disk until the round closes, then folded with capped weights."""
+
+    def __init__(self, folder: Path, max_share: float) -> None:
+        self.folder = folder
+        self.max_share = max_share
+        self._kept: dict[str, tuple[Path, float, str]] = {}  # site -> (file, claimed weight, params type)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _Spool:
+        shutil.rmtree(self.folder, ignore_errors=True)  # left by a server that stopped mid-round
+        self.folder.mkdir(parents=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def keep(self, result: TaskResult, weight: float) -> None:
+        """Take over ``result``'s params file (valid only during on_result otherwise)."""
+        assert result.params_path is not None
+        kept = self.folder / f"{result.site}.safetensors"
+        shutil.move(result.params_path, kept)
+        with self._lock:
+            self._kept[result.site] = (kept, weight, result.params_type or ParamsType.FULL)
+
+    def fold(self, averager: WeightedAverage, sites: list[str], *, base_path: Path) -> None:
+        """Fold the accepted ``sites``' updates, no site over ``max_share`` of the average."""
+        with self._lock:
+            kept = [self._kept[site] for site in sites]
+        weights = capped_weights([weight for _, weight, _ in kept], self.max_share)
+        for (path, _, params_type), weight in zip(kept, weights, strict=True):
+            averager.add_file(path, weight, params_type=params_type, base_path=base_path)
+            path.unlink()
 
 
 class _Background:

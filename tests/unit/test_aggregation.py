@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from fl.tensors import Layout, LayoutError, describe, load_numpy, write_tensors
-from fl.workflows.aggregation import NonFiniteAverage, WeightedAverage, weighted_average, weighted_metrics
+from fl.workflows.aggregation import (
+    NonFiniteAverage,
+    WeightedAverage,
+    capped_weights,
+    weighted_average,
+    weighted_metrics,
+)
 from fl.workflows.fedavg import result_weight
 
 
@@ -197,3 +203,28 @@ def test_a_bool_is_not_an_aggregation_weight():
     avg = WeightedAverage(Layout.build([describe("w", np.zeros(2, np.float32))]))
     with pytest.raises(ValueError, match="positive finite"):
         avg.add_arrays({"w": np.ones(2, np.float32)}, True)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_capped_weights_hold_every_share_at_the_cap_and_change_only_the_largest(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    weights = list(rng.choice([1.0, 10.0, 1e3, 1e9], n) * rng.uniform(0.5, 1.5, n))
+    share = float(rng.uniform(1 / n, 1.0))
+    out = np.array(capped_weights(weights, share))
+    shares = out / out.sum()
+    assert shares.max() <= share * (1 + 1e-12)
+    changed = out != np.array(weights)
+    assert (out[changed] < np.array(weights)[changed]).all()  # only lowered, never raised
+    if changed.any():
+        np.testing.assert_allclose(out[changed], out[changed][0], rtol=1e-12)  # one common cap ...
+        assert out[changed][0] >= out[~changed].max(initial=0)  # ... above everyone left alone
+        assert shares.max() == pytest.approx(share, rel=1e-12)  # and no lower than needed
+
+
+def test_capped_weights_examples_and_an_impossible_cap():
+    assert capped_weights([10.0, 1.0, 1.0], 0.5) == [2.0, 1.0, 1.0]
+    assert capped_weights([5.0, 4.0, 3.0], 1.0) == [5.0, 4.0, 3.0]
+    assert capped_weights([1.0, 1.0], 0.5) == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"2 results cannot each hold at most 0\.4 of the average"):
+        capped_weights([1.0, 1.0], 0.4)

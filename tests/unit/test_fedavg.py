@@ -277,3 +277,23 @@ def test_a_non_finite_average_fails_the_round_and_keeps_the_previous_global_mode
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["global-r0001.safetensors"]
     np.testing.assert_array_equal(load_numpy(tmp_path / "models" / "global-r0001.safetensors")["w"], [1.0, 1.0])
     assert ctx.state is not None and ctx.state["next_round"] == 1 and persistor.saved == [0]
+
+
+def test_max_site_share_caps_the_heaviest_site_and_leaves_no_spooled_update(tmp_path):
+    sites = {
+        "big": _fixed(100.0, {"NUM_STEPS_CURRENT_ROUND": 1e6}),
+        "b": _fixed(0.0, {"NUM_STEPS_CURRENT_ROUND": 1}),
+        "c": _fixed(0.0, {"NUM_STEPS_CURRENT_ROUND": 1}),
+    }
+    ctx = Context(tmp_path, sites, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})})
+    FedAvg(num_clients=3, num_rounds=2, min_clients=2, max_site_share=0.5).run(ctx)
+    # big's weight is lowered to 2 (half of 2 + 1 + 1): (2 * 100 + 0 + 0) / 4.
+    np.testing.assert_allclose(
+        load_numpy(tmp_path / "models" / "global-r0002.safetensors")["w"], [50.0, 50.0], rtol=1e-6
+    )
+    assert not (tmp_path / "models" / "spool").exists()
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match=r"max_site_share must be a number in \(0, 1\]"):
+            FedAvg(max_site_share=bad)
+    with pytest.raises(ValueError, match=r"max_site_share 0\.4 cannot be met by a round of 2 results"):
+        FedAvg(num_clients=3, min_clients=2, max_site_share=0.4)

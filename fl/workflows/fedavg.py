@@ -291,15 +291,7 @@ class FedAvg(Controller):
             model_checksum=model_checksum,
             meta={FLMetaKey.CURRENT_ROUND: rnd, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
         )
-        if spool is None:
-            return ctx.communicator.broadcast_and_wait(
-                task,
-                self._targets(ctx),
-                min_responses=self.min_clients,
-                timeout=self.round_timeout,
-                on_result=on_result,
-            )
-        with spool:
+        with spool or contextlib.nullcontext():
             results = ctx.communicator.broadcast_and_wait(
                 task,
                 self._targets(ctx),
@@ -307,7 +299,8 @@ class FedAvg(Controller):
                 timeout=self.round_timeout,
                 on_result=on_result,
             )
-            spool.fold(averager, [r.site for r in results], base_path=model_path)
+            if spool is not None:
+                spool.fold(averager, [r.site for r in results], base_path=model_path)
         return results
 
     def _validate_final(self, ctx: JobContext, model_path: Path, model_checksum: str | None, layout: Layout) -> None:

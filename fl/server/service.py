@@ -63,17 +63,32 @@ class _Base:
 
 
 class FederationServicer(_Base, pb_grpc.FederationServicer):
-    def _site(self, context: grpc.ServicerContext, session_id: str) -> SiteSession:
-        session = self.server.registry.touch(session_id)
-        if session is None:
-            _abort(context, "UNAUTHENTICATED", "unknown session: register again")
+    def _session(
+        self, context: grpc.ServicerContext, session_id: str, running_jobs: list[str] | None = None
+    ) -> SiteSession | None:
+        """The caller's session (None if unknown), touched only once the certificate proves it is its site's.
+
+        Identity before state: a call with another site's session id is refused before it changes
+        anything (last_seen, running_jobs, connected, queued directives).
+        """
         identity = self._identity(context)
-        if identity is not None and identity[0] != session.name:
+        session = self.server.registry.lookup(session_id)
+        if session is None:
+            return None
+        if identity is not None and (identity[1] != "site" or identity[0] != session.name):
+            log.warning("refused: certificate of %r (role %r) used with the session of %r", *identity, session.name)
             _abort(
                 context,
                 "PERMISSION_DENIED",
-                f"certificate of {identity[0]!r} used with the session of {session.name!r}",
+                f"certificate of {identity[0]!r} (role {identity[1]!r}) used with the session of {session.name!r}",
             )
+        return self.server.registry.touch(session_id, running_jobs)
+
+    def _site(self, context: grpc.ServicerContext, session_id: str) -> SiteSession:
+        """The caller's checked and touched session; an unknown one aborts the call."""
+        session = self._session(context, session_id)
+        if session is None:
+            _abort(context, "UNAUTHENTICATED", "unknown session: register again")
         return session
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
@@ -95,17 +110,15 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        session = self.server.registry.touch(request.session_id, list(request.running_jobs))
+        session = self._session(context, request.session_id, list(request.running_jobs))
         if session is None:
             return pb.HeartbeatReply(known=False)
-        self._site(context, request.session_id)
         stop = [j for j in request.running_jobs if not self.server.jobs.is_active_for(j, session.name)]
         return pb.HeartbeatReply(known=True, stop_jobs=stop)
 
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
-        if self.server.registry.touch(request.session_id) is None:
+        if self._session(context, request.session_id) is None:
             return pb.PollReply(unknown_session=True)
-        self._site(context, request.session_id)
         return self.server.registry.poll(request.session_id, request.wait_s, context.is_active)
 
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:

@@ -91,7 +91,13 @@ class SiteRegistry:
             listener(session, previous)
         return session
 
+    def lookup(self, session_id: str) -> SiteSession | None:
+        """The live session ``session_id`` names, changing nothing (who owns it is checked before any touch)."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
     def touch(self, session_id: str, running_jobs: list[str] | None = None) -> SiteSession | None:
+        """Count a call as a sign of life: last_seen, running_jobs, connected. Only for a checked caller."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:

@@ -112,6 +112,10 @@ class Adversary:
         )
         return self.stub.Report(request, timeout=30)
 
+    def upload_status(self, upload_id: str) -> pb.UploadReply:
+        request = pb.UploadStatusRequest(session_id=self.session_id, upload_id=upload_id)
+        return self.stub.UploadStatus(request, timeout=30)
+
     # ------------------------------------------------------------------ bulk
     def download(self, ref: pb.BlobRef) -> bytes:
         chunks = self.bulk.Download(

@@ -64,6 +64,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from fl.config import HostPolicy
     from fl.server.app import FLServer
 
     setup_logging(args.log_format, args.log_level)
@@ -72,6 +73,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
+    data_roots = tuple(Path(d) for d in args.data_root)
+    missing = [str(d) for d in data_roots if not d.is_dir()]
+    if missing:
+        return _fail(f"fl server: --data-root {', '.join(missing)}: no such folder")
     server = FLServer(
         Path(args.workspace),
         host=args.host,
@@ -80,6 +85,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         lost_after=args.heartbeat_timeout,
         site_wait_timeout=args.site_wait_timeout,
+        policy=HostPolicy(job_code=not args.no_custom_code, data_roots=data_roots),
     )
     try:
         server.start()

@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
     )
     p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
+    p.add_argument(
+        "--no-custom-code",
+        action="store_true",
+        default=_env("FL_NO_CUSTOM_CODE") == "1",
+        help="run no job code on the server host: initial models come from shipped weights or checkpoints",
+    )
+    p.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder absolute file paths in job configs (e.g. checkpoints) may point into (repeatable)",
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fl.config import HostPolicy
 from fl.log import adapter
 from fl.memory import tune_malloc
 from fl.proto import federation_pb2_grpc as pb_grpc
@@ -40,6 +41,7 @@ class FLServer:
         site_wait_timeout: float = 600.0,
         max_running_jobs: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
+        policy: HostPolicy | None = None,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,7 @@ class FLServer:
             site_wait_timeout=site_wait_timeout,
             max_running=max_running_jobs,
             site_env=site_env,
+            policy=policy,
         )
         self.health = health.HealthServicer()
         self._grpc = None
@@ -84,11 +87,12 @@ class FLServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "fl server listening on %s:%d (%s), workspace %s",
+            "fl server listening on %s:%d (%s), workspace %s%s",
             self.host,
             port,
             "mutual TLS" if self.tls else "INSECURE, no TLS",
             self.workspace,
+            "" if self.jobs.policy.job_code else "; runs no job code (--no-custom-code)",
         )
         return port
 

@@ -194,8 +194,8 @@ def locate_job_module(module_name: str, custom_dir: Path) -> importlib.machinery
     """The spec of ``module_name`` if its file lies inside ``custom_dir``; imports nothing.
 
     Each dotted part is searched only in folders inside ``custom_dir`` (symbolic links resolved), so
-    no parent package outside it is imported or even consulted. A top-level name that belongs to the
-    standard library, fl, or an installed package is refused: the job's module would shadow it.
+    no parent package outside it is imported or even consulted. A top-level name of the standard
+    library or fl is refused: those are always imported already, so the job's module never would be.
     """
     folder = custom_dir.resolve()
     if not folder.is_dir():
@@ -216,20 +216,7 @@ def locate_job_module(module_name: str, custom_dir: Path) -> importlib.machinery
     top = module_name.split(".", 1)[0]
     if top == "fl" or top in sys.stdlib_module_names or top in sys.builtin_module_names:
         raise ConfigError(f"{module_name}: the job's module {top!r} has the name of a standard or fl module")
-    installed = _installed_spec(top)
-    if installed is not None and installed.origin and not _inside(Path(installed.origin).resolve(), folder):
-        raise ConfigError(
-            f"{module_name}: the job's module {top!r} has the name of an installed one ({installed.origin})"
-        )
     return spec
-
-
-def _installed_spec(top: str) -> importlib.machinery.ModuleSpec | None:
-    """The spec a plain ``import top`` would use in this process (a top-level name: imports nothing)."""
-    try:
-        return importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return None
 
 
 def _module_inside(module: ModuleType, folder: Path) -> bool:
@@ -240,7 +227,11 @@ def _module_inside(module: ModuleType, folder: Path) -> bool:
 
 
 def _import_job_module(module_name: str, custom_dir: Path) -> ModuleType:
-    """Import the job's module (located by the caller) from ``custom_dir`` itself, never from elsewhere on sys.path."""
+    """Import the job's module (located by the caller) from ``custom_dir`` itself, never from elsewhere on sys.path.
+
+    A package of the same name already imported from elsewhere (e.g. the real torch, when the job
+    ships a ``torch/`` folder) is refused rather than mixed with the job's files.
+    """
     folder = custom_dir.resolve()
     parts = module_name.split(".")
     search = [str(folder)]

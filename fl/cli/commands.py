@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -73,7 +74,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
-    data_roots = tuple(Path(d) for d in args.data_root)
+    given = args.data_root if args.data_root is not None else os.environ.get("FL_DATA_ROOTS", "").split(os.pathsep)
+    data_roots = tuple(Path(d) for d in given if d)
     missing = [str(d) for d in data_roots if not d.is_dir()]
     if missing:
         return _fail(f"fl server: --data-root {', '.join(missing)}: no such folder")

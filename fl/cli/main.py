@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-root",
         action="append",
-        default=[],
         metavar="DIR",
-        help="a folder absolute file paths in job configs (e.g. checkpoints) may point into (repeatable)",
+        help="a folder that absolute file paths in job configs (checkpoints) may point into; repeatable "
+        "(env FL_DATA_ROOTS, separated by ':')",
     )
     _add_logging(p)
 

@@ -281,7 +281,7 @@ def test_the_jobs_code_is_refused_where_the_host_builds_the_class_itself(tmp_pat
     ("files", "path", "message"),
     [
         ({"json/evil.py": "class X: pass\n"}, "json.evil.X", "name of a standard or fl module"),
-        ({"torch/evil.py": "class X: pass\n"}, "torch.evil.X", "name of an installed one"),
+        ({"torch/evil.py": "class X: pass\n"}, "torch.evil.X", "torch is already imported from outside the job's code"),
         ({}, "src.missing.X", "not there"),
     ],
 )
@@ -306,9 +306,10 @@ def test_the_jobs_class_loads_from_its_folder_even_when_the_name_is_found_first_
     marker = tmp_path / "wrong-module-ran"
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "jobsrc").mkdir(parents=True)
-    (elsewhere / "jobsrc" / "net.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    for name in ("__init__.py", "net.py"):  # a regular package of the same name, first on sys.path
+        (elsewhere / "jobsrc" / name).write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
     monkeypatch.syspath_prepend(str(elsewhere))
-    custom = _custom(tmp_path, {"jobsrc/net.py": "class Net:\n    origin = 'custom'\n"})
+    custom = _custom(tmp_path, {"jobsrc/__init__.py": "", "jobsrc/net.py": "class Net:\n    origin = 'custom'\n"})
     try:
         cls = resolve_class("jobsrc.net.Net", custom_dir=custom)
         assert cls.origin == "custom" and not marker.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -69,6 +70,7 @@ def _names(value: str | None) -> list[str]:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from fl.config import HostPolicy
     from fl.server.admission import RevocationListError
     from fl.server.app import FLServer
 
@@ -78,6 +80,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
+    given = args.data_root if args.data_root is not None else os.environ.get("FL_DATA_ROOTS", "").split(os.pathsep)
+    data_roots = tuple(Path(d) for d in given if d)
+    missing = [str(d) for d in data_roots if not d.is_dir()]
+    if missing:
+        return _fail(f"fl server: --data-root {', '.join(missing)}: no such folder")
     if not args.crl_refresh > 0:
         return _fail(f"fl server: --crl-refresh {args.crl_refresh} must be a positive number of seconds")
     try:
@@ -92,6 +99,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             crl_path=Path(args.crl) if args.crl else None,
             crl_refresh=args.crl_refresh,
             allowed_sites=_names(args.allowed_sites) or None,
+            policy=HostPolicy(job_code=not args.no_custom_code, data_roots=data_roots),
             **({} if args.status_interval is None else {"status_interval": args.status_interval}),
         )
     except ValueError as exc:

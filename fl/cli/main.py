@@ -92,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("FL_STATUS_INTERVAL"),
         help="seconds between 'still waiting for' lines while a round waits (default: 60; env FL_STATUS_INTERVAL)",
     )
+    p.add_argument(
+        "--no-custom-code",
+        action="store_true",
+        default=_env("FL_NO_CUSTOM_CODE") == "1",
+        help="run no job code on the server host: initial models come from shipped weights or checkpoints",
+    )
+    p.add_argument(
+        "--data-root",
+        action="append",
+        metavar="DIR",
+        help="a folder that absolute file paths in job configs (checkpoints) may point into; repeatable "
+        "(env FL_DATA_ROOTS, separated by ':')",
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")

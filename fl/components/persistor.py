@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fl.components.base import Component, Events
+from fl.config import HostPolicy
 from fl.fsutil import atomic_path
 from fl.rounds import model_label
 from fl.tensors import TensorSpec
@@ -58,6 +59,8 @@ class PTFileModelPersistor(Component):
         Start from this checkpoint (``.safetensors``, or ``.pt`` loaded with ``weights_only=True``).
     """
 
+    file_args = ("source_ckpt_file_full_name",)
+
     def __init__(
         self,
         model: dict[str, Any] | str | None = None,
@@ -94,16 +97,30 @@ class PTFileModelPersistor(Component):
             "job_id": ctx.job_id,
         }
 
-    def _shipped_weights_match(self, path: Path) -> bool:
+    def _shipped_weights(self, app_dir: Path) -> Path | None:
+        """The weights shipped with the job for this model config, if any (used when no checkpoint is given)."""
         from fl.tensors import LayoutError, open_tensors
 
-        assert self.model is not None
+        if self.model is None or self.source_ckpt_file_full_name:
+            return None
+        path = initial_weights_path(app_dir, self.model)
         try:
             f, layout, _ = open_tensors(path)
         except (LayoutError, OSError):
-            return False
+            return None
         f.close()
-        return layout.metadata.get("fl.model") == model_fingerprint(self.model)
+        return path if layout.metadata.get("fl.model") == model_fingerprint(self.model) else None
+
+    def job_code_needed(self, app_dir: Path) -> str | None:
+        """Why building the initial model needs the job's code on the server host; None if it doesn't."""
+        if self.model is None or self.source_ckpt_file_full_name or self._shipped_weights(app_dir) is not None:
+            return None
+        limit = INITIAL_WEIGHTS_MAX_BYTES // 2**20
+        return (
+            f"the initial model {self.model['path']} would be built from the job's code on the server host, and "
+            f"the job ships no weights for it; ship them (FedJob.export_job does for models up to {limit} MiB) "
+            "or start from a checkpoint in the job folder or a data root (source_ckpt_file_full_name)"
+        )
 
     def global_model_path(self, ctx: Any) -> Path:
         return Path(ctx.run_dir) / self.global_model_file_name
@@ -119,26 +136,32 @@ class PTFileModelPersistor(Component):
         """
         out = Path(ctx.run_dir) / "models" / "global-r0000.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        if self.model is not None and not self.source_ckpt_file_full_name:
-            shipped = initial_weights_path(Path(ctx.app_dir), self.model)
-            if shipped.is_file() and self._shipped_weights_match(shipped):
-                with atomic_path(out) as tmp:
-                    shutil.copyfile(shipped, tmp)
-                ctx.log.info("initial model: weights shipped with the job (%s)", self.model["path"])
-                return out
+        app_dir = Path(ctx.app_dir)
+        shipped = self._shipped_weights(app_dir)
+        if shipped is not None:
+            with atomic_path(out) as tmp:
+                shutil.copyfile(shipped, tmp)
+            ctx.log.info("initial model: weights shipped with the job (%s)", self.model and self.model["path"])
+            return out
+        policy: HostPolicy = ctx.policy
+        reason = None if policy.job_code else self.job_code_needed(app_dir)
+        if reason is not None:
+            raise ModelInitError(f"the server's policy runs no job code (fl server --no-custom-code): {reason}")
         command = [sys.executable, "-m", "fl.components.model_init", "--out", str(out)]
-        if self.model is not None:
-            command += ["--model", json.dumps(self.model)]
         if self.source_ckpt_file_full_name:
-            command += ["--checkpoint", self.source_ckpt_file_full_name]
-        custom = Path(ctx.app_dir) / "custom"
+            what = "PTFileModelPersistor source_ckpt_file_full_name"
+            checkpoint = policy.resolve_path(self.source_ckpt_file_full_name, app_dir.parent, what=what)
+            command += ["--checkpoint", str(checkpoint)]
+        custom = app_dir / "custom"
+        if self.model is not None and policy.job_code:
+            command += ["--model", json.dumps(self.model), "--custom-dir", str(custom)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONSAFEPATH"] = "1"  # the working folder (the job's code) never shadows fl or installed modules
         env.setdefault("OMP_NUM_THREADS", "1")
         try:
             proc = subprocess.run(
                 command,
-                cwd=custom if custom.is_dir() else ctx.run_dir,
+                cwd=custom if policy.job_code and custom.is_dir() else ctx.run_dir,
                 env=env,
                 capture_output=True,
                 text=True,

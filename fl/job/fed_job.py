@@ -163,7 +163,7 @@ def _check_model_config(config: dict[str, Any], model: Any) -> None:
 
     try:
         with torch.device("meta"):
-            built = instantiate(config, allow_custom=True, recursive=True)
+            built = instantiate(config, custom_dir=_code_root(type(model))[1], recursive=True)
     except (ConfigError, Exception) as exc:  # a model whose __init__ can't run on meta
         if _state_bytes(model) > _max_shipped_bytes():
             raise JobConfigError(
@@ -198,16 +198,21 @@ def _max_shipped_bytes() -> int:
     return INITIAL_WEIGHTS_MAX_BYTES
 
 
-def _module_code(cls: type) -> dict[str, Path]:
-    """The source files that define ``cls``: its module, or its whole top-level package."""
+def _code_root(cls: type) -> tuple[Path, Path]:
+    """(source file of ``cls``'s module, the folder its import name is relative to: the job's ``custom/``)."""
     module = sys.modules.get(cls.__module__)
     file = getattr(module, "__file__", None)
     if not file:
         raise JobConfigError(f"cannot find the source file of {cls.__module__}")
     path = Path(file).resolve()
+    depth = len(cls.__module__.split(".")) - 1 if path.name != "__init__.py" else len(cls.__module__.split("."))
+    return path, (path.parents[depth] if depth else path.parent)
+
+
+def _module_code(cls: type) -> dict[str, Path]:
+    """The source files that define ``cls``: its module, or its whole top-level package."""
+    path, root = _code_root(cls)
     parts = cls.__module__.split(".")
-    depth = len(parts) - 1 if path.name != "__init__.py" else len(parts)
-    root = path.parents[depth] if depth else path.parent
     if len(parts) == 1 and path.name != "__init__.py":
         return {path.name: path}
     return _collect_code(root / parts[0], root)

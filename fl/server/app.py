@@ -8,6 +8,7 @@ from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fl.config import HostPolicy
 from fl.log import adapter
 from fl.memory import tune_malloc
 from fl.proto import federation_pb2_grpc as pb_grpc
@@ -46,6 +47,7 @@ class FLServer:
         crl_refresh: float = 60.0,
         allowed_sites: Collection[str] | None = None,
         status_interval: float = STATUS_INTERVAL_S,
+        policy: HostPolicy | None = None,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -69,6 +71,7 @@ class FLServer:
             max_running=max_running_jobs,
             site_env=site_env,
             status_interval=status_interval,
+            policy=policy,
         )
         self.admission = self._admission(crl_path, crl_refresh, allowed_sites)
         self.health = health.HealthServicer()
@@ -116,11 +119,12 @@ class FLServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "fl server listening on %s:%d (%s), workspace %s",
+            "fl server listening on %s:%d (%s), workspace %s%s",
             self.host,
             port,
             "mutual TLS" if self.tls else "INSECURE, no TLS",
             self.workspace,
+            "" if self.jobs.policy.job_code else "; runs no job code (--no-custom-code)",
         )
         return port
 

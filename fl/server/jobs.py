@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl.config import build_component
+from fl.config import HostPolicy, build_component
 from fl.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from fl.log import adapter
 from fl.proto import federation_pb2 as pb
@@ -103,6 +103,7 @@ class JobRun:
         self.job_name = record.name
         self.run_dir = manager.job_dir(record.job_id)
         self.app_dir = spec.server_app
+        self.policy = manager.policy
         self.abort_event = threading.Event()
         self.log = adapter("fl.server", site="server", job=record.job_id)
         self.communicator = JobCommunicator(
@@ -342,9 +343,11 @@ class JobManager:
         max_running: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
         status_interval: float = STATUS_INTERVAL_S,
+        policy: HostPolicy | None = None,
     ) -> None:
         self.workspace = workspace
         self.status_interval = status_interval
+        self.policy = policy or HostPolicy()
         self.jobs_dir = workspace / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
@@ -416,7 +419,7 @@ class JobManager:
 
     def submit(self, folder: Path) -> JobRecord:
         """Check a job folder (already unpacked into a staging folder) and queue it."""
-        spec = read_job(folder)
+        spec = read_job(folder, self.policy)
         job_id = str(uuid.uuid4())
         target = self.job_dir(job_id)
         target.mkdir(parents=True)
@@ -521,7 +524,7 @@ class JobManager:
                 job_id, resume = self._queue.pop(0)
             record = self.records[job_id]
             try:
-                spec = read_job(self.job_dir(job_id) / "job")
+                spec = read_job(self.job_dir(job_id) / "job", self.policy)
             except JobError as exc:
                 self.set_status(record, "failed", f"job folder unusable: {exc}")
                 continue

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
-from fl.config import ConfigError, build_component, load_config, resolve_class
+from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.proto import federation_pb2 as pb
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
@@ -163,6 +163,7 @@ class JobRunner:
         extract_zip(archive, app)
         archive.unlink()
         config = load_config(app / "config" / "config_fed_client.json")
+        check_config(config, custom_dir=app / "custom", where="config_fed_client.json")
         executors = config.get("executors") or []
         if len(executors) != 1:
             raise JobError(f"config_fed_client.json must have exactly one executor, found {len(executors)}")

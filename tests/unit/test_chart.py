@@ -587,6 +587,16 @@ def test_extra_args_come_after_the_contract_flags() -> None:
     assert "--log-level" not in args["site-4"]
 
 
+def test_server_no_custom_code_renders_the_servers_flag() -> None:
+    def server_args(*extra: str) -> list[str]:
+        spec = server_deployment(render("(chart defaults)", *extra))["spec"]["template"]["spec"]
+        args: list[str] = spec["containers"][0]["args"]
+        return args
+
+    assert "--no-custom-code" not in server_args()
+    assert "--no-custom-code" in server_args("--set", "server.noCustomCode=true")
+
+
 def test_server_strategy_never_runs_two_servers() -> None:
     assert server_deployment(render("(chart defaults)"))["spec"]["strategy"] == {"type": "Recreate"}
 

@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
     )
     p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
+    p.add_argument("--max-running-jobs", type=int, default=1, help="jobs that run at the same time")
+    p.add_argument(
+        "--max-log-bytes",
+        type=int,
+        help="bytes of log a site may forward per job (default 32 MiB); later lines are dropped and counted",
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fl.log import adapter
 from fl.memory import tune_malloc
 from fl.proto import federation_pb2_grpc as pb_grpc
-from fl.server.jobs import JobManager
+from fl.server.jobs import DEFAULT_MAX_LOG_BYTES, JobManager
 from fl.server.service import AdminServicer, BulkServicer, FederationServicer
 from fl.server.sites import SiteRegistry
 from fl.server.tasks import TaskBroker
@@ -40,6 +40,7 @@ class FLServer:
         site_wait_timeout: float = 600.0,
         max_running_jobs: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,7 @@ class FLServer:
             site_wait_timeout=site_wait_timeout,
             max_running=max_running_jobs,
             site_env=site_env,
+            max_log_bytes=max_log_bytes,
         )
         self.health = health.HealthServicer()
         self._grpc = None

@@ -124,6 +124,8 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             self.server.jobs.report(session.name, request)
         except PermissionError as exc:
             _abort(context, "PERMISSION_DENIED", str(exc))
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
         return pb.ReportReply()
 
 
@@ -167,6 +169,7 @@ class BulkServicer(FederationServicer):
                 checksum=meta.checksum,
                 expected=expected,
                 max_bytes=max_bytes,
+                site_limit=self.server.broker.spool_limit(session.name),
             )
             try:
                 for data in request_iterator:

@@ -98,7 +98,9 @@ class Adversary:
         )
         return self.stub.SubmitResult(request, timeout=60)
 
-    def report(self, job_id: str, *, logs: Sequence[str] = (), job_state: str = "", message: str = "") -> pb.ReportReply:
+    def report(
+        self, job_id: str, *, logs: Sequence[str] = (), job_state: str = "", message: str = ""
+    ) -> pb.ReportReply:
         import time
 
         request = pb.ReportRequest(
@@ -118,7 +120,13 @@ class Adversary:
         return b"".join(chunks)
 
     def upload(
-        self, task: pb.Task, data: bytes, *, upload_id: str | None = None, offset: int = 0, total_size: int | None = None
+        self,
+        task: pb.Task,
+        data: bytes,
+        *,
+        upload_id: str | None = None,
+        offset: int = 0,
+        total_size: int | None = None,
     ) -> tuple[str, pb.UploadReply]:
         """Upload ``data`` (from ``offset``) as a result of ``task``; returns ``(upload id, reply)``."""
         upload_id = upload_id or secrets.token_hex(8)

@@ -42,11 +42,13 @@ def tune_malloc(arena_max: int = 2) -> bool:
     return libc is not None and bool(libc.mallopt(_M_ARENA_MAX, arena_max))
 
 
-def release_memory() -> bool:
-    """Collect garbage cycles, then give free heap pages back to the system (after large transfers).
+def release_memory(*, collect: bool = True) -> bool:
+    """Give free heap pages back to the system (after large transfers), first collecting garbage cycles.
 
-    Returns whether malloc handed memory back (False where there is no glibc).
+    ``collect=False`` skips the collection (cheap enough after every large upload). Returns whether
+    malloc handed memory back (False where there is no glibc).
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     libc = _libc()
     return libc is not None and bool(libc.malloc_trim(0))

@@ -175,8 +175,7 @@ class BulkServicer(FederationServicer):
                 for data in request_iterator:
                     self.server.uploads.write(upload, data)
             finally:
-                if not upload.complete:
-                    self.server.uploads.pause(upload)
+                self.server.uploads.stream_ended(upload, streamed=upload.received - meta.offset)
             self.server.registry.touch(meta.session_id)
         except TransferError as exc:
             _abort(context, exc.code, str(exc))

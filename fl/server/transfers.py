@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fl.checksum import Checksum, file_checksum
+from fl.memory import release_memory
 from fl.tensors import Layout, LayoutError, StreamChecker
 from fl.transport.bulk import BULK_DOWNLOAD_CHUNK_BYTES
 
@@ -37,6 +38,8 @@ __all__ = [
 HEADER_ALLOWANCE = 16 * 1024 * 1024
 # Models' worth of spool one site's uploads may hold at once (several jobs may each await a result).
 SPOOL_MODELS_PER_SITE = 2
+# An upload stream that moved this much hands the memory its buffers used back to the system.
+RELEASE_AFTER_BYTES = 8 * 1024 * 1024
 
 
 class TransferError(Exception):
@@ -251,6 +254,13 @@ class UploadManager:
                     upload.error = "upload's checksum does not match what the site sent"
                     raise TransferError("DATA_LOSS", upload.error)
                 upload.complete = True
+
+    def stream_ended(self, upload: Upload, *, streamed: int) -> None:
+        """One upload stream is over (complete or cut): release its file, and memory after a large one."""
+        if not upload.complete:
+            self.pause(upload)
+        if streamed >= RELEASE_AFTER_BYTES:
+            release_memory(collect=False)  # the stream's buffers, freed, would otherwise stay resident
 
     def pause(self, upload: Upload) -> None:
         """The stream broke: release the spool file until the upload resumes."""

@@ -118,7 +118,9 @@ def test_dozens_of_uploads_for_one_task_keep_spool_and_server_memory_bounded(fed
         )
         # Without the one-upload-per-task rule the spool grows by each upload (here to ~30 x the model).
         assert peak_spool <= len(model)
-        assert after - baseline <= 2 * len(model), "server memory grew with the uploads"
+        # Measured here: +30..+50 MiB (a plateau near 3 models) without the trim after large uploads,
+        # -13..+0 MiB with it.
+        assert after - baseline <= len(model), "server memory grew with the uploads"
         accepted = site.submit(task, upload_id=last)
         assert accepted.accepted, accepted.message
         final = _wait_end(fed, job_id, 120, site)

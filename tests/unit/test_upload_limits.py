@@ -135,3 +135,17 @@ def test_idle_uploads_expire_but_active_ones_do_not(tmp_path, monkeypatch):
     _begin(manager, "new", task_id="task-c")
     assert not idle.path.exists() and manager.status("idle", "site-1") is None
     assert busy.path.exists() and manager.status("busy", "site-1") is busy
+
+
+def test_a_large_stream_that_ends_gives_memory_back_and_a_cut_one_releases_its_file(tmp_path, monkeypatch):
+    import fl.server.transfers as transfers
+
+    calls: list[bool] = []
+    monkeypatch.setattr(transfers, "release_memory", lambda collect=True: calls.append(collect) or True)
+    manager = UploadManager(tmp_path / "spool")
+    upload = _begin(manager, "cut", total_size=transfers.RELEASE_AFTER_BYTES * 2)
+    manager.write(upload, b"q" * 10)
+    manager.stream_ended(upload, streamed=10)
+    assert upload.handle is None and calls == []
+    manager.stream_ended(upload, streamed=transfers.RELEASE_AFTER_BYTES)
+    assert calls == [False]  # no garbage collection in an RPC thread, only malloc_trim

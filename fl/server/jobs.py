@@ -141,6 +141,7 @@ class JobLogs:
         kept = 0
         if already is None:
             room = self.max_bytes - size
+            f.seek(size)
             while kept < len(data) and len(data[kept]) <= room:
                 room -= len(data[kept])
                 kept += 1

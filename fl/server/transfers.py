@@ -182,7 +182,9 @@ class UploadManager:
                 if offset != 0:
                     raise TransferError("FAILED_PRECONDITION", "resume of an unknown upload; start again from 0")
                 replaced = [u for u in self._uploads.values() if (u.site, u.task_id) == (site, task_id)]
-                held = sum(u.total_size for u in self._uploads.values() if u.site == site and u not in replaced)
+                held = sum(u.total_size for u in self._uploads.values() if u.site == site) - sum(
+                    u.total_size for u in replaced
+                )
                 if held + total_size > site_limit:
                     raise TransferError(
                         "RESOURCE_EXHAUSTED",

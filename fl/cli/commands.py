@@ -73,10 +73,14 @@ def cmd_server(args: argparse.Namespace) -> int:
     from fl.config import HostPolicy
     from fl.server.admission import RevocationListError
     from fl.server.app import FLServer
+    from fl.server.jobs import DEFAULT_MAX_LOG_BYTES
 
     setup_logging(args.log_format, args.log_level)
     if not args.workspace:
         return _fail("fl server: give --workspace DIR (or FL_WORKSPACE)")
+    max_log_bytes = DEFAULT_MAX_LOG_BYTES if args.max_log_bytes is None else args.max_log_bytes
+    if max_log_bytes < 4096 or args.max_running_jobs < 1:
+        return _fail("fl server: --max-log-bytes must be at least 4096 and --max-running-jobs at least 1")
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
@@ -96,6 +100,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             heartbeat_interval=args.heartbeat_interval,
             lost_after=args.heartbeat_timeout,
             site_wait_timeout=args.site_wait_timeout,
+            max_running_jobs=args.max_running_jobs,
+            max_log_bytes=max_log_bytes,
             crl_path=Path(args.crl) if args.crl else None,
             crl_refresh=args.crl_refresh,
             allowed_sites=_names(args.allowed_sites) or None,

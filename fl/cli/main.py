@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder that absolute file paths in job configs (checkpoints) may point into; repeatable "
         "(env FL_DATA_ROOTS, separated by ':')",
     )
+    p.add_argument("--max-running-jobs", type=int, default=1, help="jobs that run at the same time")
+    p.add_argument(
+        "--max-log-bytes",
+        type=int,
+        help="bytes of log a site may forward per job (default 32 MiB); later lines are dropped and counted",
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")

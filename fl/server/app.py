@@ -14,7 +14,7 @@ from fl.memory import tune_malloc
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.provision import CRL_FILE
 from fl.server.admission import Admission
-from fl.server.jobs import JobManager
+from fl.server.jobs import DEFAULT_MAX_LOG_BYTES, JobManager
 from fl.server.service import AdminServicer, BulkServicer, FederationServicer
 from fl.server.sites import SiteRegistry
 from fl.server.tasks import STATUS_INTERVAL_S, TaskBroker
@@ -48,6 +48,7 @@ class FLServer:
         allowed_sites: Collection[str] | None = None,
         status_interval: float = STATUS_INTERVAL_S,
         policy: HostPolicy | None = None,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,7 @@ class FLServer:
             site_env=site_env,
             status_interval=status_interval,
             policy=policy,
+            max_log_bytes=max_log_bytes,
         )
         self.admission = self._admission(crl_path, crl_refresh, allowed_sites)
         self.health = health.HealthServicer()

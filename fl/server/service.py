@@ -141,6 +141,8 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             self.server.jobs.report(session.name, request)
         except PermissionError as exc:
             _abort(context, "PERMISSION_DENIED", str(exc))
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
         return pb.ReportReply()
 
 
@@ -184,13 +186,13 @@ class BulkServicer(FederationServicer):
                 checksum=meta.checksum,
                 expected=expected,
                 max_bytes=max_bytes,
+                site_limit=self.server.broker.spool_limit(session.name),
             )
             try:
                 for data in request_iterator:
                     self.server.uploads.write(upload, data)
             finally:
-                if not upload.complete:
-                    self.server.uploads.pause(upload)
+                self.server.uploads.stream_ended(upload, streamed=upload.received - meta.offset)
             self.server.registry.touch(meta.session_id)
         except TransferError as exc:
             _abort(context, exc.code, str(exc))

@@ -24,7 +24,14 @@ from fl.log import ContextAdapter
 from fl.proto import federation_pb2 as pb
 from fl.rounds import log_round, task_label
 from fl.server.sites import SiteRegistry
-from fl.server.transfers import BlobStore, TransferError, UploadManager, remove_quietly
+from fl.server.transfers import (
+    HEADER_ALLOWANCE,
+    BlobStore,
+    TransferError,
+    UploadManager,
+    remove_quietly,
+    site_spool_limit,
+)
 from fl.tensors import Layout
 from fl.workflows.base import JobAborted, OnResult, RoundFailed, TaskResult, TaskSpec
 
@@ -35,8 +42,6 @@ MAX_JSON_BYTES = 1024 * 1024
 ENDED_TASKS_REMEMBERED = 4096
 #: Seconds between "still waiting for ..." lines while a round waits (the simulator uses 30).
 STATUS_INTERVAL_S = 60.0
-# Room for a site's own safetensors header (names, metadata) on top of the tensor bytes.
-HEADER_ALLOWANCE = 16 * 1024 * 1024
 
 
 def parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -130,10 +135,18 @@ class TaskBroker:
                 raise TransferError("NOT_FOUND", self._not_pending(task_id))
         if task.site != site:
             raise TransferError("PERMISSION_DENIED", f"task {task_id} belongs to site {task.site}, not {site}")
+        if task.busy:  # its upload was taken: another one would hold spool the site's limit no longer counts
+            raise TransferError("FAILED_PRECONDITION", f"a result for task {task_id} is already being processed")
         layout = task.spec.model_layout
         if layout is None:
             raise TransferError("FAILED_PRECONDITION", f"task {task_id} ({task.spec.name}) takes no params")
         return layout, layout.data_bytes + HEADER_ALLOWANCE
+
+    def spool_limit(self, site: str) -> int:
+        """Spool bytes ``site``'s uploads may hold together, from the largest model it has a task for."""
+        with self._lock:
+            models = [t.spec.model_layout for t in self._pending.values() if t.site == site]
+        return site_spool_limit(max((m.data_bytes for m in models if m is not None), default=0))
 
     def submit(self, site: str, request: pb.SubmitResultRequest) -> tuple[bool, str]:
         """Deliver a site's result to its round; returns ``(accepted, message)``."""

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 
 from fl.components.base import Component
 from fl.fsutil import atomic_path
+from fl.pythonpath import module_command
 from fl.tensors import TensorSpec
 
 __all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
@@ -109,7 +109,7 @@ class PTFileModelPersistor(Component):
                     shutil.copyfile(shipped, tmp)
                 ctx.log.info("initial model: weights shipped with the job (%s)", self.model["path"])
                 return out
-        command = [sys.executable, "-m", "fl.components.model_init", "--out", str(out)]
+        command = module_command("fl.components.model_init", "--out", str(out))
         if self.model is not None:
             command += ["--model", json.dumps(self.model)]
         if self.source_ckpt_file_full_name:

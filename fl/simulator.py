@@ -126,7 +126,9 @@ class _Progress:
             from rich.live import Live
             from rich.spinner import Spinner
 
-            console = self._console or Console(stderr=True)
+            # Bound to the real stderr: a Console(stderr=True) looks sys.stderr up on every write, and
+            # would then write its own display into the rerouted stream (and deadlock on its lock).
+            console = self._console or Console(file=sys.stderr)
             self._spinner = Spinner("dots", text="starting")
             self._live = Live(
                 self._spinner,

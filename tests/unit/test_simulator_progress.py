@@ -38,6 +38,23 @@ def test_log_lines_never_share_a_terminal_line_with_the_progress_line(monkeypatc
     assert sys.stderr is terminal and handler.stream is terminal  # restored afterwards
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_display_writes_to_the_real_stderr_not_to_the_rerouted_one(monkeypatch):
+    """Else the display's refreshes would go into the stream that prints above it (a deadlock)."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("TERM", raising=False)
+    with _Progress(True) as progress:
+        assert sys.stderr is not terminal
+        assert progress._live.console.file is terminal
+        progress._live.refresh()
+    assert "\x1b[" in terminal.getvalue()  # the display drew on the terminal
+
+
 def test_without_a_terminal_lines_are_written_plainly(monkeypatch):
     terminal = io.StringIO()
     monkeypatch.setattr(sys, "stderr", terminal)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ from typing import Any
 
 from fl.fsutil import atomic_write_json, read_json
 from fl.log import adapter, setup_logging
+from fl.pythonpath import module_command
 from fl.rounds import model_label
 from fl.server.app import FLServer
 from fl.server.jobs import TERMINAL, JobRecord
@@ -152,13 +154,54 @@ def _link_latest(workspace: Path, run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-class _Progress:
-    """Round and sites-done display: a rich status line on a terminal, nothing extra otherwise."""
+class _ConsoleLines:
+    """A text stream that prints whole lines above a rich Live display, from any thread, so that a
+    log line and the progress line never share a terminal line."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, console: Any) -> None:
+        self._console = console
+        self._lock = threading.Lock()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            self._print(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do: every whole line is printed as it arrives."""
+
+    def finish(self) -> None:
+        """Print what came after the last newline (when the display ends)."""
+        with self._lock:
+            partial, self._partial = self._partial, ""
+            self._print([partial] if partial else [])
+
+    def _print(self, lines: list[str]) -> None:
+        from rich.text import Text
+
+        for line in lines:
+            self._console.print(Text.from_ansi(line), soft_wrap=True)
+
+    def isatty(self) -> bool:
+        return True
+
+
+class _Progress:
+    """Round and sites-done display: a rich status line on a terminal, nothing extra otherwise.
+
+    While it shows, fl's log handlers on stderr and the sites' forwarded output (sys.stderr) go
+    through the display's console, which prints each line above the status line.
+    """
+
+    def __init__(self, enabled: bool, console: Any = None) -> None:
         self.enabled = enabled
+        self._console = console
         self._live: Any = None
         self._text = ""
+        self._rerouted: list[tuple[logging.StreamHandler[Any], Any]] = []
+        self._stderr: Any = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -166,10 +209,29 @@ class _Progress:
             from rich.live import Live
             from rich.spinner import Spinner
 
+            # Bound to the real stderr: a Console(stderr=True) looks sys.stderr up on every write, and
+            # would then write its own display into the rerouted stream (and deadlock on its lock).
+            console = self._console or Console(file=sys.stderr)
             self._spinner = Spinner("dots", text="starting")
-            self._live = Live(self._spinner, console=Console(stderr=True), refresh_per_second=8, transient=True)
+            self._live = Live(
+                self._spinner,
+                console=console,
+                refresh_per_second=8,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self._live.__enter__()
+            self._route_output(_ConsoleLines(console))
         return self
+
+    def _route_output(self, lines: _ConsoleLines) -> None:
+        """Send sys.stderr and the fl log handlers that write to it through ``lines``."""
+        self._stderr = sys.stderr
+        for handler in logging.getLogger("fl").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self._stderr:
+                self._rerouted.append((handler, handler.setStream(lines)))
+        sys.stderr = lines
 
     def update(self, record: JobRecord) -> None:
         s = record.summary
@@ -187,8 +249,15 @@ class _Progress:
         self._text = text
 
     def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.__exit__(None, None, None)
+        if self._live is None:
+            return
+        if isinstance(sys.stderr, _ConsoleLines):
+            sys.stderr.finish()
+        sys.stderr = self._stderr
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted.clear()
+        self._live.__exit__(None, None, None)
 
 
 def _summary(record: JobRecord, run_dir: Path, elapsed: float) -> str:
@@ -367,11 +436,11 @@ class _SitesHost:
     def __init__(self, server: str, workspace: Path, sites: list[str], threads: int | None) -> None:
         groups = 1 if threads else max(1, min(len(sites), os.cpu_count() or 1))
         self.commands = [
-            [
-                sys.executable, "-m", "fl.simulator", "--server", server, "--workspace", str(workspace),
+            module_command(
+                "fl.simulator", "--server", server, "--workspace", str(workspace),
                 "--sites", ",".join(sites[i::groups]), "--threads", str(threads or 0),
                 "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
-            ]
+            )
             for i in range(groups)
         ]  # fmt: skip
         self.sites = sites

@@ -52,15 +52,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
     if not Path(args.job_dir).is_dir():
         return _fail(f"{args.job_dir}: no such job folder")
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
+    sites = [c.strip() for c in args.sites.split(",") if c.strip()] if args.sites else None
     return simulate(
         args.job_dir,
         args.workspace,
-        n_clients=args.n_clients,
+        n_clients=args.n_sites,
         threads=args.threads,
-        clients=clients,
+        clients=sites,
         gpu=args.gpu,
-        timeout=args.timeout,
+        timeout=args.job_timeout,
         status_interval=args.status_interval,
     )
 
@@ -178,7 +178,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     channel = make_channel(args.server, tls=tls, server_name=args.server_name)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+            health_pb2.HealthCheckRequest(service=""), timeout=args.rpc_timeout
         )
     except grpc.RpcError as exc:
         return _fail(f"server not healthy: {exc.code().name}: {exc.details()}", EXIT_UNREACHABLE)

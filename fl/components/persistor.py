@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from fl.components.base import Component, Events
 from fl.config import HostPolicy
 from fl.fsutil import atomic_path
+from fl.pythonpath import module_command
 from fl.rounds import model_label
 from fl.tensors import TensorSpec
 
@@ -147,7 +147,7 @@ class PTFileModelPersistor(Component):
         reason = None if policy.job_code else self.job_code_needed(app_dir)
         if reason is not None:
             raise ModelInitError(f"the server's policy runs no job code (fl server --no-custom-code): {reason}")
-        command = [sys.executable, "-m", "fl.components.model_init", "--out", str(out)]
+        command = module_command("fl.components.model_init", "--out", str(out))
         if self.source_ckpt_file_full_name:
             what = "PTFileModelPersistor source_ckpt_file_full_name"
             checkpoint = policy.resolve_path(self.source_ckpt_file_full_name, app_dir.parent, what=what)

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.proto import federation_pb2 as pb
+from fl.pythonpath import script_command
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
 from fl.site.transfers import TransferFailed, download_blob, upload_file
@@ -193,7 +193,7 @@ class JobRunner:
         if self.executor.command:
             command = [*shlex.split(self.executor.command), str(script)]
         else:
-            command = [sys.executable, "-u", str(script)]
+            command = script_command(script)
         command += shlex.split(self.executor.task_script_args or "")
         parent, child = socket.socketpair()
         env = dict(os.environ)
@@ -207,7 +207,7 @@ class JobRunner:
                 "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
             }
         )
-        self.log.info("starting training script: %s", " ".join(shlex.quote(c) for c in command[1:]))
+        self.log.info("starting training script: %s", shlex.join(command))
         self.process = subprocess.Popen(
             command,
             cwd=self.job_dir,

@@ -98,7 +98,14 @@ def test_flare_simulator_command_line_reaches_the_simulator(monkeypatch, tmp_pat
     assert main(argv) == 0
     (job_dir, workspace), kwargs = calls[0]
     assert (job_dir, workspace) == (str(job), str(tmp_path / "ws"))
-    assert kwargs == {"n_clients": 3, "threads": 2, "clients": ["a", "b", "c"], "gpu": "0,1", "timeout": 9.0}
+    assert kwargs == {
+        "n_clients": 3,
+        "threads": 2,
+        "clients": ["a", "b", "c"],
+        "gpu": "0,1",
+        "timeout": 9.0,
+        "status_interval": None,
+    }
 
 
 @pytest.mark.parametrize(

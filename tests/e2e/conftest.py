@@ -10,8 +10,10 @@ Where the cluster comes from, in this order:
    with ``--keep-cluster``), the images are built with the docker SDK and loaded with ``kind load``.
 3. Otherwise every test skips, saying what is missing.
 
-On any failure the pods' logs, ``kubectl describe`` and the events go to ``--artifacts``
-(default ``artifacts/e2e``), and the path is printed.
+On any failure, of a test or of its set-up, ``dump_artifacts`` saves to ``--artifacts`` (default
+``artifacts/e2e``) ``helm status`` and the release manifest (Secrets redacted), the pods' logs (and
+the previous logs of restarted containers), ``kubectl describe`` of pods and nodes, the events, and
+the server workspace's job status files and per-site logs; the path is printed.
 """
 
 from __future__ import annotations
@@ -73,10 +75,12 @@ class Cluster:
     storage_class: str | None = None
     cleanups: list[Any] = field(default_factory=list)
 
-    def kubectl_run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def kubectl_run(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [self.kubectl, "--kubeconfig", self.kubeconfig, *args],
-            capture_output=True, text=True, check=check, timeout=timeout,
+            capture_output=True, text=True, check=check, timeout=timeout, input=input,
         )  # fmt: skip
 
     def helm_run(self, *args: str, check: bool = True, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
@@ -195,7 +199,11 @@ def cluster(pytestconfig: pytest.Config) -> Iterator[Cluster]:
         kind_gen = _kind_cluster(pytestconfig)
         kubeconfig = next(kind_gen)
     c = Cluster(kubeconfig, helm, kubectl, prefix, artifacts)
-    c.storage_class = _storage(c)
+    try:
+        c.storage_class = _storage(c)
+    except Exception:
+        dump_cluster(c, artifacts / "cluster-setup")
+        raise
     try:
         yield c
     finally:
@@ -249,19 +257,112 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def dump_artifacts(c: Cluster, namespace: str, folder: Path) -> None:
-    """Every pod's logs (current and previous), kubectl describe, and the events of a namespace."""
+# Prints the server workspace's job status files and per-site logs (the last 256 KiB of each) as one
+# JSON object {relative path: text}; run in the server pod with its python.
+_WORKSPACE_DUMP = """
+import glob, json, os
+root = '/var/lib/fl/workspace'
+out = {}
+for pattern in ('jobs/*/status.json', 'jobs/*/meta.json', 'jobs/*/logs/*.log', '*.json'):
+    for path in sorted(glob.glob(os.path.join(root, pattern))):
+        with open(path, 'rb') as f:
+            f.seek(max(0, os.path.getsize(path) - 262144))
+            out[os.path.relpath(path, root)] = f.read().decode('utf-8', 'replace')
+print(json.dumps(out))
+"""
+
+
+def _redact_secrets(manifest: str) -> str:
+    """A rendered manifest with every Secret's data replaced by its keys (no private keys in artifacts)."""
+    import yaml
+
+    docs = []
+    for doc in yaml.safe_load_all(manifest):
+        if isinstance(doc, dict) and doc.get("kind") == "Secret":
+            doc["data"] = {key: "<redacted>" for key in (doc.get("data") or {})}
+        docs.append(doc)
+    return yaml.safe_dump_all(docs)
+
+
+def dump_artifacts(c: Cluster, namespace: str, folder: Path, release: str | None = None) -> None:
+    """What a failure needs explained: the release (helm status, its manifest with Secrets redacted), every
+    pod's logs and the previous logs of each restarted container, kubectl describe of pods and nodes, the
+    events, and the server workspace's job status files and per-site logs. Never raises."""
     folder.mkdir(parents=True, exist_ok=True)
 
-    def save(name: str, *args: str) -> None:
-        proc = c.kubectl_run(*args, check=False, timeout=120)
-        (folder / name).write_text(proc.stdout + ("\n--- stderr ---\n" + proc.stderr if proc.stderr else ""))
+    def save(name: str, proc: subprocess.CompletedProcess[str], text: str | None = None) -> None:
+        body = proc.stdout if text is None else text
+        (folder / name).write_text(body + ("\n--- stderr ---\n" + proc.stderr if proc.stderr else ""))
 
-    save("all.txt", "get", "all,pvc,secrets,events", "-n", namespace, "-o", "wide")
-    save("describe-pods.txt", "describe", "pods", "-n", namespace)
-    save("events.txt", "get", "events", "-n", namespace, "--sort-by=.lastTimestamp")
-    pods = c.kubectl_run("get", "pods", "-n", namespace, "-o", "name", check=False).stdout.split()
-    for pod in pods:
-        short = pod.split("/", 1)[-1]
-        save(f"{short}.log", "logs", "-n", namespace, pod, "--all-containers", "--timestamps")
-        save(f"{short}.previous.log", "logs", "-n", namespace, pod, "--all-containers", "--previous")
+    def kubectl(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        proc = c.kubectl_run(*args, check=False, timeout=120)
+        save(name, proc)
+        return proc
+
+    steps: list[tuple[str, Any]] = []
+    if release:
+        steps.append(
+            (
+                "helm status",
+                lambda: save(
+                    "helm-status.txt", c.helm_run("status", release, "-n", namespace, check=False, timeout=120)
+                ),
+            )
+        )
+        steps.append(("helm manifest", lambda: _save_manifest(c, release, namespace, save)))
+    steps += [
+        ("objects", lambda: kubectl("all.txt", "get", "all,pvc,secrets,events", "-n", namespace, "-o", "wide")),
+        ("pods", lambda: kubectl("describe-pods.txt", "describe", "pods", "-n", namespace)),
+        ("nodes", lambda: kubectl("describe-nodes.txt", "describe", "nodes")),
+        ("events", lambda: kubectl("events.txt", "get", "events", "-n", namespace, "--sort-by=.lastTimestamp")),
+        ("logs", lambda: _save_pod_logs(c, namespace, kubectl)),
+    ]
+    if release:
+        steps.append(("workspace", lambda: _save_workspace(c, namespace, release, folder)))
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # one failing step must not hide the others
+            (folder / "dump-errors.txt").open("a").write(f"{what}: {type(exc).__name__}: {exc}\n")
+
+
+def _save_manifest(c: Cluster, release: str, namespace: str, save: Any) -> None:
+    proc = c.helm_run("get", "manifest", release, "-n", namespace, check=False, timeout=120)
+    save("helm-manifest.yaml", proc, _redact_secrets(proc.stdout) if proc.returncode == 0 else proc.stdout)
+
+
+def _save_pod_logs(c: Cluster, namespace: str, kubectl: Any) -> None:
+    pods = json.loads(c.kubectl_run("get", "pods", "-n", namespace, "-o", "json", check=False).stdout or "{}")
+    for pod in pods.get("items", []):
+        name = pod["metadata"]["name"]
+        kubectl(f"{name}.log", "logs", "-n", namespace, name, "--all-containers", "--timestamps")
+        statuses = pod.get("status", {})
+        for status in statuses.get("initContainerStatuses", []) + statuses.get("containerStatuses", []):
+            if status.get("restartCount", 0) > 0:
+                kubectl(f"{name}.{status['name']}.previous.log", "logs", "-n", namespace, name, "-c", status["name"],
+                        "--previous", "--timestamps")  # fmt: skip
+
+
+def _save_workspace(c: Cluster, namespace: str, release: str, folder: Path) -> None:
+    proc = c.kubectl_run("exec", "-n", namespace, f"deploy/{release}-server", "--", "python", "-c", _WORKSPACE_DUMP,
+                         check=False, timeout=120)  # fmt: skip
+    if proc.returncode != 0:
+        (folder / "workspace-error.txt").write_text(proc.stdout + proc.stderr)
+        return
+    for relative, text in json.loads(proc.stdout).items():
+        target = folder / "workspace" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+
+def dump_cluster(c: Cluster, folder: Path) -> None:
+    """Cluster-wide state for a failure outside any release: nodes, every pod, the events. Never raises."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, args in (("describe-nodes.txt", ("describe", "nodes")), ("pods.txt", ("get", "pods", "-A", "-o", "wide")),
+                       ("events.txt", ("get", "events", "-A", "--sort-by=.lastTimestamp"))):  # fmt: skip
+        try:
+            proc = c.kubectl_run(*args, check=False, timeout=120)
+            (folder / name).write_text(proc.stdout + proc.stderr)
+        except Exception as exc:
+            (folder / name).write_text(f"{type(exc).__name__}: {exc}")
+    print(f"\n[e2e] cluster state saved in {folder}")

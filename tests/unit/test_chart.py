@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,8 @@ NAMESPACE = "fl-test"
 TLS_DIR = "/etc/fl/tls"
 WORKSPACE = "/var/lib/fl/workspace"
 OLDEST_SCHEMA = "1.25.0"
-ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1"}
+# What Kubernetes 1.20 (the e2e cluster, the chart's kubeVersion floor) serves for the chart's objects.
+ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", "policy/v1beta1"}
 
 Obj = dict[str, Any]
 
@@ -60,17 +64,42 @@ def _render(helm: str, case: str, extra: tuple[str, ...]) -> str:
     return run(cmd).stdout
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping with a key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {duplicates}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_manifests(text: str) -> list[Obj]:
+    return [doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc]
+
+
 def render(case: str, *extra: str) -> list[Obj]:
-    text = _render(find_tool("helm"), case, tuple(extra))
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    return parse_manifests(_render(find_tool("helm"), case, tuple(extra)))
+
+
+def render_values(tmp_path: Path, values: Obj, *extra: str) -> list[Obj]:
+    """Render with a values file holding `values` (over the chart's defaults)."""
+    path = tmp_path / f"values-{hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render("(chart defaults)", "-f", str(path), *extra)
 
 
 # --- effective values (Helm's merge: maps merge, everything else replaces) ------------------------
 def deep_merge(base: Any, override: Any) -> Any:
+    """Maps merge key by key at every depth, a key set to None is removed, anything else replaces."""
     if isinstance(base, dict) and isinstance(override, dict):
         out = copy.deepcopy(base)
         for key, value in override.items():
-            out[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
         return out
     return copy.deepcopy(override)
 
@@ -83,9 +112,9 @@ def effective_values(case: str) -> Obj:
 
 
 def effective_sites(values: Obj) -> list[Obj]:
-    """Each site with siteDefaults filled in, as the chart does: a key set on a site wins."""
-    defaults = values["siteDefaults"]
-    return [{**defaults, **site} for site in values["sites"]]
+    """Each site with siteDefaults filled in, as the chart does: maps merge, other keys a site sets win."""
+    defaults = {**values["siteDefaults"], "image": values["image"]["site"]}
+    return [deep_merge(defaults, site) for site in values["sites"]]
 
 
 # --- object helpers ------------------------------------------------------------------------------
@@ -196,7 +225,7 @@ def test_rendered_objects_validate_strictly_against_kubernetes_schemas(case: str
 
 @pytest.mark.parametrize("case", CASES)
 def test_only_api_groups_that_kubernetes_1_20_serves(case: str) -> None:
-    versions = {o["apiVersion"] for o in render(case)}
+    versions = {o["apiVersion"] for o in render(case, "--kube-version", "1.20.2")}
     assert versions <= ALLOWED_API_VERSIONS, versions - ALLOWED_API_VERSIONS
 
 
@@ -618,7 +647,7 @@ def test_submit_hook_exports_and_submits_the_configured_job(case: str) -> None:
     assert f"fl health --server {address} --tls {TLS_DIR}" in container(spec, "wait-for-server")["command"][2]
 
     export = container(spec, "export")
-    assert export["image"].startswith("fl-server:")
+    assert re.match(r"fl-server[:@]", export["image"]), export["image"]
     assert export["command"] == ["python", "/opt/fl/jobs/hello-pt/job.py"]
     assert export["workingDir"] == "/opt/fl/jobs/hello-pt"
     args = export["args"]
@@ -638,17 +667,8 @@ def test_submit_hook_exports_and_submits_the_configured_job(case: str) -> None:
 
     submit = container(spec, "submit")
     assert submit["command"] == ["fl"]
-    assert submit["args"] == [
-        "submit",
-        "/tmp/fl-export/hello-pt",
-        "--server",
-        address,
-        "--tls",
-        TLS_DIR,
-        "--wait",
-        "--timeout",
-        str(job_values["timeoutSeconds"]),
-    ]
+    wait = ["--wait", "--timeout", str(job_values["timeoutSeconds"])] if job_values["wait"] else []
+    assert submit["args"] == ["submit", "/tmp/fl-export/hello-pt", "--server", address, "--tls", TLS_DIR, *wait]
     assert job["spec"]["activeDeadlineSeconds"] > job_values["timeoutSeconds"]
     # The export reaches the submit container through the shared /tmp emptyDir.
     for c in (export, submit):
@@ -659,12 +679,12 @@ def test_submit_hook_options_and_switches() -> None:
     objs = render(
         "(chart defaults)",
         "--set",
-        "job.wait=false,job.onUpgrade=true,job.nClients=1,job.extraArgs[0]=--seed,job.extraArgs[1]=7",
+        "job.wait=true,job.timeoutSeconds=120,job.onUpgrade=true,job.nClients=1,job.extraArgs[0]=--seed,job.extraArgs[1]=7",
     )
     job = hook_job(objs)
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     spec = job["spec"]["template"]["spec"]
-    assert "--wait" not in container(spec, "submit")["args"]
+    assert container(spec, "submit")["args"][-3:] == ["--wait", "--timeout", "120"]
     args = container(spec, "export")["args"]
     assert flag(args, "--n-clients") == "1"
     assert args[-2:] == ["--seed", "7"]
@@ -728,3 +748,329 @@ def test_kind_cluster_has_one_control_plane_and_two_workers() -> None:
     cluster = yaml.safe_load((REPO / "kind-cluster.yaml").read_text())
     assert cluster["kind"] == "Cluster" and cluster["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     assert [n["role"] for n in cluster["nodes"]] == ["control-plane", "worker", "worker"]
+
+
+# --- per-site settings merge key by key -----------------------------------------------------------
+def site_spec(objs: list[Obj], site: str) -> Obj:
+    spec: Obj = site_deployments(objs)[site]["spec"]["template"]["spec"]
+    return spec
+
+
+def probe_max_ages(spec: Obj) -> dict[str, int]:
+    c = spec["containers"][0]
+    return {
+        p: int(flag(c[p]["exec"]["command"], "--max-age")) for p in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+
+
+# (map, siteDefaults' value, one site's partial override, what the site's pod must then show)
+PARTIAL_OVERRIDES: list[tuple[str, Any, Any, Any]] = [
+    (
+        "probes",
+        {"readyMaxAgeSeconds": 60, "liveMaxAgeSeconds": 600, "startupFailureThreshold": 120},
+        {"readyMaxAgeSeconds": 30},
+        lambda spec: (
+            probe_max_ages(spec) == {"startupProbe": 30, "readinessProbe": 30, "livenessProbe": 600}
+            and spec["containers"][0]["startupProbe"]["failureThreshold"] == 120
+        ),
+    ),
+    (
+        "resources",
+        {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}},
+        {"limits": {"memory": "8Gi"}},
+        lambda spec: (
+            spec["containers"][0]["resources"]["requests"] == {"cpu": "1", "memory": "4Gi", "nvidia.com/gpu": 1}
+            and spec["containers"][0]["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}
+        ),
+    ),
+    (
+        "nodeSelector",
+        {"pool": "gpu", "zone": "a"},
+        {"zone": "b", "pool": None},
+        lambda spec: spec["nodeSelector"] == {"zone": "b"},
+    ),
+    (
+        "podAnnotations",
+        {"team": "ml", "cost": "x"},
+        {"cost": "z"},
+        lambda spec: True,  # checked on the pod metadata below
+    ),
+    (
+        "podLabels",
+        {"team": "ml", "cost": "x"},
+        {"cost": "z"},
+        lambda spec: True,  # checked on the pod metadata below
+    ),
+    (
+        "affinity",
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]}}},
+        {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+        lambda spec: set(spec["affinity"]) == {"nodeAffinity", "podAntiAffinity"},
+    ),
+    (
+        "data",
+        {"mountPath": "/data", "volume": {"persistentVolumeClaim": {"claimName": "shared"}}},
+        {"readOnly": False},
+        lambda spec: (
+            {"name": "data", "mountPath": "/data", "readOnly": False} in spec["containers"][0]["volumeMounts"]
+            and {"name": "data", "persistentVolumeClaim": {"claimName": "shared"}} in spec["volumes"]
+        ),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "default", "override", "check"), PARTIAL_OVERRIDES, ids=[o[0] for o in PARTIAL_OVERRIDES]
+)
+def test_a_partial_per_site_override_of_a_map_keeps_the_other_keys(
+    tmp_path: Path, key: str, default: Any, override: Any, check: Any
+) -> None:
+    values = {"siteDefaults": {key: default}, "sites": [{"name": "site-1", key: override}, {"name": "site-2"}]}
+    objs = render_values(tmp_path, values)
+    one, two = (site_deployments(objs)[s]["spec"]["template"] for s in ("site-1", "site-2"))
+    assert check(one["spec"]), (key, one["spec"])
+    if key == "podAnnotations":
+        annotations = one["metadata"]["annotations"]
+        assert annotations["team"] == "ml" and annotations["cost"] == "z", annotations
+        assert two["metadata"]["annotations"]["cost"] == "x"
+    if key == "podLabels":
+        labels = one["metadata"]["labels"]
+        assert labels["team"] == "ml" and labels["cost"] == "z", labels
+        assert two["metadata"]["labels"]["cost"] == "x"
+    # The other site keeps the defaults untouched (the merge copies, never edits siteDefaults).
+    rendered_default = render_values(tmp_path, {"siteDefaults": {key: default}})
+    assert two["spec"] == site_deployments(rendered_default)["site-2"]["spec"]["template"]["spec"]
+
+
+def test_a_site_image_override_of_the_tag_keeps_the_repository_and_pull_policy() -> None:
+    objs = render(
+        "(chart defaults)", "--set", "image.site.repository=r.io/fl-site,sites[0].name=a,sites[0].image.tag=t1"
+    )
+    c = site_spec(objs, "a")["containers"][0]
+    assert c["image"] == "r.io/fl-site:t1" and c["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_a_probe_value_below_one_fails_naming_the_site() -> None:
+    helm = find_tool("helm")
+    proc = run(
+        [helm, "template", RELEASE, str(CHART), "--skip-schema-validation",
+         "--set", "sites[0].name=a,sites[0].probes.liveMaxAgeSeconds=0"],
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "sites[0].probes.liveMaxAgeSeconds: 0 must be a whole number >= 1 (site a)" in proc.stderr, proc.stderr
+
+
+def test_extra_volumes_merge_by_name_and_mounts_by_path(tmp_path: Path) -> None:
+    values = {
+        "siteDefaults": {
+            "extraVolumes": [{"name": "certs", "configMap": {"name": "ca"}}, {"name": "cache", "emptyDir": {}}],
+            "extraVolumeMounts": [{"name": "certs", "mountPath": "/certs"}, {"name": "cache", "mountPath": "/cache"}],
+        },
+        "sites": [
+            {
+                "name": "site-1",
+                "extraVolumes": [{"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}}],
+                "extraVolumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": True}],
+            }
+        ],
+    }
+    spec = site_spec(render_values(tmp_path, values), "site-1")
+    assert [v for v in spec["volumes"] if v["name"] in ("certs", "cache")] == [
+        {"name": "certs", "configMap": {"name": "ca"}},
+        {"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    mounts = spec["containers"][0]["volumeMounts"]
+    assert [m for m in mounts if m["mountPath"] in ("/certs", "/cache")] == [
+        {"name": "certs", "mountPath": "/certs"},
+        {"name": "cache", "mountPath": "/cache", "readOnly": True},
+    ]
+
+
+def test_a_data_volume_spec_with_a_name_renders_one_name(tmp_path: Path) -> None:
+    volume = {"name": "mine", "persistentVolumeClaim": {"claimName": "x"}}
+    values = {"sites": [{"name": "site-1", "data": {"mountPath": "/data", "volume": volume}}]}
+    # parse_manifests refuses duplicate keys, which PyYAML and Kubernetes would silently resolve.
+    spec = site_spec(render_values(tmp_path, values), "site-1")
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "x"}} in spec["volumes"]
+
+
+# --- pod scheduling and extras ---------------------------------------------------------------------
+def test_pod_labels_priority_spread_and_extra_volumes_reach_the_server_and_sites(tmp_path: Path) -> None:
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "site"}}}]  # fmt: skip
+    extras = {
+        "podLabels": {"team": "ml"},
+        "priorityClassName": "fl-high",
+        "topologySpreadConstraints": spread,
+        "extraVolumes": [{"name": "extra", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+    }
+    objs = render_values(tmp_path, {"server": extras, "siteDefaults": extras})
+    for d in [server_deployment(objs), *site_deployments(objs).values()]:
+        template = d["spec"]["template"]
+        spec = template["spec"]
+        assert template["metadata"]["labels"]["team"] == "ml", d["metadata"]["name"]
+        assert d["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        assert spec["priorityClassName"] == "fl-high"
+        assert spec["topologySpreadConstraints"] == spread
+        assert {"name": "extra", "emptyDir": {}} in spec["volumes"]
+        assert {"name": "extra", "mountPath": "/extra"} in spec["containers"][0]["volumeMounts"]
+
+
+@pytest.mark.parametrize("where", ["server.podLabels", "siteDefaults.podLabels", "sites[0].podLabels"])
+def test_pod_labels_may_not_replace_the_charts_own(where: str) -> None:
+    helm = find_tool("helm")
+    sets = f"{where}.app\\.kubernetes\\.io/component=x"
+    if where.startswith("sites"):
+        sets = f"sites[0].name=a,{sets}"
+    proc = run([helm, "template", RELEASE, str(CHART), "--set", sets], check=False)
+    assert proc.returncode != 0
+    assert '"app.kubernetes.io/component" is a label the chart sets itself' in proc.stderr, proc.stderr
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_image_digests_pin_the_server_and_site_images() -> None:
+    objs = render("(chart defaults)", "--set", f"image.server.digest={DIGEST},image.site.digest={DIGEST}")
+    for where, _, spec in pod_specs(objs):
+        for c in all_containers(spec):
+            assert c["image"].endswith(f"@{DIGEST}") and ":0.1.0" not in c["image"], (where, c["image"])
+
+
+def test_a_malformed_image_digest_fails_clearly() -> None:
+    helm = find_tool("helm")
+    for schema in ([], ["--skip-schema-validation"]):
+        proc = run([helm, "template", RELEASE, str(CHART), "--set", "image.site.digest=latest", *schema], check=False)
+        assert proc.returncode != 0, schema
+        if schema:
+            assert 'image.site.digest: "latest" is not an image digest' in proc.stderr, proc.stderr
+
+
+# --- server PodDisruptionBudget --------------------------------------------------------------------
+@pytest.mark.parametrize(("kube", "api"), [("1.20.2", "policy/v1beta1"), ("1.21.0", "policy/v1"), ("", "policy/v1")])
+def test_server_pod_disruption_budget_uses_the_api_the_cluster_serves(kube: str, api: str) -> None:
+    extra = ["--set", "server.podDisruptionBudget.enabled=true"] + (["--kube-version", kube] if kube else [])
+    objs = render("(chart defaults)", *extra)
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == api
+    assert pdb["spec"]["minAvailable"] == 1
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    matching = [where for where, meta, _ in pod_specs(objs) if selector.items() <= meta["labels"].items()]
+    assert matching == [f"Deployment/{server_deployment(objs)['metadata']['name']}"]
+    assert by_kind(render("(chart defaults)"), "PodDisruptionBudget") == []
+
+
+# --- NetworkPolicy -------------------------------------------------------------------------------
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    return bool(selector["matchLabels"].items() <= labels.items())
+
+
+def test_network_policies_confine_sites_to_the_server_and_dns() -> None:
+    objs = render("(chart defaults)", "--set", "networkPolicy.enabled=true")
+    policies = {p["metadata"]["name"]: p for p in by_kind(objs, "NetworkPolicy")}
+    assert sorted(policies) == ["fl-server", "fl-sites"]
+    port = int(effective_values("(chart defaults)")["server"]["port"])
+    pods = {where: meta["labels"] for where, meta, _ in pod_specs(objs)}
+    server_pod = f"Deployment/{server_deployment(objs)['metadata']['name']}"
+    site_pods = {f"Deployment/{d['metadata']['name']}" for d in site_deployments(objs).values()}
+
+    sites = policies["fl-sites"]["spec"]
+    assert {w for w, labels in pods.items() if selects(sites["podSelector"], labels)} == site_pods
+    assert sites["policyTypes"] == ["Ingress", "Egress"] and sites["ingress"] == []
+    to_server, dns = sites["egress"]
+    assert [w for w, labels in pods.items() if selects(to_server["to"][0]["podSelector"], labels)] == [server_pod]
+    assert to_server["ports"] == [{"protocol": "TCP", "port": port}]
+    assert "to" not in dns and {p["port"] for p in dns["ports"]} == {53}
+
+    server = policies["fl-server"]["spec"]
+    assert [w for w, labels in pods.items() if selects(server["podSelector"], labels)] == [server_pod]
+    assert server["policyTypes"] == ["Ingress"]
+    (ingress,) = server["ingress"]
+    allowed = {w for w, labels in pods.items() if any(selects(f["podSelector"], labels) for f in ingress["from"])}
+    # The sites, the submit hook and the chart test: every pod of the release but the server itself.
+    assert allowed == set(pods) - {server_pod}
+    assert ingress["ports"] == [{"protocol": "TCP", "port": port}]
+    assert by_kind(render("(chart defaults)"), "NetworkPolicy") == []
+
+
+def test_network_policy_extra_rules_and_dns_peers_are_added(tmp_path: Path) -> None:
+    dns_peer = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+    extra_in = {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 8002}]}
+    extra_out = {"to": [{"ipBlock": {"cidr": "192.168.0.10/32"}}], "ports": [{"port": 443}]}
+    objs = render_values(
+        tmp_path,
+        {"networkPolicy": {"enabled": True, "dns": {"to": [dns_peer]}, "server": {"extraIngress": [extra_in]},
+                           "site": {"extraEgress": [extra_out]}}},
+    )  # fmt: skip
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(objs, "NetworkPolicy")}
+    assert policies["fl-sites"]["egress"][1]["to"] == [dns_peer]
+    assert policies["fl-sites"]["egress"][2] == extra_out
+    assert policies["fl-server"]["ingress"][1] == extra_in
+
+
+# --- TLS checksums, GitOps -----------------------------------------------------------------------
+def secret_checksum(secret: Obj) -> str:
+    """What the chart's checksum/tls is: sha256 of the Secret's data as Helm's toJson writes it."""
+    return hashlib.sha256(json.dumps(secret["data"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_each_pod_carries_the_checksum_of_the_tls_secret_it_mounts() -> None:
+    objs = render("(chart defaults)")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objs, "Secret")}
+    checksums = set()
+    for d in [server_deployment(objs), *site_deployments(objs).values()]:
+        template = d["spec"]["template"]
+        secret = secrets[tls_secret_of(template["spec"])]
+        assert template["metadata"]["annotations"]["checksum/tls"] == secret_checksum(secret), d["metadata"]["name"]
+        checksums.add(secret_checksum(secret))
+    assert len(checksums) == 3, "the server and each site have a certificate of their own"
+
+
+def test_checksum_keeps_the_pod_annotations_given() -> None:
+    objs = render("(chart defaults)", "--set", "server.podAnnotations.team=ml")
+    annotations = server_deployment(objs)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["team"] == "ml" and len(annotations["checksum/tls"]) == 64
+
+
+def test_existing_tls_the_gitops_path_renders_identically_every_time() -> None:
+    """Generated TLS is new on every render without `lookup` (helm template, Argo CD); existing is not."""
+    helm = find_tool("helm")
+    existing = CHART / "ci" / "existing-tls-values.yaml"
+    cmd = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    assert run([*cmd, "-f", str(existing)]).stdout == run([*cmd, "-f", str(existing)]).stdout
+    for d in [
+        server_deployment(render("existing-tls-values.yaml")),
+        *site_deployments(render("existing-tls-values.yaml")).values(),
+    ]:
+        assert "checksum/tls" not in (d["spec"]["template"]["metadata"].get("annotations") or {})
+    assert run(cmd).stdout != run(cmd).stdout, "generated TLS is expected to differ between renders"
+    readme = (CHART / "README.md").read_text()
+    assert "GitOps" in readme and "tls.mode: existing" in readme
+
+
+# --- NOTES ---------------------------------------------------------------------------------------
+def render_notes(tmp_path: Path, *extra: str) -> str:
+    """NOTES.txt as `helm install` prints it: helm template skips NOTES, so a copy of the chart renders
+    it into a ConfigMap."""
+    chart = tmp_path / "fl"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "fl.test.notes" -}}\n' + notes + "\n{{- end }}\n")
+    configmap = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n"
+    (chart / "templates" / "notes.yaml").write_text(configmap + '  notes: {{ include "fl.test.notes" . | toJson }}\n')
+    text = run([find_tool("helm"), "template", RELEASE, str(chart), "-s", "templates/notes.yaml", *extra]).stdout
+    return str(parse_manifests(text)[0]["data"]["notes"])
+
+
+def test_install_does_not_wait_for_the_job_by_default_and_notes_say_how_to_follow(tmp_path: Path) -> None:
+    submit = container(hook_job(render("(chart defaults)"))["spec"]["template"]["spec"], "submit")
+    assert "--wait" not in submit["args"]
+    notes = render_notes(tmp_path)
+    assert "fl logs JOB_ID --follow" in notes and "fl status JOB_ID" in notes
+    assert "--timeout longer than the training" not in notes
+    waiting = render_notes(tmp_path / "w", "--set", "job.wait=true")
+    assert "--timeout longer than the training" in waiting

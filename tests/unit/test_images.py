@@ -1,9 +1,11 @@
 """Static checks of the container images' Dockerfiles (images/server, images/site), without building.
 
 hadolint must find nothing; the files must keep the shape the chart and the e2e suite rely on: an
-ARG-selected base pinned by tag (the site's CUDA matching torch's default wheels), a builder stage
-that makes the venv and a final stage that copies only the venv, a fixed non-root uid, commented ENVs,
-a build-time smoke test, and `tini -- fl` as the entrypoint (the chart passes only arguments).
+ARG-selected base pinned by tag (the site's CUDA "-base-" image matching torch's default wheels),
+build stages ordered so that a code change rebuilds only the last small layer (dependencies first,
+then fl with --no-deps, pip's downloads in a cache mount), a final stage that copies only the venv and
+fl, OCI labels, a fixed non-root uid, commented ENVs, a build-time smoke test, and `tini -- fl` as the
+entrypoint (the chart passes only arguments).
 
 hadolint comes from `bash tools/install-tools.sh` (the cache folder it prints) or PATH.
 """
@@ -27,6 +29,9 @@ DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile"))
 IMAGE_NAMES = [p.parent.name for p in DOCKERFILES]
 UID_GID = "10001:10001"
 VENV = "/opt/fl/venv"
+APP = "/opt/fl/app"
+STAGES = ["runtime", "requirements", "deps", "builder"]
+PIP_CACHE_MOUNT = "--mount=type=cache,target=/root/.cache/pip"
 TORCH_DEFAULT = "torch==2.14.1"
 CUDA_OF_TORCH_DEFAULT = "13.0"  # torch 2.14.1's default PyPI wheels: torch.version.cuda == "13.0"
 
@@ -108,9 +113,10 @@ def test_base_image_is_an_arg_pinned_by_tag(dockerfile: Path) -> None:
     assert df.stages[0][0] == "${BASE_IMAGE}"
 
 
-def test_site_base_is_the_cuda_runtime_that_matches_torch_default_wheels() -> None:
+def test_site_base_is_the_cuda_base_image_that_matches_torch_default_wheels() -> None:
+    """torch's wheels bring the CUDA libraries: the "-base-" image, not the gigabytes of "-runtime-"."""
     base = parse(IMAGES / "site" / "Dockerfile").global_args["BASE_IMAGE"]
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-[a-z]+[\d.]+", base)
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-[a-z]+[\d.]+", base)
     assert match, base
     assert f"{match.group(1)}.{match.group(2)}" == CUDA_OF_TORCH_DEFAULT
 
@@ -132,21 +138,24 @@ def test_cuda_of_torch_default_agrees_with_the_installed_torch_when_it_is_that_r
 
 def test_torch_and_variant_are_build_arguments(dockerfile: Path) -> None:
     df = parse(dockerfile)
-    builder = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in df.stage("builder") if i.keyword == "ARG"}
+    builder = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in df.stage("deps") if i.keyword == "ARG"}
     assert builder["TORCH_SPEC"] == TORCH_DEFAULT
     assert builder["TORCHVISION_SPEC"] == "torchvision==0.29.1"
     assert builder["TORCH_INDEX_URL"] == ""
     assert builder["VARIANT"] == {"server": "cpu", "site": "cuda"}[dockerfile.parent.name]
 
 
-def test_final_stage_copies_only_the_venv_from_the_builder(dockerfile: Path) -> None:
+def test_final_stage_copies_only_the_venv_and_fl_from_the_build_stages(dockerfile: Path) -> None:
     df = parse(dockerfile)
     names = [name for _, name in df.stages]
-    assert names == ["runtime", "builder", dockerfile.parent.name]
-    assert df.stages[1][0] == "runtime" and df.stages[2][0] == "runtime"
+    assert names == [*STAGES, dockerfile.parent.name]
+    bases = dict((name, base) for base, name in df.stages)
+    assert bases == {"runtime": "${BASE_IMAGE}", "requirements": "runtime", "deps": "runtime", "builder": "deps",
+                     dockerfile.parent.name: "runtime"}  # fmt: skip
     final = df.final()
-    from_builder = [i.args for i in final if i.keyword == "COPY" and "--from" in i.args]
-    assert from_builder == [f"--from=builder {VENV} {VENV}"]
+    from_stages = [i.args for i in final if i.keyword == "COPY" and "--from" in i.args]
+    # The dependencies' layer first (it changes only with them), then fl's small one.
+    assert from_stages == [f"--from=deps {VENV} {VENV}", f"--from=builder {APP} {APP}"]
     for i in final:
         assert not re.search(r"\b(apt-get|apt|pip|pip3)\s+install\b", i.args), f"installs in the final stage: {i.args}"
     text = dockerfile.read_text()
@@ -170,7 +179,6 @@ def test_every_env_is_commented_and_python_is_unbuffered(dockerfile: Path) -> No
         assert any(c for c in i.comments), f"ENV {i.args} has no comment saying why"
     final_env = " ".join(i.args for i in df.final() if i.keyword == "ENV")
     assert "PYTHONUNBUFFERED=1" in final_env
-    assert f"PATH={VENV}/bin:" in final_env
 
 
 def test_build_runs_a_smoke_test_as_the_runtime_user(dockerfile: Path) -> None:
@@ -214,3 +222,66 @@ def test_install_venv_script_is_valid_posix_sh() -> None:
     if shellcheck:
         proc = subprocess.run([shellcheck, "-s", "sh", str(script)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout
+
+
+def test_a_code_change_rebuilds_only_the_last_small_layer(dockerfile: Path) -> None:
+    """The dependency stages never see fl/ (or README.md, or the rest of pyproject.toml): editing the
+    code keeps the torch layer cached on the build machine and on every node that pulled it."""
+    df = parse(dockerfile)
+    copies = {stage: [i.args for i in df.stage(stage) if i.keyword == "COPY"] for stage in STAGES[1:]}
+    assert copies["requirements"] == [
+        "images/scripts/install-venv.sh /usr/local/bin/install-venv",
+        "pyproject.toml /src/pyproject.toml",
+    ]
+    assert copies["deps"] == [
+        "images/scripts/install-venv.sh /usr/local/bin/install-venv",
+        "--from=requirements /requirements.txt /src/requirements.txt",
+    ]
+    assert copies["builder"] == ["pyproject.toml README.md /src/", "fl /src/fl"]
+    runs = {stage: " ".join(i.args for i in df.stage(stage) if i.keyword == "RUN") for stage in STAGES[1:]}
+    assert "install-venv requirements /src/pyproject.toml /requirements.txt" in runs["requirements"]
+    assert f"install-venv deps {VENV} /src/requirements.txt {APP}" in runs["deps"]
+    assert f"install-venv app {VENV} /src {APP}" in runs["builder"]
+
+
+def test_pip_downloads_go_to_a_build_cache_mount(dockerfile: Path) -> None:
+    df = parse(dockerfile)
+    for stage in ("deps", "builder"):
+        (run,) = [i.args for i in df.stage(stage) if i.keyword == "RUN" and "install-venv" in i.args]
+        assert run.startswith(PIP_CACHE_MOUNT), (stage, run)
+    assert "--no-cache-dir" not in (IMAGES / "scripts" / "install-venv.sh").read_text()
+
+
+def test_final_stage_puts_fl_first_on_path(dockerfile: Path) -> None:
+    final_env = " ".join(i.args for i in parse(dockerfile).final() if i.keyword == "ENV")
+    assert f"PATH={APP}/bin:{VENV}/bin:" in final_env
+
+
+def test_oci_labels_name_version_revision_and_source(dockerfile: Path) -> None:
+    df = parse(dockerfile)
+    final = df.final()
+    args = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in final if i.keyword == "ARG"}
+    labels = " ".join(i.args for i in final if i.keyword == "LABEL")
+    for label, arg in (("version", "VERSION"), ("revision", "REVISION"), ("source", "SOURCE")):
+        assert f'org.opencontainers.image.{label}="${{{arg}}}"' in labels, label
+        assert arg in args, f"ARG {arg} missing from the final stage"
+    version = re.search(r'__version__ = "([^"]+)"', (REPO / "fl" / "__init__.py").read_text())
+    chart = re.search(r'appVersion: "([^"]+)"', (REPO / "charts" / "fl" / "Chart.yaml").read_text())
+    assert version and chart and args["VERSION"] == version.group(1) == chart.group(1)
+
+
+def test_install_venv_requirements_are_the_runtime_dependencies_without_torch(tmp_path: Path) -> None:
+    python3 = shutil.which("python3")
+    if python3 is None:
+        pytest.skip("no python3 on PATH")
+    out = tmp_path / "requirements.txt"
+    proc = subprocess.run(
+        ["sh", str(IMAGES / "scripts" / "install-venv.sh"), "requirements", str(REPO / "pyproject.toml"), str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if proc.returncode != 0 and "needs Python 3.11" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert "grpcio>=1.85.1" in lines and "numpy>=1.24" in lines
+    assert not [line for line in lines if line.startswith(("torch", "pytest", "ruff"))], lines

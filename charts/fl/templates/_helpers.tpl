@@ -98,10 +98,28 @@ ServiceAccount name.
 {{- end }}
 
 {{/*
-Image reference. Call with (dict "root" $ "image" <repository/tag/pullPolicy map>).
+Image reference: repository@digest when a digest is given (the tag is then only a label), else
+repository:tag (the tag defaulting to appVersion). Call with (dict "root" $ "image" <repository/tag/
+digest/pullPolicy map>).
 */}}
 {{- define "fl.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails unless an image map's pullPolicy and digest are valid. Call with (dict "where" "image.site" "image" <map>).
+*/}}
+{{- define "fl.validateImage" -}}
+{{- if not (has .image.pullPolicy (list "Always" "IfNotPresent" "Never")) }}
+{{- fail (printf "%s.pullPolicy: %v is not allowed; allowed values: Always, IfNotPresent, Never" .where .image.pullPolicy) }}
+{{- end }}
+{{- if and .image.digest (not (regexMatch "^sha256:[0-9a-f]{64}$" (toString .image.digest))) }}
+{{- fail (printf "%s.digest: %q is not an image digest (sha256: and 64 hex digits)" .where .image.digest) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -178,6 +196,18 @@ in-pod probes), tls.generate.serverDnsNames and the role marker.
 {{- end }}
 
 {{/*
+Fails when extra pod labels name a key the chart sets itself (its selectors and app.kubernetes.io/*,
+helm.sh/*, fl/* labels). Call with (dict "where" "server.podLabels" "labels" <map>).
+*/}}
+{{- define "fl.validatePodLabels" -}}
+{{- range $key, $_ := .labels }}
+{{- if regexMatch "^(app\\.kubernetes\\.io|helm\\.sh|fl)/" $key }}
+{{- fail (printf "%s: %q is a label the chart sets itself; choose another key" $.where $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks that the schema also makes, repeated here with the allowed values so that a render with
 --skip-schema-validation fails just as clearly. Renders nothing.
 */}}
@@ -198,15 +228,13 @@ Checks that the schema also makes, repeated here with the allowed values so that
 {{- fail (printf "%s: %v is not allowed; allowed values: %s" $key $value (join ", " $values)) }}
 {{- end }}
 {{- end }}
-{{- range $image := list .Values.image.server .Values.image.site }}
-{{- if not (has $image.pullPolicy (list "Always" "IfNotPresent" "Never")) }}
-{{- fail (printf "image pullPolicy: %v is not allowed; allowed values: Always, IfNotPresent, Never" $image.pullPolicy) }}
-{{- end }}
-{{- end }}
+{{- include "fl.validateImage" (dict "where" "image.server" "image" .Values.image.server) }}
+{{- include "fl.validatePodLabels" (dict "where" "server.podLabels" "labels" .Values.server.podLabels) }}
+{{- include "fl.validateImage" (dict "where" "image.site" "image" .Values.image.site) }}
 {{- if not .Values.sites }}
 {{- fail "sites: list at least one site, e.g. sites: [{name: site-1}]" }}
 {{- end }}
-{{- $siteKeys := list "name" "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "env" "extraArgs" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds" "image" "tlsSecret" }}
+{{- $siteKeys := concat (list "name") (include "fl.site.settingKeys" . | fromJsonArray) (list "image" "tlsSecret") }}
 {{- $seenNames := dict }}
 {{- $seenObjects := dict }}
 {{- $reserved := list .Values.server.name .Values.admin.name }}
@@ -243,31 +271,87 @@ Checks that the schema also makes, repeated here with the allowed values so that
 {{- else if or (lt (float64 $gpus) 0.0) (ne (float64 (int $gpus)) (float64 $gpus)) }}
 {{- fail (printf "sites[%d].gpus: %v must be a whole number >= 0" $i $gpus) }}
 {{- end }}
+{{- $settings := include "fl.site.settings" (dict "root" $ "site" $site) | fromYaml }}
+{{- include "fl.validateImage" (dict "where" (printf "sites[%d].image" $i) "image" $settings.image) }}
+{{- include "fl.validatePodLabels" (dict "where" (printf "sites[%d].podLabels" $i) "labels" $settings.podLabels) }}
+{{- range $key, $value := $settings.probes }}
+{{- if not (and (or (kindIs "float64" $value) (kindIs "int64" $value) (kindIs "int" $value)) (ge (float64 $value) 1.0)) }}
+{{- fail (printf "sites[%d].probes.%s: %v must be a whole number >= 1 (site %s)" $i $key $value $site.name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{/*
-A site's effective settings: siteDefaults with the keys the site sets replacing them (an explicit 0,
-false, "" or [] on a site wins too, which a plain merge would ignore); env merged by name, the site's
-entries last. Call with (dict "root" $ "site" <the site's map>); returns YAML.
+The keys a site may set besides name, image and tlsSecret, as a JSON list: each defaults to
+siteDefaults.<key>. One list for the settings below and for the check of a site's keys.
+*/}}
+{{- define "fl.site.settingKeys" -}}
+{{- toJson (list "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "podLabels" "priorityClassName" "topologySpreadConstraints" "env" "extraArgs" "extraVolumes" "extraVolumeMounts" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds") }}
+{{- end }}
+
+{{/*
+Merges the map .src into the map .dst in place, key by key at every depth: a key .src sets wins
+(an explicit 0, false, "" or [] too), maps on both sides merge, and a key set to null in .src
+removes the key from .dst. Renders nothing. Call with (dict "dst" <map, modified> "src" <map>).
+*/}}
+{{- define "fl.mergeInto" -}}
+{{- $dst := .dst }}
+{{- range $key, $value := .src }}
+{{- if kindIs "invalid" $value }}
+{{- $_ := unset $dst $key }}
+{{- else if and (kindIs "map" $value) (kindIs "map" (index $dst $key)) }}
+{{- include "fl.mergeInto" (dict "dst" (index $dst $key) "src" $value) }}
+{{- else }}
+{{- $_ := set $dst $key $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Two lists of maps merged by one field (.by, e.g. "name"): the entries of .base whose field no entry of
+.over has, then .over. Call with (dict "base" <list> "over" <list> "by" <field>); returns a JSON list.
+*/}}
+{{- define "fl.mergeListBy" -}}
+{{- $by := .by }}
+{{- $over := default (list) .over }}
+{{- $overKeys := list }}
+{{- range $over }}{{ $overKeys = append $overKeys (index . $by) }}{{ end }}
+{{- $out := list }}
+{{- range (default (list) .base) }}
+{{- if not (has (index . $by) $overKeys) }}{{ $out = append $out . }}{{ end }}
+{{- end }}
+{{- toJson (concat $out $over) }}
+{{- end }}
+
+{{/*
+A site's effective settings: for every key, siteDefaults (image: the top-level image.site) with the
+site's own value over it. Maps (resources, probes, nodeSelector, podAnnotations, podLabels, affinity,
+data, image) merge key by key at every depth, so a site that sets one key keeps the others; other
+values the site sets replace the default (an explicit 0, false, "" or [] too); env and extraVolumes
+merge by name and extraVolumeMounts by mountPath, the site's entries last. Call with
+(dict "root" $ "site" <the site's map>); returns YAML.
 */}}
 {{- define "fl.site.settings" -}}
-{{- $defaults := .root.Values.siteDefaults }}
+{{- $defaults := deepCopy .root.Values.siteDefaults }}
+{{- $_ := set $defaults "image" (deepCopy .root.Values.image.site) }}
 {{- $site := .site }}
-{{- $out := dict "name" $site.name }}
-{{- range $key := list "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "extraArgs" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds" }}
-{{- $_ := set $out $key (ternary (index $site $key) (index $defaults $key) (hasKey $site $key)) }}
+{{- $out := dict "name" $site.name "tlsSecret" (default "" $site.tlsSecret) }}
+{{- range $key := concat (include "fl.site.settingKeys" .root | fromJsonArray) (list "image") }}
+{{- $default := index $defaults $key }}
+{{- $own := index $site $key }}
+{{- if not (hasKey $site $key) }}
+{{- $_ := set $out $key $default }}
+{{- else if and (kindIs "map" $default) (kindIs "map" $own) }}
+{{- include "fl.mergeInto" (dict "dst" $default "src" $own) }}
+{{- $_ := set $out $key $default }}
+{{- else }}
+{{- $_ := set $out $key $own }}
 {{- end }}
-{{- $_ := set $out "image" (mergeOverwrite (deepCopy $.root.Values.image.site) (default (dict) $site.image)) }}
-{{- $_ := set $out "tlsSecret" (default "" $site.tlsSecret) }}
-{{- $siteEnv := default (list) $site.env }}
-{{- $siteEnvNames := list }}
-{{- range $siteEnv }}{{ $siteEnvNames = append $siteEnvNames .name }}{{ end }}
-{{- $env := list }}
-{{- range (default (list) $defaults.env) }}
-{{- if not (has .name $siteEnvNames) }}{{ $env = append $env . }}{{ end }}
 {{- end }}
-{{- $_ := set $out "env" (concat $env $siteEnv) }}
+{{- range $key, $by := dict "env" "name" "extraVolumes" "name" "extraVolumeMounts" "mountPath" }}
+{{- $_ := set $out $key (include "fl.mergeListBy" (dict "base" (index $defaults $key) "over" (index $site $key) "by" $by) | fromJsonArray) }}
+{{- end }}
 {{- toYaml $out }}
 {{- end }}
 
@@ -306,4 +390,106 @@ Mode 0440: readable by the runtime user through fsGroup, by nobody else. Call wi
         path: tls.crt
       - key: tls.key
         path: tls.key
+{{- end }}
+
+{{/*
+The TLS material of tls.mode "generate", made once per render and kept in .Values.__flGeneratedTLS,
+so that the Secrets and the pods' checksum/tls annotations see the same certificates:
+{ca: {secret, crt, key}, participants: [{secret, cn, role, spec, data: {ca.crt, tls.crt, tls.key}}]}
+(base64). On upgrade, `lookup` finds the Secrets of the previous install and keeps them: the CA
+always, a participant's certificate while it was signed by that CA for the same subject and names.
+(`helm template`, --dry-run and Argo CD cannot look up, so they get fresh material on every render.)
+Helm's genSignedCert sets only the subject CN, not the OU that holds the role in fl provision's
+certificates; the role goes into a DNS SAN "<role>.role.fl.invalid" instead (see README.md).
+Renders nothing; call with the root context.
+*/}}
+{{- define "fl.tls.generated" -}}
+{{- if not (hasKey .Values "__flGeneratedTLS") }}
+{{- $days := int .Values.tls.generate.days }}
+{{- $caName := include "fl.tls.caSecretName" . }}
+{{- $ca := dict }}
+{{- $previousCA := lookup "v1" "Secret" .Release.Namespace $caName }}
+{{- if and $previousCA (hasKey (default (dict) $previousCA.data) "ca.crt") (hasKey (default (dict) $previousCA.data) "ca.key") }}
+{{- $ca = buildCustomCert (index $previousCA.data "ca.crt") (index $previousCA.data "ca.key") }}
+{{- else }}
+{{- $ca = genCA (printf "%s fl project CA" (include "fl.fullname" .)) $days }}
+{{- end }}
+{{- $caCrt := $ca.Cert | b64enc }}
+{{- $wanted := list }}
+{{- $wanted = append $wanted (dict
+    "secret" (include "fl.tls.serverSecretName" .)
+    "cn" .Values.server.name "role" "server"
+    "ips" (uniq (concat (list "127.0.0.1") .Values.tls.generate.serverIPs))
+    "dns" (include "fl.tls.serverDnsNames" . | fromJsonArray)) }}
+{{- $wanted = append $wanted (dict
+    "secret" (include "fl.tls.adminSecretName" .)
+    "cn" .Values.admin.name "role" "admin"
+    "ips" (list) "dns" (list (include "fl.tls.roleSAN" "admin"))) }}
+{{- range .Values.sites }}
+{{- $wanted = append $wanted (dict
+    "secret" (include "fl.tls.siteSecretName" (dict "root" $ "site" .))
+    "cn" .name "role" "site"
+    "ips" (list) "dns" (list (include "fl.tls.roleSAN" "site"))) }}
+{{- end }}
+{{- $participants := list }}
+{{- range $wanted }}
+{{- $spec := printf "cn=%s role=%s dns=%s ips=%s" .cn .role (join "," .dns) (join "," .ips) | sha256sum }}
+{{- $previous := lookup "v1" "Secret" $.Release.Namespace .secret }}
+{{- $data := dict }}
+{{- if and $previous $previous.data $previous.metadata.annotations
+      (eq (index $previous.metadata.annotations "fl/tls-spec" | default "") $spec)
+      (eq (index $previous.data "ca.crt" | default "") $caCrt)
+      (hasKey $previous.data "tls.crt") (hasKey $previous.data "tls.key") }}
+{{- $data = dict "ca.crt" $caCrt "tls.crt" (index $previous.data "tls.crt") "tls.key" (index $previous.data "tls.key") }}
+{{- else }}
+{{- $cert := genSignedCert .cn .ips .dns $days $ca }}
+{{- $data = dict "ca.crt" $caCrt "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) }}
+{{- end }}
+{{- $participants = append $participants (dict "secret" .secret "cn" .cn "role" .role "spec" $spec "data" $data) }}
+{{- end }}
+{{- $_ := set .Values "__flGeneratedTLS" (dict
+    "ca" (dict "secret" $caName "crt" $caCrt "key" ($ca.Key | b64enc))
+    "participants" $participants) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The checksum/tls annotation's value for a pod that mounts the TLS Secret .secret: the sha256 of the
+Secret's data, so that a re-issued certificate rolls exactly the pods that use it. Generated mode:
+of the material this render writes; existing mode: of the Secret `lookup` finds (empty, and no
+annotation, where lookup cannot run: helm template, Argo CD). Call with (dict "root" $ "secret" name).
+*/}}
+{{- define "fl.tls.checksum" -}}
+{{- if eq .root.Values.tls.mode "generate" }}
+{{- include "fl.tls.generated" .root }}
+{{- range (index .root.Values "__flGeneratedTLS").participants }}
+{{- if eq .secret $.secret }}{{ toJson .data | sha256sum }}{{ end }}
+{{- end }}
+{{- else }}
+{{- $found := lookup "v1" "Secret" .root.Release.Namespace .secret }}
+{{- if and $found $found.data }}{{ toJson $found.data | sha256sum }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A pod's annotations: the given ones (podAnnotations) plus checksum/tls of the TLS Secret it mounts.
+Call with (dict "root" $ "annotations" <map> "secret" <TLS Secret name>); returns YAML, or nothing.
+*/}}
+{{- define "fl.podAnnotations" -}}
+{{- $out := deepCopy (default (dict) .annotations) }}
+{{- $checksum := include "fl.tls.checksum" (dict "root" .root "secret" .secret) }}
+{{- if $checksum }}{{ $_ := set $out "checksum/tls" $checksum }}{{ end }}
+{{- with $out }}{{ toYaml . }}{{ end }}
+{{- end }}
+
+{{/*
+The PodDisruptionBudget API: policy/v1 where the cluster serves it (Kubernetes 1.21 and later),
+else policy/v1beta1 (1.20). `helm template` claims both API groups, so its --kube-version decides.
+*/}}
+{{- define "fl.pdb.apiVersion" -}}
+{{- if and (.Capabilities.APIVersions.Has "policy/v1") (semverCompare ">=1.21-0" .Capabilities.KubeVersion.Version) }}
+{{- print "policy/v1" }}
+{{- else }}
+{{- print "policy/v1beta1" }}
+{{- end }}
 {{- end }}

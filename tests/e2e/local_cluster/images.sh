@@ -261,7 +261,9 @@ case "$cmd" in
     mounts=()
     while read -r m; do [ -n "$m" ] && mounts+=(-v "$m:$m:ro"); done < "$PODMAN_HOME/pip-mounts"
     log "podman build -t $tag -f $dockerfile ${build_args[*]} $context"
-    podman_nice build --isolation=chroot --pull=never --network=host --layers \
+    # buildah keeps `RUN --mount=type=cache` folders under $TMPDIR (default /var/tmp, which is a
+    # throw-away overlay here): on disk in $PODMAN_HOME/tmp they last from one build to the next.
+    TMPDIR="$PODMAN_HOME/tmp" podman_nice build --isolation=chroot --pull=never --network=host --layers \
       "${mounts[@]}" "${build_args[@]}" -f "$dockerfile" -t "$tag" "$context" >&2
     [ $do_import = 1 ] && import_image "$tag"
     log "done in $((SECONDS - T0)) s" ;;

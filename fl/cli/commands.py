@@ -64,6 +64,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from fl.fsutil import LockHeld
     from fl.server.app import FLServer
 
     setup_logging(args.log_format, args.log_level)
@@ -72,15 +73,18 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
-    server = FLServer(
-        Path(args.workspace),
-        host=args.host,
-        port=args.port,
-        tls=tls,  # type: ignore[arg-type]
-        heartbeat_interval=args.heartbeat_interval,
-        lost_after=args.heartbeat_timeout,
-        site_wait_timeout=args.site_wait_timeout,
-    )
+    try:
+        server = FLServer(
+            Path(args.workspace),
+            host=args.host,
+            port=args.port,
+            tls=tls,  # type: ignore[arg-type]
+            heartbeat_interval=args.heartbeat_interval,
+            lost_after=args.heartbeat_timeout,
+            site_wait_timeout=args.site_wait_timeout,
+        )
+    except LockHeld as exc:
+        return _fail(f"fl server: another fl server uses the workspace: {exc}")
     try:
         server.start()
     except OSError as exc:

@@ -16,6 +16,7 @@ import numpy as np
 
 from fl.components.base import Component
 from fl.fsutil import atomic_path
+from fl.process import popen_bound_to_parent
 from fl.tensors import TensorSpec
 
 __all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
@@ -118,21 +119,24 @@ class PTFileModelPersistor(Component):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
+        proc = popen_bound_to_parent(
+            command,
+            cwd=custom if custom.is_dir() else ctx.run_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
-            proc = subprocess.run(
-                command,
-                cwd=custom if custom.is_dir() else ctx.run_dir,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            raw_out, raw_err = proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise ModelInitError("building the initial model took longer than 600 s") from None
+        stdout, stderr = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
         if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
             raise ModelInitError(f"building the initial model failed:\n{tail}")
-        ctx.log.info("initial model ready: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else out)
+        ctx.log.info("initial model ready: %s", stdout.strip().splitlines()[-1] if stdout.strip() else out)
         return out
 
     def save_global(

@@ -28,6 +28,7 @@ from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
 from fl.config import ConfigError, build_component, load_config, resolve_class
+from fl.process import popen_bound_to_parent
 from fl.proto import federation_pb2 as pb
 from fl.server.jobstore import JobError, extract_zip
 from fl.site.transfers import TransferFailed, download_blob, upload_file
@@ -204,7 +205,7 @@ class JobRunner:
             }
         )
         self.log.info("starting training script: %s", " ".join(shlex.quote(c) for c in command[1:]))
-        self.process = subprocess.Popen(
+        self.process = popen_bound_to_parent(
             command,
             cwd=self.job_dir,
             env=env,

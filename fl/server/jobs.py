@@ -432,7 +432,7 @@ class JobManager:
         for status_file in sorted(self.jobs_dir.glob("*/status.json")):
             try:
                 record = JobRecord(**read_json(status_file))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OSError):
                 log.warning("ignoring unreadable %s", status_file)
                 continue
             self.records[record.job_id] = record

@@ -131,6 +131,7 @@ class JobRunner:
             self.done.set()
             return
         assert self.process is not None
+        self._end_group_when_script_exits()
         code = self.process.wait()
         self._drain_done.wait(5)
         if self.ended is None and not self.stop_event.is_set():
@@ -451,6 +452,17 @@ class JobRunner:
             self.log.warning("training script still running %.0f s after the job ended; stopping it", END_GRACE_S)
             self._kill_script()
 
+    def _end_group_when_script_exits(self) -> None:
+        """Wait until the script exits, then kill what is left of its process group (processes it started).
+
+        The script is waited for without being reaped, so that its pid, the group's id, is not reused meanwhile.
+        """
+        assert self.process is not None
+        with contextlib.suppress(ChildProcessError):  # reaped already, by _kill_script (which kills the group)
+            os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
     def _kill_script(self) -> None:
         process = self.process
         if process is None or process.poll() is not None:
@@ -459,8 +471,7 @@ class JobRunner:
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the script if it is still running, and what it started
+            os.killpg(process.pid, signal.SIGKILL)

@@ -99,6 +99,29 @@ def test_kill_9_of_a_site_agent_ends_its_training_script(federation, tmp_path, m
         _kill(pids)
 
 
+def test_processes_a_script_started_end_with_its_job(federation, tmp_path, make_job):
+    fed = federation
+    fed.start_server()
+    site = fed.start_site("site-1")
+    fed.wait_sites(["site-1"])
+    job_id = json.loads(
+        fed.fl(
+            "submit",
+            str(make_job(sites=1, rounds=1, script_args={"site-1": "--spawn-sleeper"}).export_job(tmp_path / "export")),
+            "--json",
+        ).stdout
+    )["job_id"]
+    sleeper = int(site.wait_for_log(r"sleeper pid (\d+)", 120).group(1))
+    try:
+        final = wait_for(
+            lambda: (j := fed.job(job_id))["status"] in ("finished", "failed") and j, 120, "the job to end"
+        )
+        assert final["status"] == "finished", final["message"]
+        assert _still_alive_after([sleeper]) == [], "a process the script started outlived its job"
+    finally:
+        _kill([sleeper])
+
+
 @pytest.mark.parametrize("victim", ["driver", "sites host"])
 def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job, tmp_path, victim):
     """kill -9 of `fl simulate` ends its whole run (sites host and scripts); of the sites host, its scripts."""

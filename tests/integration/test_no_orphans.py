@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,14 @@ def _kill(pids: list[int]) -> None:
     for pid in _alive(pids):
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
+
+
+def _remove_memory_folders_of(pids: list[int]) -> None:
+    """The /dev/shm folders of killed sites hosts (the next simulator start would sweep them)."""
+    for owner in Path("/dev/shm").glob("fl-sim-*/.owner"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(owner.read_text().strip() or 0) in pids:
+                shutil.rmtree(owner.parent, ignore_errors=True)
 
 
 def _scripts_of(pid: int) -> list[psutil.Process]:
@@ -134,6 +143,7 @@ def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     pids: list[int] = []
+    hosts: list[psutil.Process] = []
     try:
         wait_for(lambda: log.read_text().count(": round 0 task train") >= 2, 180, "both scripts to train", 0.3)
         hosts = [p for p in psutil.Process(driver.pid).children() if "fl.simulator" in p.cmdline()]
@@ -149,3 +159,4 @@ def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job
         driver.kill()
         driver.wait(10)
         _kill(pids)
+        _remove_memory_folders_of([h.pid for h in hosts])

@@ -66,7 +66,7 @@ def main() -> int:
             proc = fed.fl("submit", str(job_dir), "--json")
             job_id = json.loads(proc.stdout)["job_id"]
             first_round = wait_for(
-                lambda: _times(server.log(), r"round=1\] train task sent"), 120, "the first round to start"
+                lambda: _times(server.log(), r"round=1/\d+\] train task sent"), 120, "the first round to start"
             )[0]
             first_task = min(
                 wait_for(lambda site=site: _times(site.log(), r"task train received"), 120, "a task")[0]

@@ -1,7 +1,9 @@
 """Logging: one event a line, with site, job and round in each, unbuffered; optionally JSON lines.
 
 Loggers get context through :func:`adapter` (``log = adapter("fl.site", site="site-1", job=...)``);
-the formatter prints ``[site job=... round=...]`` for whichever fields a record has.
+the formatter prints ``[site job=... round=1/2]`` for whichever fields a record has. A record's
+``round`` is the 0-based round index and ``num_rounds`` the job's rounds (:func:`fl.rounds.log_round`);
+text shows them as people count (``round=1/2``, ``round=final``), JSON lines keep both numbers.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
+from fl.rounds import round_tag
+
 __all__ = ["ContextAdapter", "adapter", "setup_logging"]
 
-_FIELDS = ("site", "job", "round")
+_FIELDS = ("site", "job", "round", "num_rounds")
 
 
 class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -45,7 +49,7 @@ def _context(record: logging.LogRecord) -> str:
         parts.append(f"job={str(job)[:8]}")
     rnd = getattr(record, "round", None)
     if rnd is not None:
-        parts.append(f"round={rnd}")
+        parts.append(f"round={round_tag(rnd, getattr(record, 'num_rounds', None))}")
     return f"[{' '.join(parts)}] " if parts else ""
 
 

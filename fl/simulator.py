@@ -3,12 +3,24 @@
 It is the production code path (gRPC, chunked safetensors, a process per training script), not a
 second implementation; only TLS is off, which is allowed on loopback alone. On a terminal it shows
 progress; it ends with a summary of the results and where they are.
+
+A workspace keeps every run: each run is a job of its own in ``WORKSPACE/server/jobs/<job-id>/``
+(sites: ``WORKSPACE/<site>/<job-id>/``), and ``WORKSPACE/latest`` links to the newest. A run holds
+an flock on ``WORKSPACE/.fl-simulation.lock`` for its whole life, so a second run into the same
+workspace is refused (naming the PID of the first) instead of breaking it.
+
+There is no wall-clock limit by default (``timeout=None``): how long a run takes depends on the
+data (CIFAR10 on a CPU takes minutes a round) and FedAvg's ``round_timeout`` (3600 s, FLARE's)
+already ends a round whose sites stay silent; instead, every ``status_interval`` seconds (30) a
+waiting round says which sites it waits for and what was last heard from them, so a hung script
+shows at once. Pass ``timeout`` to bound a run (e.g. in CI).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -17,22 +29,29 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fl.fsutil import read_json
+from fl.fsutil import atomic_write_json, read_json
 from fl.log import adapter, setup_logging
 from fl.process import popen_bound_to_parent
+from fl.pythonpath import module_command
+from fl.rounds import model_label
 from fl.server.app import FLServer
 from fl.server.jobs import TERMINAL, JobRecord
 from fl.server.jobstore import JobError, read_job
 from fl.site.agent import SiteAgent
 
-__all__ = ["simulate"]
+__all__ = ["WorkspaceBusy", "simulate", "workspace_lock"]
 
 log = adapter("fl.simulator")
 MARKER = ".fl-simulation"
+LOCK = ".fl-simulation.lock"
+LATEST = "latest"
+#: Seconds between "still waiting for" lines in the simulator (a server's default is 60).
+SIM_STATUS_INTERVAL_S = 30.0
 
 
 def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None) -> list[str]:
@@ -58,25 +77,132 @@ def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None)
     return names
 
 
-def _prepare_workspace(workspace: Path, sites: list[str]) -> None:
-    """Start from a clean simulation workspace, refusing to wipe a folder that isn't one."""
-    if workspace.exists() and any(workspace.iterdir()):
-        if not (workspace / MARKER).exists() and (workspace / "server").exists():
-            raise JobError(f"{workspace} holds a server workspace that is not a simulation's; use another -w")
-        for child in workspace.iterdir():
-            if child.is_dir() and (child.name == "server" or (child / "site-status.json").exists()):
-                shutil.rmtree(child)
+def _refuse_foreign_workspace(workspace: Path) -> None:
+    """A folder holding a server workspace that is not a simulation's is not ours to use."""
+    if not (workspace / MARKER).exists() and (workspace / "server").exists():
+        raise JobError(f"{workspace} holds a server workspace that is not a simulation's; use another -w")
+
+
+def _prepare_workspace(workspace: Path) -> None:
+    """Make ``workspace`` ready for a new run, keeping earlier runs' results.
+
+    Call with the workspace locked: a job left unfinished there belongs to a run that was killed,
+    and is marked so (a server would otherwise resume it before this run's job).
+    """
     workspace.mkdir(parents=True, exist_ok=True)
     (workspace / MARKER).write_text("fl simulator workspace\n")
+    for status_file in sorted((workspace / "server" / "jobs").glob("*/status.json")):
+        record = read_json(status_file)
+        if isinstance(record, dict) and record.get("status") not in (*TERMINAL, None):
+            record.update(status="aborted", message="its simulation ended before the job did (killed?)")
+            record["ended"] = record.get("ended") or status_file.stat().st_mtime
+            atomic_write_json(status_file, record)
+            log.info("job %s was left unfinished by an earlier run here: marked aborted", record.get("job_id"))
+
+
+_held_locks: dict[Path, tuple[int, int]] = {}  # workspace -> (descriptor, how many holders here)
+_held_guard = threading.Lock()
+
+
+class WorkspaceBusy(JobError):
+    """Another simulation holds the workspace."""
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path) -> Iterator[None]:
+    """Hold the workspace's flock for a run (re-entrant in one process; ``simulator_run`` holds it
+    across export and simulation). Raises :class:`WorkspaceBusy` naming the PID that holds it."""
+    workspace = workspace.resolve()
+    with _held_guard:
+        held = _held_locks.get(workspace)
+        if held is None:
+            _refuse_foreign_workspace(workspace)
+            workspace.mkdir(parents=True, exist_ok=True)
+            fd = os.open(workspace / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise WorkspaceBusy(
+                    f"{workspace} is in use by another simulation (PID {holder}); wait for it to end "
+                    "or give this run another workspace (-w, or simulator_run's workspace)"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            held = (fd, 0)
+        _held_locks[workspace] = (held[0], held[1] + 1)
+    try:
+        yield
+    finally:
+        with _held_guard:
+            fd, count = _held_locks.pop(workspace)
+            if count > 1:
+                _held_locks[workspace] = (fd, count - 1)
+            else:
+                os.close(fd)  # releases the flock; the file stays (removing it would race a new holder)
+
+
+def _link_latest(workspace: Path, run_dir: Path) -> None:
+    """Point ``WORKSPACE/latest`` at the newest run's job folder (replacing the link atomically)."""
+    link = workspace / LATEST
+    if link.exists() and not link.is_symlink():
+        return  # something of the user's: leave it
+    tmp = workspace / f".{LATEST}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(run_dir.relative_to(workspace))
+    os.replace(tmp, link)
+
+
+class _ConsoleLines:
+    """A text stream that prints whole lines above a rich Live display, from any thread, so that a
+    log line and the progress line never share a terminal line."""
+
+    def __init__(self, console: Any) -> None:
+        self._console = console
+        self._lock = threading.Lock()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            self._print(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do: every whole line is printed as it arrives."""
+
+    def finish(self) -> None:
+        """Print what came after the last newline (when the display ends)."""
+        with self._lock:
+            partial, self._partial = self._partial, ""
+            self._print([partial] if partial else [])
+
+    def _print(self, lines: list[str]) -> None:
+        from rich.text import Text
+
+        for line in lines:
+            self._console.print(Text.from_ansi(line), soft_wrap=True)
+
+    def isatty(self) -> bool:
+        return True
 
 
 class _Progress:
-    """Round and sites-done display: a rich status line on a terminal, nothing extra otherwise."""
+    """Round and sites-done display: a rich status line on a terminal, nothing extra otherwise.
 
-    def __init__(self, enabled: bool) -> None:
+    While it shows, fl's log handlers on stderr and the sites' forwarded output (sys.stderr) go
+    through the display's console, which prints each line above the status line.
+    """
+
+    def __init__(self, enabled: bool, console: Any = None) -> None:
         self.enabled = enabled
+        self._console = console
         self._live: Any = None
         self._text = ""
+        self._rerouted: list[tuple[logging.StreamHandler[Any], Any]] = []
+        self._stderr: Any = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -84,10 +210,29 @@ class _Progress:
             from rich.live import Live
             from rich.spinner import Spinner
 
+            # Bound to the real stderr: a Console(stderr=True) looks sys.stderr up on every write, and
+            # would then write its own display into the rerouted stream (and deadlock on its lock).
+            console = self._console or Console(file=sys.stderr)
             self._spinner = Spinner("dots", text="starting")
-            self._live = Live(self._spinner, console=Console(stderr=True), refresh_per_second=8, transient=True)
+            self._live = Live(
+                self._spinner,
+                console=console,
+                refresh_per_second=8,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self._live.__enter__()
+            self._route_output(_ConsoleLines(console))
         return self
+
+    def _route_output(self, lines: _ConsoleLines) -> None:
+        """Send sys.stderr and the fl log handlers that write to it through ``lines``."""
+        self._stderr = sys.stderr
+        for handler in logging.getLogger("fl").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self._stderr:
+                self._rerouted.append((handler, handler.setStream(lines)))
+        sys.stderr = lines
 
     def update(self, record: JobRecord) -> None:
         s = record.summary
@@ -105,11 +250,20 @@ class _Progress:
         self._text = text
 
     def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.__exit__(None, None, None)
+        if self._live is None:
+            return
+        if isinstance(sys.stderr, _ConsoleLines):
+            sys.stderr.finish()
+        sys.stderr = self._stderr
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted.clear()
+        self._live.__exit__(None, None, None)
 
 
 def _summary(record: JobRecord, run_dir: Path, elapsed: float) -> str:
+    """The run's last words: status, the key metric of every model (labels from fl.rounds), the best
+    model (or why there is none) and where the results are."""
     lines = [
         f"{record.name} {record.status} in {elapsed:.1f} s"
         + (f": {record.num_rounds} rounds on {', '.join(record.sites)}" if record.sites else "")
@@ -119,24 +273,22 @@ def _summary(record: JobRecord, run_dir: Path, elapsed: float) -> str:
     validation = read_json(run_dir / "validation.json") or {}
     models = validation.get("models", [])
     best = read_json(run_dir / "best_model.json")
+    chosen = best if best and best.get("model_version") is not None else None
     if models:
         keys = sorted({k for m in models for k in m.get("aggregate", {})})
         key = best["key_metric"] if best else (keys[0] if keys else None)
-        if key:
+        scored = [m for m in models if key in m.get("aggregate", {})]
+        if key and scored:
             history = ", ".join(
-                f"{'initial' if m['model_version'] == 0 else 'after round ' + str(m['model_version'])} "
-                f"{m['aggregate'][key]:.4f}"
-                for m in models
-                if key in m.get("aggregate", {})
+                f"{model_label(m['model_version'], record.num_rounds)} {m['aggregate'][key]:.4f}" for m in scored
             )
             lines.append(f"  {key}: {history}")
-            final = [m for m in models if key in m.get("aggregate", {})][-1]
-            lines.append(f"  final {key}: {final['aggregate'][key]:.4f}")
-        if best:
-            which = (
-                "initial model" if best["model_version"] == 0 else f"global model after round {best['model_version']}"
-            )
-            lines.append(f"  best {best['key_metric']}: {best['score']:.4f} ({which})")
+            lines.append(f"  final {key}: {scored[-1]['aggregate'][key]:.4f}")
+    if chosen:
+        which = model_label(chosen["model_version"], record.num_rounds)
+        lines.append(f"  best {chosen['key_metric']}: {chosen['score']:.4f} ({which})")
+    elif best and best.get("reason"):
+        lines.append(f"  no best model: {best['reason']}")
     for label, rel in (
         ("global model", "FL_global_model.pt"),
         ("best model", "best_FL_global_model.pt"),
@@ -162,18 +314,43 @@ def simulate(
     gpu: str | None = None,
     timeout: float | None = None,
     progress: bool | None = None,
+    status_interval: float | None = None,
 ) -> int:
-    """Run an exported job; returns 0 when it finished, 1 when it failed, 130 on Ctrl-C."""
+    """Run an exported job; returns 0 when it finished, 1 when it failed, 2 when it could not start
+    (bad job, workspace in use), 130 on Ctrl-C.
+
+    ``timeout``: seconds the whole run may take (default: no limit; see the module's docstring).
+    ``status_interval``: seconds between the lines that say whom a waiting round waits for (30).
+    """
     if not logging_configured():
         setup_logging()
     job_dir = Path(job_dir).resolve()
     workspace = Path(workspace).resolve()
+    held = contextlib.ExitStack()
     try:
         sites = _site_names(job_dir, n_clients, clients)
-        _prepare_workspace(workspace, sites)
+        held.enter_context(workspace_lock(workspace))
+        _prepare_workspace(workspace)
     except JobError as exc:
+        held.close()
         log.error("%s", exc)
         return 2
+    with held:
+        interval = status_interval or SIM_STATUS_INTERVAL_S
+        return _run(job_dir, workspace, sites, threads, gpu, timeout, progress, interval)
+
+
+def _run(
+    job_dir: Path,
+    workspace: Path,
+    sites: list[str],
+    threads: int | None,
+    gpu: str | None,
+    timeout: float | None,
+    progress: bool | None,
+    status_interval: float,
+) -> int:
+    """The run itself, in a locked and prepared workspace (see :func:`simulate`)."""
     concurrent = min(threads or len(sites), len(sites))
     per_site = max(1, (os.cpu_count() or 1) // concurrent)
     gpus = [g.strip() for g in gpu.split(",")] if gpu else []
@@ -193,6 +370,7 @@ def simulate(
         lost_after=20.0,
         site_wait_timeout=60.0,
         site_env=site_env,
+        status_interval=status_interval,
     )
     port = server.start()
     host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads)
@@ -207,13 +385,15 @@ def simulate(
     record: JobRecord | None = None
     try:
         host.start()
-        if not host.wait_registered(server, 120.0):
-            log.error("the sites did not connect within 120 s")
-            raise SystemExit(1)
+        problem = host.wait_registered(server, 120.0)
+        if problem is not None:
+            log.error("%s", problem)
+            return 1
         staging = Path(tempfile.mkdtemp(prefix="job-", dir=server.staging_dir))
         shutil.copytree(job_dir, staging / "job", ignore=shutil.ignore_patterns("__pycache__"))
         record = server.jobs.submit(staging / "job")
         shutil.rmtree(staging, ignore_errors=True)
+        _link_latest(workspace, server.jobs.job_dir(record.job_id))
         log.info("simulating %s with %s (workspace %s)", record.name, ", ".join(sites), workspace)
         deadline = None if timeout is None else time.monotonic() + timeout
         show = sys.stderr.isatty() if progress is None else progress
@@ -221,12 +401,13 @@ def simulate(
             while record.status not in TERMINAL:
                 if interrupted.is_set():
                     log.warning("interrupted: stopping the job and every process it started")
-                    server.jobs.abort(record.job_id)
+                    server.jobs.abort(record.job_id, "interrupted (Ctrl-C): the simulator stopped the job")
                     server.jobs.wait(record.job_id, 30)
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     log.error("the simulation did not finish within %.0f s; aborting", timeout)
-                    server.jobs.abort(record.job_id)
+                    reason = f"the simulation did not finish within its timeout ({timeout:g} s)"
+                    server.jobs.abort(record.job_id, reason)
                     server.jobs.wait(record.job_id, 30)
                     break
                 display.update(record)
@@ -256,11 +437,11 @@ class _SitesHost:
     def __init__(self, server: str, workspace: Path, sites: list[str], threads: int | None) -> None:
         groups = 1 if threads else max(1, min(len(sites), os.cpu_count() or 1))
         self.commands = [
-            [
-                sys.executable, "-m", "fl.simulator", "--server", server, "--workspace", str(workspace),
+            module_command(
+                "fl.simulator", "--server", server, "--workspace", str(workspace),
                 "--sites", ",".join(sites[i::groups]), "--threads", str(threads or 0),
                 "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
-            ]
+            )
             for i in range(groups)
         ]  # fmt: skip
         self.sites = sites
@@ -281,15 +462,23 @@ class _SitesHost:
             sys.stderr.write(raw.decode("utf-8", errors="replace"))
             sys.stderr.flush()
 
-    def wait_registered(self, server: FLServer, timeout: float) -> bool:
+    def wait_registered(self, server: FLServer, timeout: float) -> str | None:
+        """Wait until every site registered; returns None, or what went wrong instead."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if set(self.sites) <= set(server.registry.connected_sites()):
-                return True
-            if any(proc.poll() is not None for proc in self.procs):
-                return False
+            connected = set(server.registry.connected_sites())
+            if set(self.sites) <= connected:
+                return None
+            for command, proc in zip(self.commands, self.procs, strict=True):
+                if proc.poll() is not None:
+                    names = command[command.index("--sites") + 1]
+                    return (
+                        f"the site process for {names.replace(',', ', ')} exited with code {proc.returncode} "
+                        "before its sites connected (its output is above)"
+                    )
             time.sleep(0.05)
-        return False
+        missing = ", ".join(s for s in self.sites if s not in server.registry.connected_sites())
+        return f"sites {missing} did not connect within {timeout:.0f} s (their processes still run; output above)"
 
     def stop(self, *, graceful: bool) -> None:
         for proc in self.procs:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fl.cli.options import add_alias
+
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
 
@@ -20,22 +22,30 @@ def add_commands(sub: Any, add_connection: Callable[[argparse.ArgumentParser], N
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
+    job_id_help = "the job's id (as `fl submit` and `fl jobs` print it)"
     p = command("submit", "submit a job folder")
-    p.add_argument("job_dir")
+    p.add_argument("job_dir", help="an exported job folder (FedJob.export_job)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it finished")
-    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds (exit 4)")
+    wait_timeout = p.add_argument(
+        "--wait-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --wait: stop waiting after this many seconds and exit 4; the job goes on "
+        "(also --timeout; default: no limit)",
+    )
+    add_alias(p, wait_timeout, "--timeout")
     command("jobs", "list jobs")
     p = command("status", "show a job")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help=job_id_help)
     p = command("logs", "show a job's logs")
-    p.add_argument("job_id")
-    p.add_argument("--site", default="", help="only this site (or 'server')")
+    p.add_argument("job_id", help=job_id_help)
+    p.add_argument("--site", default="", help="only this site (or 'server'; default: all)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p = command("download", "fetch a job's results (models, metrics, TensorBoard events, logs)")
-    p.add_argument("job_id")
-    p.add_argument("-o", "--out", required=True)
+    p.add_argument("job_id", help=job_id_help)
+    p.add_argument("-o", "--out", required=True, help="folder to write the results into")
     p = command("abort", "abort a job")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help=job_id_help)
     command("sites", "list sites and their last heartbeat")
 
 
@@ -103,14 +113,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(job_info_dict(info)))
             return EXIT_OK
-        final = client.wait(info.job_id, args.timeout)
+        final = client.wait(info.job_id, args.wait_timeout)
         data = job_info_dict(final)
         if args.json:
             print(json.dumps(data))
         else:
             _print_job(data)
         if final.status not in ("finished", "failed", "aborted"):
-            return _fail(f"job {info.job_id} still {final.status} after {args.timeout:.0f} s", EXIT_TIMEOUT)
+            return _fail(f"job {info.job_id} still {final.status} after {args.wait_timeout:.0f} s", EXIT_TIMEOUT)
         return _exit_for(final.status)
 
     return _run(args, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -51,28 +52,46 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
     if not Path(args.job_dir).is_dir():
         return _fail(f"{args.job_dir}: no such job folder")
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
+    sites = [c.strip() for c in args.sites.split(",") if c.strip()] if args.sites else None
     return simulate(
         args.job_dir,
         args.workspace,
-        n_clients=args.n_clients,
+        n_clients=args.n_sites,
         threads=args.threads,
-        clients=clients,
+        clients=sites,
         gpu=args.gpu,
-        timeout=args.timeout,
+        timeout=args.job_timeout,
+        status_interval=args.status_interval,
     )
 
 
+def _names(value: str | None) -> list[str]:
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    from fl.config import HostPolicy
     from fl.fsutil import LockHeld
+    from fl.server.admission import RevocationListError
     from fl.server.app import FLServer
+    from fl.server.jobs import DEFAULT_MAX_LOG_BYTES
 
     setup_logging(args.log_format, args.log_level)
     if not args.workspace:
         return _fail("fl server: give --workspace DIR (or FL_WORKSPACE)")
+    max_log_bytes = DEFAULT_MAX_LOG_BYTES if args.max_log_bytes is None else args.max_log_bytes
+    if max_log_bytes < 4096 or args.max_running_jobs < 1:
+        return _fail("fl server: --max-log-bytes must be at least 4096 and --max-running-jobs at least 1")
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
+    given = args.data_root if args.data_root is not None else os.environ.get("FL_DATA_ROOTS", "").split(os.pathsep)
+    data_roots = tuple(Path(d) for d in given if d)
+    missing = [str(d) for d in data_roots if not d.is_dir()]
+    if missing:
+        return _fail(f"fl server: --data-root {', '.join(missing)}: no such folder")
+    if not args.crl_refresh > 0:
+        return _fail(f"fl server: --crl-refresh {args.crl_refresh} must be a positive number of seconds")
     try:
         server = FLServer(
             Path(args.workspace),
@@ -82,11 +101,23 @@ def cmd_server(args: argparse.Namespace) -> int:
             heartbeat_interval=args.heartbeat_interval,
             lost_after=args.heartbeat_timeout,
             site_wait_timeout=args.site_wait_timeout,
+            max_running_jobs=args.max_running_jobs,
+            max_log_bytes=max_log_bytes,
+            crl_path=Path(args.crl) if args.crl else None,
+            crl_refresh=args.crl_refresh,
+            allowed_sites=_names(args.allowed_sites) or None,
+            policy=HostPolicy(job_code=not args.no_custom_code, data_roots=data_roots),
+            **({} if args.status_interval is None else {"status_interval": args.status_interval}),
         )
     except LockHeld as exc:
         return _fail(f"fl server: another fl server uses the workspace: {exc}")
+    except ValueError as exc:
+        return _fail(f"fl server: {exc}")
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_revocations())
     try:
         server.start()
+    except RevocationListError as exc:
+        return _fail(f"fl server: {exc}")
     except OSError as exc:
         return _fail(f"fl server: {exc}", EXIT_UNREACHABLE)
     stop = threading.Event()
@@ -150,7 +181,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     channel = make_channel(args.server, tls=tls, server_name=args.server_name)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+            health_pb2.HealthCheckRequest(service=""), timeout=args.rpc_timeout
         )
     except grpc.RpcError as exc:
         return _fail(f"server not healthy: {exc.code().name}: {exc.details()}", EXIT_UNREACHABLE)
@@ -167,8 +198,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from fl.provision import ProvisionError, provision
 
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    admins = [a.strip() for a in args.admins.split(",") if a.strip()]
+    sites, admins = _names(args.sites), _names(args.admins)
+    if args.revoke or args.revoke_cert:
+        if sites or admins:
+            return _fail("fl provision: give either --sites/--admins (to issue) or --revoke/--revoke-cert, not both")
+        return _revoke(args)
     try:
         written = provision(
             Path(args.out),
@@ -178,9 +212,33 @@ def cmd_provision(args: argparse.Namespace) -> int:
             admins=admins,
             project=args.project,
             days=args.days,
+            crl_days=args.crl_days,
         )
     except ProvisionError as exc:
         return _fail(str(exc))
     for name, folder, created in written:
         print(f"{'created' if created else 'kept   '} {name:<24} {folder}")
+    return EXIT_OK
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    """``fl provision --revoke``: add certificates to the project's CRL and say where it was written."""
+    from fl.provision import CRL_FILE, ProvisionError, revoke
+
+    out = Path(args.out)
+    try:
+        revoked = revoke(
+            out,
+            names=_names(args.revoke),
+            cert_files=[Path(p) for p in args.revoke_cert],
+            server_name=args.server_name,
+            crl_days=args.crl_days,
+        )
+    except ProvisionError as exc:
+        return _fail(str(exc))
+    for name, serial, added in revoked:
+        print(f"{'revoked' if added else 'already'} {name:<24} serial {serial:x}")
+    written = [p for p in (out / "ca" / CRL_FILE, out / args.server_name / CRL_FILE) if p.exists()]
+    print(f"revocation list: {', '.join(map(str, written))}")
+    print("the server enforces it after a SIGHUP or its next --crl-refresh; in Kubernetes set tls.crl (charts/fl)")
     return EXIT_OK

@@ -12,10 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from fl import __version__
+from fl.cli.options import CommandParser, add_alias
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+INSECURE_HELP = "no TLS, loopback only (env FL_INSECURE=1)"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -32,41 +34,115 @@ def _env_port() -> int:
 def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=_env("FL_SERVER"), help="HOST:PORT of the fl server (env FL_SERVER)")
     p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="TLS folder: ca.crt, tls.crt, tls.key (env FL_TLS_DIR)")
-    p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1", help="no TLS (loopback only)")
-    p.add_argument("--server-name", default=_env("FL_SERVER_NAME"), help="name to verify in the server's certificate")
+    p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1", help=INSECURE_HELP)
+    p.add_argument(
+        "--server-name",
+        default=_env("FL_SERVER_NAME"),
+        help="name to verify in the server's certificate (env FL_SERVER_NAME; default: the host of --server)",
+    )
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=["text", "json"], default=_env("FL_LOG_FORMAT", "text"))
-    p.add_argument("--log-level", default=_env("FL_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=_env("FL_LOG_FORMAT", "text"),
+        help="one event a line as text, or JSON lines (env FL_LOG_FORMAT)",
+    )
+    p.add_argument(
+        "--log-level", default=_env("FL_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR (env FL_LOG_LEVEL)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl", description="fl: federated learning for PyTorch")
+    parser = CommandParser(prog="fl", description="fl: federated learning for PyTorch")
     parser.add_argument("--version", action="version", version=f"fl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("simulate", help="run an exported job with a server and N sites on this machine")
+    p = sub.add_parser(
+        "simulate",
+        help="run an exported job with a server and N sites on this machine",
+        description="Run an exported job with a real fl server and N site agents on loopback.",
+        epilog="NVIDIA FLARE's simulator spellings work too: "
+        "-n/--n_clients N, -c/--clients NAMES, -t/--threads T, -w/--workspace DIR, -gpu/--gpu IDS.",
+    )
     p.add_argument("job_dir", help="an exported job folder (FedJob.export_job)")
-    p.add_argument("-n", "--n-clients", type=int, help="number of sites (default: the job's sites)")
+    n_sites = p.add_argument(
+        "-n", "--n-sites", type=int, metavar="N", help="number of sites (also --n_clients; default: the job's sites)"
+    )
+    add_alias(p, n_sites, "--n-clients", "--n_clients")
+    sites = p.add_argument(
+        "--sites", metavar="NAMES", help="comma-separated site names (also -c/--clients; default: the job's sites)"
+    )
+    add_alias(p, sites, "-c", "--clients")
     p.add_argument("-w", "--workspace", default="/tmp/fl/simulate", help="simulation workspace")
     p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
-    p.add_argument("-c", "--clients", help="comma-separated site names")
-    p.add_argument("--gpu", help="comma-separated GPU ids, assigned to sites in turn")
-    p.add_argument("--timeout", type=float, help="abort if the job has not finished after this many seconds")
+    gpu = p.add_argument("--gpu", metavar="IDS", help="comma-separated GPU ids, assigned to sites in turn (also -gpu)")
+    add_alias(p, gpu, "-gpu")
+    job_timeout = p.add_argument(
+        "--job-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="abort the job if it has not finished after this many seconds (also --timeout; default: no limit)",
+    )
+    add_alias(p, job_timeout, "--timeout")
+    p.add_argument(
+        "--status-interval", type=float, help="seconds between 'still waiting for' lines in a round (default: 30)"
+    )
     _add_logging(p)
 
     p = sub.add_parser("server", help="run the fl server daemon")
     p.add_argument("--workspace", default=_env("FL_WORKSPACE"), help="server workspace (env FL_WORKSPACE)")
-    p.add_argument("--host", default=_env("FL_HOST", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=_env_port())
+    p.add_argument("--host", default=_env("FL_HOST", "0.0.0.0"), help="address to listen on (env FL_HOST)")
+    p.add_argument("--port", type=int, default=_env_port(), help="port to listen on; 0 picks a free one (env FL_PORT)")
     p.add_argument("--tls", default=_env("FL_TLS_DIR"), help="server TLS folder (env FL_TLS_DIR)")
-    p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1")
+    p.add_argument("--insecure", action="store_true", default=_env("FL_INSECURE") == "1", help=INSECURE_HELP)
     p.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between site heartbeats")
     p.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, help="seconds without heartbeat before a site is lost"
     )
-    p.add_argument("--site-wait-timeout", type=float, default=600.0, help="how long a job waits for its sites")
+    p.add_argument(
+        "--site-wait-timeout", type=float, default=600.0, help="seconds a job waits for its sites to connect"
+    )
+    p.add_argument(
+        "--crl",
+        default=_env("FL_CRL"),
+        help="revocation list (PEM CRL) to enforce (default: crl.pem in the TLS folder)",
+    )
+    p.add_argument(
+        "--crl-refresh",
+        type=float,
+        default=60.0,
+        help="seconds between re-reads of the revocation list (and on SIGHUP)",
+    )
+    p.add_argument(
+        "--allowed-sites", default=_env("FL_ALLOWED_SITES"), help="comma-separated: only these sites may join"
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=_env("FL_STATUS_INTERVAL"),
+        help="seconds between 'still waiting for' lines while a round waits (default: 60; env FL_STATUS_INTERVAL)",
+    )
+    p.add_argument(
+        "--no-custom-code",
+        action="store_true",
+        default=_env("FL_NO_CUSTOM_CODE") == "1",
+        help="run no job code on the server host: initial models come from shipped weights or checkpoints",
+    )
+    p.add_argument(
+        "--data-root",
+        action="append",
+        metavar="DIR",
+        help="a folder that absolute file paths in job configs (checkpoints) may point into; repeatable "
+        "(env FL_DATA_ROOTS, separated by ':')",
+    )
+    p.add_argument("--max-running-jobs", type=int, default=1, help="jobs that run at the same time")
+    p.add_argument(
+        "--max-log-bytes",
+        type=int,
+        help="bytes of log a site may forward per job (default 32 MiB); later lines are dropped and counted",
+    )
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")
@@ -89,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="probe: exit 0 when the server serves / the site is registered")
     _add_connection(p)
     p.add_argument("--site-workspace", help="check a site's status file instead of the server")
-    p.add_argument("--max-age", type=float, default=60.0, help="site status older than this fails the probe")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--max-age", type=float, default=60.0, help="seconds: a site status older than this fails the probe")
+    rpc_timeout = p.add_argument(
+        "--rpc-timeout", type=float, default=5.0, metavar="SECONDS", help="deadline of the health call (also --timeout)"
+    )
+    add_alias(p, rpc_timeout, "--timeout")
 
     from fl.cli import admin
 
@@ -103,7 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", default="", help="comma-separated site names")
     p.add_argument("--admins", default="", help="comma-separated admin names")
     p.add_argument("--project", default="fl", help="project name (in the CA's subject)")
-    p.add_argument("--days", type=int, default=825, help="certificate validity")
+    p.add_argument("--days", type=int, default=825, help="certificate validity in days")
+    p.add_argument("--revoke", default="", help="comma-separated participants whose certificates to revoke")
+    p.add_argument(
+        "--revoke-cert",
+        action="append",
+        default=[],
+        help="a certificate file to revoke (repeatable; e.g. from a Secret)",
+    )
+    p.add_argument("--crl-days", type=int, default=365, help="validity of the revocation list (renewed on every run)")
 
     sub.add_parser("version", help="print the version")
     return parser

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 __all__ = ["Component", "Events"]
 
@@ -35,6 +36,9 @@ class Component:
     """Base for components; override :meth:`handle_event` for the events of interest."""
 
     _init_args: dict[str, Any]
+    #: Constructor arguments that name input files: the server resolves them inside the job folder
+    #: or one of its data roots (fl server --data-root), and refuses the job at submit otherwise.
+    file_args: ClassVar[tuple[str, ...]] = ()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = super().__new__(cls)
@@ -43,3 +47,10 @@ class Component:
 
     def handle_event(self, event: str, data: dict[str, Any], ctx: Any) -> None:
         """Called for every event of the job; the default ignores them."""
+
+    def job_code_needed(self, app_dir: Path) -> str | None:
+        """Why this component, whose arguments name the job's code, needs that code on the server host.
+
+        None: it can do without (the server's policy may refuse the job's code: --no-custom-code).
+        """
+        return "its arguments name the job's code, which it would run on the server host"

@@ -7,6 +7,7 @@ from typing import Any
 
 from fl.components.base import Component, Events
 from fl.fsutil import atomic_write_json, read_json
+from fl.rounds import model_label
 from fl.workflows.aggregation import weighted_metrics
 
 __all__ = ["IntimeModelSelector"]
@@ -17,6 +18,9 @@ class IntimeModelSelector(Component):
 
     The score of a model version is the weighted mean of the key metric that sites report for it
     (weights: each result's ``NUM_STEPS_CURRENT_ROUND`` times ``aggregation_weights[site]``, default 1).
+    ``best_model.json`` holds ``key_metric``, ``score``, ``model_version`` and its ``description``
+    (numbering as in :mod:`fl.rounds`); when the job ends with no best model it holds
+    ``model_version: null`` and the ``reason``.
 
     Parameters
     ----------
@@ -45,16 +49,21 @@ class IntimeModelSelector(Component):
         self.persistor_id = persistor_id
         self.best: dict[str, Any] | None = None
         self._loaded = False
+        self._reported: set[str] = set()  # metric names the sites reported, for "why no best model"
 
     def _state_path(self, ctx: Any) -> Any:
         return ctx.run_dir / "best_model.json"
 
     def handle_event(self, event: str, data: dict[str, Any], ctx: Any) -> None:
         if not self._loaded:
-            self.best = read_json(self._state_path(ctx))
+            saved = read_json(self._state_path(ctx))
+            self.best = saved if saved and saved.get("model_version") is not None else None
             self._loaded = True
+        if event == Events.JOB_FINISHED and self.best is None and data.get("status") == "finished":
+            self._explain_no_best(ctx)
         if event != Events.MODEL_EVALUATED:
             return
+        self._reported.update(k for m in data["site_metrics"].values() for k in m)
         weights = data.get("site_weights", {})
         pairs = [
             (
@@ -77,14 +86,32 @@ class IntimeModelSelector(Component):
         if persistor is None:
             raise ValueError(f"model selector: no persistor component {self.persistor_id!r}")
         persistor.save_best(ctx, data["model_path"], model_version=data["model_version"], metric=score)
+        description = model_label(data["model_version"], data.get("num_rounds"))
         self.best = {
             "key_metric": self.key_metric,
             "score": score,
             "model_version": data["model_version"],
-            "after_round": data["model_version"] - 1,
+            "description": description,
             "file": persistor.best_global_model_file_name,
         }
         atomic_write_json(self._state_path(ctx), self.best)
-        ctx.log.info(
-            "new best model: %s=%.4g (global model after round %d)", self.key_metric, score, data["model_version"]
+        ctx.log.info("new best model: %s=%.4g (%s)", self.key_metric, score, description)
+
+    def _explain_no_best(self, ctx: Any) -> None:
+        """The job ends without a best model: say why, in the log and in ``best_model.json``."""
+        if not self._reported:
+            reason = (
+                f"the sites sent no metrics with their results, so no model was scored; send "
+                f"FLModel(metrics={{{self.key_metric!r}: ...}}) from the training script"
+            )
+        else:
+            reported = ", ".join(sorted(self._reported))
+            reason = (
+                f"no site reported the key metric {self.key_metric!r} (they reported: {reported}); "
+                f"set key_metric to one of those, or send {self.key_metric!r}"
+            )
+        atomic_write_json(
+            self._state_path(ctx),
+            {"key_metric": self.key_metric, "score": None, "model_version": None, "reason": reason},
         )
+        ctx.log.warning("no best model: %s", reason)

@@ -7,16 +7,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fl.components.base import Component
+from fl.components.base import Component, Events
+from fl.config import HostPolicy
 from fl.fsutil import atomic_path
 from fl.process import popen_bound_to_parent
+from fl.pythonpath import module_command
+from fl.rounds import model_label
 from fl.tensors import TensorSpec
 
 __all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
@@ -43,8 +45,10 @@ class PTFileModelPersistor(Component):
     """Builds the initial model and writes ``FL_global_model.pt`` / ``best_FL_global_model.pt``.
 
     The job's model class (``model={"path": ..., "args": ...}``) is instantiated in a child process,
-    so that the server process never imports a job's code. Checkpoints hold
-    ``{"model": state_dict, "round": ..., "job_id": ...}`` and load with ``torch.load(weights_only=True)``.
+    so that the server process never imports a job's code. Checkpoints hold ``{"model": state_dict,
+    "model_version": v, "round": v - 1, "description": ..., "job_id": ...}`` (numbering as in
+    :mod:`fl.rounds`: ``round`` is the 0-based index of the round that produced the model, None for
+    the initial model) and load with ``torch.load(weights_only=True)``.
 
     Parameters
     ----------
@@ -55,6 +59,8 @@ class PTFileModelPersistor(Component):
     source_ckpt_file_full_name:
         Start from this checkpoint (``.safetensors``, or ``.pt`` loaded with ``weights_only=True``).
     """
+
+    file_args = ("source_ckpt_file_full_name",)
 
     def __init__(
         self,
@@ -77,17 +83,45 @@ class PTFileModelPersistor(Component):
         self.best_global_model_file_name = best_global_model_file_name
         self.source_ckpt_file_full_name = source_ckpt_file_full_name
         self._global_version: int | None = None  # model version in FL_global_model.pt, if written here
+        self._num_rounds: int | None = None  # the job's rounds, for the checkpoints' descriptions
 
-    def _shipped_weights_match(self, path: Path) -> bool:
+    def handle_event(self, event: str, data: dict[str, Any], ctx: Any) -> None:
+        if event == Events.ROUND_STARTED and data.get("num_rounds"):
+            self._num_rounds = int(data["num_rounds"])
+
+    def _info(self, model_version: int, ctx: Any) -> dict[str, Any]:
+        """A checkpoint's metadata for ``model_version``, numbered as everywhere else (fl.rounds)."""
+        return {
+            "model_version": model_version,
+            "round": model_version - 1 if model_version > 0 else None,
+            "description": model_label(model_version, self._num_rounds),
+            "job_id": ctx.job_id,
+        }
+
+    def _shipped_weights(self, app_dir: Path) -> Path | None:
+        """The weights shipped with the job for this model config, if any (used when no checkpoint is given)."""
         from fl.tensors import LayoutError, open_tensors
 
-        assert self.model is not None
+        if self.model is None or self.source_ckpt_file_full_name:
+            return None
+        path = initial_weights_path(app_dir, self.model)
         try:
             f, layout, _ = open_tensors(path)
         except (LayoutError, OSError):
-            return False
+            return None
         f.close()
-        return layout.metadata.get("fl.model") == model_fingerprint(self.model)
+        return path if layout.metadata.get("fl.model") == model_fingerprint(self.model) else None
+
+    def job_code_needed(self, app_dir: Path) -> str | None:
+        """Why building the initial model needs the job's code on the server host; None if it doesn't."""
+        if self.model is None or self.source_ckpt_file_full_name or self._shipped_weights(app_dir) is not None:
+            return None
+        limit = INITIAL_WEIGHTS_MAX_BYTES // 2**20
+        return (
+            f"the initial model {self.model['path']} would be built from the job's code on the server host, and "
+            f"the job ships no weights for it; ship them (FedJob.export_job does for models up to {limit} MiB) "
+            "or start from a checkpoint in the job folder or a data root (source_ckpt_file_full_name)"
+        )
 
     def global_model_path(self, ctx: Any) -> Path:
         return Path(ctx.run_dir) / self.global_model_file_name
@@ -103,25 +137,31 @@ class PTFileModelPersistor(Component):
         """
         out = Path(ctx.run_dir) / "models" / "global-r0000.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        if self.model is not None and not self.source_ckpt_file_full_name:
-            shipped = initial_weights_path(Path(ctx.app_dir), self.model)
-            if shipped.is_file() and self._shipped_weights_match(shipped):
-                with atomic_path(out) as tmp:
-                    shutil.copyfile(shipped, tmp)
-                ctx.log.info("initial model: weights shipped with the job (%s)", self.model["path"])
-                return out
-        command = [sys.executable, "-m", "fl.components.model_init", "--out", str(out)]
-        if self.model is not None:
-            command += ["--model", json.dumps(self.model)]
+        app_dir = Path(ctx.app_dir)
+        shipped = self._shipped_weights(app_dir)
+        if shipped is not None:
+            with atomic_path(out) as tmp:
+                shutil.copyfile(shipped, tmp)
+            ctx.log.info("initial model: weights shipped with the job (%s)", self.model and self.model["path"])
+            return out
+        policy: HostPolicy = ctx.policy
+        reason = None if policy.job_code else self.job_code_needed(app_dir)
+        if reason is not None:
+            raise ModelInitError(f"the server's policy runs no job code (fl server --no-custom-code): {reason}")
+        command = module_command("fl.components.model_init", "--out", str(out))
         if self.source_ckpt_file_full_name:
-            command += ["--checkpoint", self.source_ckpt_file_full_name]
-        custom = Path(ctx.app_dir) / "custom"
+            what = "PTFileModelPersistor source_ckpt_file_full_name"
+            checkpoint = policy.resolve_path(self.source_ckpt_file_full_name, app_dir.parent, what=what)
+            command += ["--checkpoint", str(checkpoint)]
+        custom = app_dir / "custom"
+        if self.model is not None and policy.job_code:
+            command += ["--model", json.dumps(self.model), "--custom-dir", str(custom)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONSAFEPATH"] = "1"  # the working folder (the job's code) never shadows fl or installed modules
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = popen_bound_to_parent(
             command,
-            cwd=custom if custom.is_dir() else ctx.run_dir,
+            cwd=custom if policy.job_code and custom.is_dir() else ctx.run_dir,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -146,14 +186,13 @@ class PTFileModelPersistor(Component):
 
         ``arrays`` (the model in memory, in ``model_path``'s layout) saves reading the file back.
         """
-        info = {"round": round, "model_version": round + 1, "job_id": ctx.job_id}
-        _save_pt(model_path, self.global_model_path(ctx), info, arrays)
+        _save_pt(model_path, self.global_model_path(ctx), self._info(round + 1, ctx), arrays)
         self._global_version = round + 1
 
     def save_best(self, ctx: Any, model_path: Path, *, model_version: int, metric: float) -> None:
         """Write ``best_FL_global_model.pt`` for model version ``model_version`` (0: the initial model)."""
         target = self.best_model_path(ctx)
-        info = {"round": model_version - 1, "model_version": model_version, "metric": metric, "job_id": ctx.job_id}
+        info = {**self._info(model_version, ctx), "metric": metric}
         current = self.global_model_path(ctx)
         if self._global_version == model_version and current.exists():
             # FL_global_model.pt holds this very model: copy it (in the kernel).

@@ -18,7 +18,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 class TBAnalyticsReceiver(Component):
     """Event files under ``<job>/<tb_folder>/<site>/``; ``add_scalars`` groups get sub-folders.
 
-    The server's own aggregated metrics per model version go to ``<tb_folder>/server/``.
+    The server's own aggregated metrics go to ``<tb_folder>/server/`` as ``global/<metric>`` with
+    the model version as their step (0: the initial model; see :mod:`fl.rounds`). Sites' points
+    keep the step their script gave them.
     """
 
     def __init__(self, tb_folder: str = "tb_events", events: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from fl.components.base import Component, Events
 from fl.fsutil import atomic_write_json, read_json
+from fl.rounds import model_label
 
 __all__ = ["ValidationJsonGenerator"]
 
@@ -13,7 +14,9 @@ __all__ = ["ValidationJsonGenerator"]
 class ValidationJsonGenerator(Component):
     """Writes ``validation.json``: ``{"models": [{model_version, description, sites, aggregate}]}``.
 
-    Model version 0 is the initial model; version ``r`` is the global model after round ``r``.
+    Model version 0 is the initial model; version ``v`` is the global model after round v/N (see
+    :mod:`fl.rounds`); ``evaluated_in_round`` is the round index (``current_round``) of the tasks
+    whose results carried the metrics (N: the final validation).
     """
 
     def __init__(self, results_dir: str = "", json_file_name: str = "validation.json") -> None:
@@ -37,7 +40,7 @@ class ValidationJsonGenerator(Component):
         doc["models"].append(
             {
                 "model_version": version,
-                "description": "initial model" if version == 0 else f"global model after round {version}",
+                "description": model_label(version, data.get("num_rounds")),
                 "evaluated_in_round": data["round"],
                 "sites": data["site_metrics"],
                 "aggregate": data["metrics"],

@@ -163,7 +163,7 @@ def _check_model_config(config: dict[str, Any], model: Any) -> None:
 
     try:
         with torch.device("meta"):
-            built = instantiate(config, allow_custom=True, recursive=True)
+            built = instantiate(config, custom_dir=_code_root(type(model))[1], recursive=True)
     except (ConfigError, Exception) as exc:  # a model whose __init__ can't run on meta
         if _state_bytes(model) > _max_shipped_bytes():
             raise JobConfigError(
@@ -198,16 +198,21 @@ def _max_shipped_bytes() -> int:
     return INITIAL_WEIGHTS_MAX_BYTES
 
 
-def _module_code(cls: type) -> dict[str, Path]:
-    """The source files that define ``cls``: its module, or its whole top-level package."""
+def _code_root(cls: type) -> tuple[Path, Path]:
+    """(source file of ``cls``'s module, the folder its import name is relative to: the job's ``custom/``)."""
     module = sys.modules.get(cls.__module__)
     file = getattr(module, "__file__", None)
     if not file:
         raise JobConfigError(f"cannot find the source file of {cls.__module__}")
     path = Path(file).resolve()
+    depth = len(cls.__module__.split(".")) - 1 if path.name != "__init__.py" else len(cls.__module__.split("."))
+    return path, (path.parents[depth] if depth else path.parent)
+
+
+def _module_code(cls: type) -> dict[str, Path]:
+    """The source files that define ``cls``: its module, or its whole top-level package."""
+    path, root = _code_root(cls)
     parts = cls.__module__.split(".")
-    depth = len(parts) - 1 if path.name != "__init__.py" else len(parts)
-    root = path.parents[depth] if depth else path.parent
     if len(parts) == 1 and path.name != "__init__.py":
         return {path.name: path}
     return _collect_code(root / parts[0], root)
@@ -443,15 +448,32 @@ class FedJob:
         threads: int | None = None,
         gpu: str | None = None,
         clients: list[str] | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Export the job and run it in the simulator; returns the exit code (0: finished)."""
-        from fl.simulator import simulate
+        """Export the job and run it in the simulator; returns the exit code (0: finished).
 
-        workspace = Path(workspace)
-        job_dir = self.export_job(workspace / "job_config")
+        Earlier runs in ``workspace`` are kept (each is a job folder of its own; ``workspace/latest``
+        is the newest); a run still going there makes this one refuse with exit code 2.
+        ``timeout``: seconds the run may take, default no limit (see :mod:`fl.simulator`).
+        """
+        from fl.log import setup_logging
+        from fl.simulator import WorkspaceBusy, log, logging_configured, simulate, workspace_lock
+
+        workspace = Path(workspace).resolve()
         if clients is None and n_clients is None and self.sites:
             clients = self.sites
-        return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, clients=clients, gpu=gpu)
+        if not logging_configured():
+            setup_logging()
+        try:
+            # Held across the export too: a concurrent run must not rewrite job_config under this one.
+            with workspace_lock(workspace):
+                job_dir = self.export_job(workspace / "job_config")
+                return simulate(
+                    job_dir, workspace, n_clients=n_clients, threads=threads, clients=clients, gpu=gpu, timeout=timeout
+                )
+        except WorkspaceBusy as exc:
+            log.error("%s", exc)
+            return 2
 
 
 def _write_initial_weights(app_dir: Path, model_config: dict[str, Any], module: Any) -> None:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fl.config import HostPolicy
 from fl.log import adapter
 from fl.memory import tune_malloc
 from fl.proto import federation_pb2_grpc as pb_grpc
-from fl.server.jobs import JobManager
+from fl.provision import CRL_FILE
+from fl.server.admission import Admission
+from fl.server.jobs import DEFAULT_MAX_LOG_BYTES, JobManager
 from fl.server.service import AdminServicer, BulkServicer, FederationServicer
 from fl.server.sites import SiteRegistry
-from fl.server.tasks import TaskBroker
+from fl.server.tasks import STATUS_INTERVAL_S, TaskBroker
 from fl.server.transfers import BlobStore, UploadManager
 from fl.transport import TLSConfig, is_loopback, make_server
 from fl.transport.bulk import bulk_handler
@@ -40,6 +43,12 @@ class FLServer:
         site_wait_timeout: float = 600.0,
         max_running_jobs: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
+        crl_path: Path | None = None,
+        crl_refresh: float = 60.0,
+        allowed_sites: Collection[str] | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
+        policy: HostPolicy | None = None,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -62,14 +71,40 @@ class FLServer:
             site_wait_timeout=site_wait_timeout,
             max_running=max_running_jobs,
             site_env=site_env,
+            status_interval=status_interval,
+            policy=policy,
+            max_log_bytes=max_log_bytes,
         )
+        self.admission = self._admission(crl_path, crl_refresh, allowed_sites)
         self.health = health.HealthServicer()
         self._grpc = None
         self.port = 0
         self._stopped = threading.Event()
 
+    def _admission(self, crl_path: Path | None, refresh: float, allowed_sites: Collection[str] | None) -> Admission:
+        """Revocation list (``--crl``, by default the TLS folder's crl.pem) and site allow-list checks."""
+        if self.tls is None:
+            if crl_path is not None or allowed_sites:
+                raise ValueError("a revocation list and an allow-list of sites need TLS (certificates name the sites)")
+            return Admission(b"", Path(CRL_FILE))  # never consulted: without TLS there are no certificates
+        return Admission(
+            self.tls.ca_cert,
+            crl_path or self.tls.folder / CRL_FILE,
+            required=crl_path is not None,
+            refresh=refresh,
+            allowed_sites=allowed_sites,
+            on_revoked=self.registry.expel,
+        )
+
+    def reload_revocations(self) -> None:
+        """Re-read the revocation list soon (safe to call from a signal handler)."""
+        self.admission.request_reload()
+
     def start(self) -> int:
+        """Load the revocation list (a bad one raises RevocationListError), then serve."""
         tune_malloc()
+        if self.tls is not None:
+            self.admission.load_initial()
         server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
@@ -81,14 +116,17 @@ class FLServer:
         self.port = port
         self.registry.start()
         self.jobs.start()
+        if self.tls is not None:
+            self.admission.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "fl server listening on %s:%d (%s), workspace %s",
+            "fl server listening on %s:%d (%s), workspace %s%s",
             self.host,
             port,
             "mutual TLS" if self.tls else "INSECURE, no TLS",
             self.workspace,
+            "" if self.jobs.policy.job_code else "; runs no job code (--no-custom-code)",
         )
         return port
 
@@ -99,6 +137,7 @@ class FLServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.jobs.stop()
+        self.admission.stop()
         self.registry.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)

@@ -23,7 +23,9 @@ What is on disk when writes fail (a full disk):
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import shutil
 import threading
@@ -32,9 +34,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from fl.config import build_component
+from fl.config import HostPolicy, build_component
 from fl.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
@@ -44,11 +46,12 @@ from fl.fsutil import (
     sweep_atomic_temps,
 )
 from fl.log import adapter
+from fl.memory import release_memory
 from fl.proto import federation_pb2 as pb
 from fl.server.jobstore import JobError, JobSpec, read_job, zip_folder
 from fl.server.sites import SiteRegistry, SiteSession
-from fl.server.tasks import JobCommunicator, TaskBroker
-from fl.server.transfers import BlobStore
+from fl.server.tasks import STATUS_INTERVAL_S, JobCommunicator, TaskBroker
+from fl.server.transfers import BlobStore, TransferError
 from fl.workflows.base import Controller, JobAborted, RoundFailed
 
 __all__ = ["TERMINAL", "JobManager", "JobRecord", "JobRun"]
@@ -57,6 +60,13 @@ TERMINAL = ("finished", "failed", "aborted")
 ENDED_MARKER = "ended."  # + the terminal status: an empty file, made before status.json
 LOCK_FILE = ".fl-server.lock"
 log = adapter("fl.server", site="server")
+
+
+def _clock(when: float) -> str:
+    """A site's line time as HH:MM:SS (the server's clock where the site sent nonsense)."""
+    if not math.isfinite(when) or not 0 <= when < 2**40:
+        when = time.time()
+    return time.strftime("%H:%M:%S", time.localtime(when))
 
 
 @dataclass
@@ -89,28 +99,109 @@ class JobRecord:
         )
 
 
-class JobLogs:
-    """Per-site log files of a job, appendable and followable."""
+# A site's log of one job stops growing here (fl server --max-log-bytes); longer lines are cut.
+DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
+MAX_LOG_LINE_BYTES = 16 * 1024
+_NOTICE = "[fl] "  # server notices start lines with this; site lines never do (see _clean_line)
+_NOTICE_COUNT_WIDTH = 12
+# C0 controls (newlines that would forge lines, terminal escapes) and DEL become U+FFFD; tabs stay.
+_CONTROLS = {c: "\ufffd" for c in [*range(0x20), 0x7F] if c != 0x09}
 
-    def __init__(self, folder: Path) -> None:
+
+def _clean_line(line: str) -> bytes:
+    """One log line as written: control characters replaced, at most MAX_LOG_LINE_BYTES, newline-ended."""
+    text = line.rstrip("\r\n").translate(_CONTROLS)
+    if text.startswith(_NOTICE):
+        text = "\\" + text
+    data = text.encode("utf-8", errors="replace")
+    if len(data) > MAX_LOG_LINE_BYTES:
+        cut = len(data) - MAX_LOG_LINE_BYTES
+        data = data[:MAX_LOG_LINE_BYTES].decode("utf-8", errors="ignore").encode() + f" [{cut} bytes cut]".encode()
+    return data + b"\n"
+
+
+def _dropped_notice(source: str, count: int) -> bytes:
+    """The line ending a capped log; fixed width so that it is rewritten in place as ``count`` grows."""
+    count = min(count, 10**_NOTICE_COUNT_WIDTH - 1)
+    return (
+        f"{_NOTICE}{count:>{_NOTICE_COUNT_WIDTH}} lines dropped: {source} reached the log limit "
+        "per site and job (fl server --max-log-bytes)\n"
+    ).encode()
+
+
+class JobLogs:
+    """Per-site log files of a job, appendable and followable, each bounded by ``max_bytes``.
+
+    Lines past a site's limit are dropped and counted: the file then ends with one line saying how
+    many, kept up to date in place. The state is the file itself, so the limit holds across
+    JobLogs instances (late lines after a job ended) and server restarts.
+    """
+
+    def __init__(self, folder: Path, *, max_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.folder = folder
+        self.max_bytes = max_bytes
         folder.mkdir(parents=True, exist_ok=True)
         self.cond = threading.Condition()
         self.closed = False
+        #: source -> (when its last line arrived, the line): what a "still waiting" line shows.
+        self.last_line: dict[str, tuple[float, str]] = {}
 
-    def append(self, source: str, lines: list[str]) -> None:
+    def append(self, source: str, lines: list[str]) -> int:
+        """Add ``source``'s lines to its log; returns how many were dropped at its limit."""
         if not lines:
-            return
+            return 0
         safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in source) or "unknown"
+        data = [_clean_line(line) for line in lines]
         with self.cond:
-            with open(self.folder / f"{safe}.log", "a", encoding="utf-8") as f:
-                f.writelines(line.rstrip("\n") + "\n" for line in lines)
+            fd = os.open(self.folder / f"{safe}.log", os.O_RDWR | os.O_CREAT, 0o644)
+            with os.fdopen(fd, "r+b") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # other JobLogs of this job may write it too
+                dropped = self._append_locked(f, safe, data)
+            self.last_line[source] = (time.time(), lines[-1].rstrip("\n"))
             self.cond.notify_all()
+        return dropped
+
+    def _append_locked(self, f: BinaryIO, source: str, data: list[bytes]) -> int:
+        size = f.seek(0, os.SEEK_END)
+        notice_len = len(_dropped_notice(source, 0))
+        already = _read_dropped(f, size, notice_len)
+        kept = 0
+        if already is None:
+            room = self.max_bytes - size
+            f.seek(size)
+            while kept < len(data) and len(data[kept]) <= room:
+                room -= len(data[kept])
+                kept += 1
+            f.write(b"".join(data[:kept]))
+            content_end, already = f.tell(), 0
+        else:
+            content_end = size - notice_len
+        dropped = len(data) - kept
+        if dropped:
+            f.seek(content_end)
+            f.write(_dropped_notice(source, already + dropped))
+        return dropped
 
     def close(self) -> None:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+
+def _read_dropped(f: BinaryIO, size: int, notice_len: int) -> int | None:
+    """The count in the dropped-lines notice ending a log file, or None when it has none."""
+    if size < notice_len:
+        return None
+    start = size - notice_len
+    f.seek(start - 1 if start else 0)
+    tail = f.read(notice_len + (1 if start else 0))
+    if start and tail[:1] != b"\n":
+        return None
+    line = tail[-notice_len:]
+    if not line.startswith(_NOTICE.encode()):
+        return None
+    count = line[len(_NOTICE) : len(_NOTICE) + _NOTICE_COUNT_WIDTH].strip()
+    return int(count) if count.isdigit() else None
 
 
 class JobRun:
@@ -125,6 +216,7 @@ class JobRun:
         self.job_name = record.name
         self.run_dir = manager.job_dir(record.job_id)
         self.app_dir = spec.server_app
+        self.policy = manager.policy
         self.abort_event = threading.Event()
         self.log = adapter("fl.server", site="server", job=record.job_id)
         self.communicator = JobCommunicator(
@@ -133,12 +225,14 @@ class JobRun:
             self.abort_event,
             self.log,
             progress=lambda done, total: self.set_progress(sites_done=done, sites_total=total),
+            status_interval=manager.status_interval,
+            describe_site=self.describe_site,
         )
         self.components: dict[str, Any] = {}
         self.workflows: list[Controller] = []
         self.participants: list[str] = []
         self.failed_sites: dict[str, str] = {}
-        self.logs = JobLogs(self.run_dir / "logs")
+        self.logs = JobLogs(self.run_dir / "logs", max_bytes=manager.max_log_bytes)
         self._site_apps: dict[str, pb.BlobRef] = {}
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"fl-job-{self.job_id[:8]}", daemon=True)
@@ -157,12 +251,37 @@ class JobRun:
             available = self.sites
             if len(available) >= count or time.monotonic() >= deadline:
                 return available
+            if len(self.participants) < count:
+                raise RoundFailed(
+                    f"the job runs on {len(self.participants)} sites ({', '.join(self.participants)}), fewer than "
+                    f"the {count} needed: lower the workflow's min_clients/num_clients or run the job on more sites"
+                )
             if len(self.participants) - len(self.failed_sites) < count:
                 # Sites whose job failed do not come back on their own: don't wait for them.
                 reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.failed_sites.items()))
                 raise RoundFailed(f"{count} sites needed but the job failed on {len(self.failed_sites)}: {reasons}")
             if self.abort_event.wait(0.5):
                 raise JobAborted("job aborted")
+
+    def describe_site(self, site: str) -> str:
+        """What was last heard from ``site`` in this job: its output and heartbeat, with their ages."""
+        now = time.time()
+        parts = []
+        if site in self.failed_sites:
+            parts.append(f"its job failed ({self.failed_sites[site]})")
+        last = self.logs.last_line.get(site)
+        if last is not None:
+            line = last[1] if len(last[1]) <= 200 else last[1][:197] + "..."
+            parts.append(f"last output {now - last[0]:.0f} s ago: {line!r}")
+        else:
+            parts.append("no output from its script yet")
+        session = self.manager.registry.session(site)
+        if session is None:
+            parts.append("never registered")
+        else:
+            state = "connected" if session.connected else "lost"
+            parts.append(f"{state}, last heard {now - session.last_seen:.0f} s ago")
+        return ", ".join(parts)
 
     def fire(self, event: str, **data: Any) -> None:
         for cid, component in list(self.components.items()):
@@ -272,6 +391,16 @@ class JobRun:
             self.failed_sites[site] = reason
             self.manager.broker.fail_site(site, self.job_id, reason)
 
+    def release(self) -> None:
+        """The job is over here: stop offering its apps, and give the memory its transfers used back."""
+        with self._lock:
+            refs, self._site_apps = list(self._site_apps.values()), {}
+        for ref in refs:
+            self.manager.blobs.remove(ref.blob_id)
+        self.components.clear()  # the run object outlives its job a little (its thread): its state need not
+        self.workflows.clear()
+        release_memory()
+
     def _end_on_sites(self, status: str, message: str) -> None:
         for site in self.participants:
             self.manager.registry.drop_directives(
@@ -337,8 +466,13 @@ class JobManager:
         site_wait_timeout: float = 600.0,
         max_running: int = 1,
         site_env: Callable[[str, int], dict[str, str]] | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
+        policy: HostPolicy | None = None,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         self.workspace = workspace
+        self.status_interval = status_interval
+        self.policy = policy or HostPolicy()
         self.jobs_dir = workspace / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._take_workspace()
@@ -347,6 +481,7 @@ class JobManager:
         self.blobs = blobs
         self.site_wait_timeout = site_wait_timeout
         self.max_running = max_running
+        self.max_log_bytes = max_log_bytes
         self._site_env = site_env
         self.records: dict[str, JobRecord] = {}
         self.runs: dict[str, JobRun] = {}
@@ -473,7 +608,7 @@ class JobManager:
 
     def submit(self, folder: Path) -> JobRecord:
         """Check a job folder (already unpacked into a staging folder) and queue it."""
-        spec = read_job(folder)
+        spec = read_job(folder, self.policy)
         job_id = str(uuid.uuid4())
         target = self.job_dir(job_id)
         target.mkdir(parents=True)
@@ -508,17 +643,18 @@ class JobManager:
         run = self.runs.get(job_id)
         return run is None or not run.participants or site in run.participants
 
-    def abort(self, job_id: str) -> JobRecord | None:
+    def abort(self, job_id: str, reason: str = "aborted by admin") -> JobRecord | None:
+        """Abort a job; ``reason`` (who or what ended it) becomes its status message."""
         record = self.get(job_id)
         if record is None:
             return None
         run = self.runs.get(record.job_id)
         if run is not None:
-            run.abort("aborted by admin")
+            run.abort(reason)
         elif record.status not in TERMINAL:
             with self._lock:
                 self._queue = [(j, r) for j, r in self._queue if j != record.job_id]
-            self.set_status(record, "aborted", "aborted by admin before it started")
+            self.set_status(record, "aborted", f"{reason} (before it started)")
         return record
 
     def wait(self, job_id: str, timeout: float | None) -> JobRecord:
@@ -534,20 +670,35 @@ class JobManager:
                 self._lock.wait(1.0 if remaining is None else min(1.0, remaining))
 
     def report(self, site: str, request: pb.ReportRequest) -> None:
-        """A site's metrics, output lines and job state changes."""
+        """A site's metrics, output lines and job state changes.
+
+        Lines past the site's log limit are dropped; the rest of the report still applies, then
+        RESOURCE_EXHAUSTED (a :class:`TransferError`) tells the site.
+        """
         run = self.runs.get(request.job_id)
         record = self.records.get(request.job_id)
         participants = run.participants if run is not None else (record.sites if record is not None else [])
         if site not in participants:
             raise PermissionError(f"site {site} does not take part in job {request.job_id}")
+        dropped = 0
         if request.logs:
-            lines = [f"{time.strftime('%H:%M:%S', time.localtime(li.time))} {li.line}" for li in request.logs]
+            lines = [f"{_clock(li.time)} {li.line}" for li in request.logs]
             if run is not None:
-                run.logs.append(site, lines)
+                dropped = run.logs.append(site, lines)
             else:  # the last lines of a job that just ended still belong in its logs
-                JobLogs(self.job_dir(request.job_id) / "logs").append(site, lines)
-        if run is None:
-            return
+                logs = JobLogs(self.job_dir(request.job_id) / "logs", max_bytes=self.max_log_bytes)
+                dropped = logs.append(site, lines)
+        if run is not None:
+            self._apply_report(run, site, request)
+        if dropped:
+            raise TransferError(
+                "RESOURCE_EXHAUSTED",
+                f"site {site}: {dropped} of {len(request.logs)} log lines dropped: its log of job {request.job_id} "
+                f"reached the limit of {self.max_log_bytes} bytes per site",
+            )
+
+    def _apply_report(self, run: JobRun, site: str, request: pb.ReportRequest) -> None:
+        """The metrics and job state of a report to a running job."""
         if request.metrics:
             records = [
                 {
@@ -582,7 +733,7 @@ class JobManager:
                 job_id, resume = self._queue.pop(0)
             record = self.records[job_id]
             try:
-                spec = read_job(self.job_dir(job_id) / "job")
+                spec = read_job(self.job_dir(job_id) / "job", self.policy)
             except JobError as exc:
                 self.set_status(record, "failed", f"job folder unusable: {exc}")
                 continue
@@ -592,6 +743,7 @@ class JobManager:
 
     def job_done(self, run: JobRun, status: str | None, message: str) -> None:
         self.runs.pop(run.job_id, None)
+        run.release()
         if status is not None:
             self.set_status(run.record, status, message)
             log.info(

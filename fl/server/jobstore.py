@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fl.config import ConfigError, build_component, load_config
+from fl.config import ClassRef, ConfigError, HostPolicy, build_component, check_config, load_config
 
 __all__ = [
     "MAX_JOB_BYTES",
@@ -135,8 +135,14 @@ class JobSpec:
         return custom.is_dir() and any(p.is_file() for p in custom.rglob("*"))
 
 
-def read_job(folder: Path) -> JobSpec:
-    """Check a job folder: meta, deploy map, configs, and that the server's components build."""
+def read_job(folder: Path, policy: HostPolicy | None = None) -> JobSpec:
+    """Check a job folder: meta, deploy map, and every config against the server's ``policy``.
+
+    Every class spec in every app's config must be allowed (:func:`fl.config.check_config`; none of
+    the job's code is imported) and the server's components must build. With a ``policy``, their file
+    arguments must lie in the job folder or a data root, and under ``--no-custom-code`` none may need
+    the job's code; without one (the admin client's check before upload) the server checks those.
+    """
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise JobError(f"{folder}: no meta.json; is this an exported job folder (FedJob.export_job)?")
@@ -166,19 +172,12 @@ def read_job(folder: Path) -> JobSpec:
     servers = [app for app, targets in deploy_map.items() if "server" in targets]
     if len(servers) != 1:
         raise JobError(f"deploy_map must deploy exactly one app to the server, found {len(servers)}")
-    server_config_path = folder / servers[0] / "config" / "config_fed_server.json"
     try:
-        server_config = load_config(server_config_path)
-    except ConfigError as exc:
-        raise JobError(str(exc)) from None
-    workflows = server_config.get("workflows")
-    if not isinstance(workflows, list) or not workflows:
-        raise JobError(f"{server_config_path.name}: needs at least one workflow")
-    num_rounds = 0
-    try:
-        for entry in [*workflows, *server_config.get("components", [])]:
-            _, obj = build_component(entry, where=server_config_path.name)
-            num_rounds = max(num_rounds, int(getattr(obj, "num_rounds", 0) or 0))
+        for app, targets in deploy_map.items():
+            if any(t != "server" for t in targets):
+                _checked_config(folder, app, "config_fed_client.json")
+        server_config, refs = _checked_config(folder, servers[0], "config_fed_server.json")
+        num_rounds = _check_server_components(folder, servers[0], server_config, refs, policy)
     except ConfigError as exc:
         raise JobError(str(exc)) from None
     named = {t for targets in deploy_map.values() for t in targets if t not in ("server", ALL_SITES)}
@@ -191,3 +190,47 @@ def read_job(folder: Path) -> JobSpec:
     if not has_all and min_clients > len(named):
         raise JobError(f"min_clients is {min_clients} but the job deploys to {len(named)} sites")
     return JobSpec(folder, name, {k: list(v) for k, v in deploy_map.items()}, min_clients, server_config, num_rounds)
+
+
+def _checked_config(folder: Path, app: str, name: str) -> tuple[dict[str, Any], list[ClassRef]]:
+    """An app's config, read and checked against the allow-list; with the class specs it names."""
+    path = folder / app / "config" / name
+    config = load_config(path)
+    return config, check_config(config, custom_dir=folder / app / "custom", where=f"{app}/config/{name}")
+
+
+def _check_server_components(
+    folder: Path, app: str, config: dict[str, Any], refs: list[ClassRef], policy: HostPolicy | None
+) -> int:
+    """Build the server's workflows and components (fl's own classes), check their file arguments and,
+    under the policy, that none needs the job's code; returns the job's number of rounds."""
+    where = f"{app}/config/config_fed_server.json"
+    workflows = config.get("workflows")
+    if not isinstance(workflows, list) or not workflows:
+        raise ConfigError(f"{where}: needs at least one workflow")
+    components = config.get("components", [])
+    if not isinstance(components, list):
+        raise ConfigError(f"{where}: 'components' must be a list")
+    job_code = {r.component: r for r in refs if r.job_code}
+    num_rounds = 0
+    for entry in [*workflows, *components]:
+        cid, obj = build_component(entry, where=where)
+        num_rounds = max(num_rounds, int(getattr(obj, "num_rounds", 0) or 0))
+        if policy is None:
+            continue
+        given = getattr(obj, "_init_args", {})
+        for arg in getattr(obj, "file_args", ()):
+            value = given.get(arg)
+            if value is not None:
+                policy.resolve_path(value, folder, what=f"{where}: component {cid!r}: args.{arg}")
+        ref = job_code.get(cid)
+        if ref is None or policy.job_code:
+            continue
+        needer = getattr(obj, "job_code_needed", None)
+        reason = needer(folder / app) if needer else "its arguments name the job's code"
+        if reason is not None:
+            raise ConfigError(
+                f"{ref.describe(where)}: refused: this server runs no job code (fl server --no-custom-code), "
+                f"and {reason}"
+            )
+    return num_rounds

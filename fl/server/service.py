@@ -25,7 +25,7 @@ from fl.server.jobs import JobRecord
 from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
 from fl.server.sites import SiteSession
 from fl.server.transfers import TransferError
-from fl.transport import CHUNK_BYTES, IdentityError, peer_identity
+from fl.transport import CHUNK_BYTES, IdentityError, peer_certificate
 from fl.transport.bulk import UploadMeta
 
 if TYPE_CHECKING:
@@ -47,29 +47,48 @@ class _Base:
         self.server = server
 
     def _identity(self, context: grpc.ServicerContext) -> tuple[str, str] | None:
+        """The caller's ``(name, role)``; a revoked certificate or a site off the allow-list is refused here."""
         if self.server.tls is None:
             return None
         try:
-            identity = peer_identity(context)
+            cert = peer_certificate(context)
         except IdentityError as exc:
             _abort(context, "PERMISSION_DENIED", str(exc))
-        if identity is None:
+        if cert is None:
             _abort(context, "UNAUTHENTICATED", "a client certificate is required")
-        return identity
+        refusal = self.server.admission.refusal(cert)
+        if refusal is not None:
+            _abort(context, "PERMISSION_DENIED", refusal)
+        return cert.name, cert.role
 
 
 class FederationServicer(_Base, pb_grpc.FederationServicer):
-    def _site(self, context: grpc.ServicerContext, session_id: str) -> SiteSession:
-        session = self.server.registry.touch(session_id)
-        if session is None:
-            _abort(context, "UNAUTHENTICATED", "unknown session: register again")
+    def _session(
+        self, context: grpc.ServicerContext, session_id: str, running_jobs: list[str] | None = None
+    ) -> SiteSession | None:
+        """The caller's session (None if unknown), touched only once the certificate proves it is its site's.
+
+        Identity before state: a call with another site's session id is refused before it changes
+        anything (last_seen, running_jobs, connected, queued directives).
+        """
         identity = self._identity(context)
-        if identity is not None and identity[0] != session.name:
+        session = self.server.registry.lookup(session_id)
+        if session is None:
+            return None
+        if identity is not None and (identity[1] != "site" or identity[0] != session.name):
+            log.warning("refused: certificate of %r (role %r) used with the session of %r", *identity, session.name)
             _abort(
                 context,
                 "PERMISSION_DENIED",
-                f"certificate of {identity[0]!r} used with the session of {session.name!r}",
+                f"certificate of {identity[0]!r} (role {identity[1]!r}) used with the session of {session.name!r}",
             )
+        return self.server.registry.touch(session_id, running_jobs)
+
+    def _site(self, context: grpc.ServicerContext, session_id: str) -> SiteSession:
+        """The caller's checked and touched session; an unknown one aborts the call."""
+        session = self._session(context, session_id)
+        if session is None:
+            _abort(context, "UNAUTHENTICATED", "unknown session: register again")
         return session
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
@@ -91,17 +110,15 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        session = self.server.registry.touch(request.session_id, list(request.running_jobs))
+        session = self._session(context, request.session_id, list(request.running_jobs))
         if session is None:
             return pb.HeartbeatReply(known=False)
-        self._site(context, request.session_id)
         stop = [j for j in request.running_jobs if not self.server.jobs.is_active_for(j, session.name)]
         return pb.HeartbeatReply(known=True, stop_jobs=stop)
 
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
-        if self.server.registry.touch(request.session_id) is None:
+        if self._session(context, request.session_id) is None:
             return pb.PollReply(unknown_session=True)
-        self._site(context, request.session_id)
         return self.server.registry.poll(request.session_id, request.wait_s, context.is_active)
 
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:
@@ -124,6 +141,8 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             self.server.jobs.report(session.name, request)
         except PermissionError as exc:
             _abort(context, "PERMISSION_DENIED", str(exc))
+        except TransferError as exc:
+            _abort(context, exc.code, str(exc))
         return pb.ReportReply()
 
 
@@ -167,13 +186,13 @@ class BulkServicer(FederationServicer):
                 checksum=meta.checksum,
                 expected=expected,
                 max_bytes=max_bytes,
+                site_limit=self.server.broker.spool_limit(session.name),
             )
             try:
                 for data in request_iterator:
                     self.server.uploads.write(upload, data)
             finally:
-                if not upload.complete:
-                    self.server.uploads.pause(upload)
+                self.server.uploads.stream_ended(upload, streamed=upload.received - meta.offset)
             self.server.registry.touch(meta.session_id)
         except TransferError as exc:
             _abort(context, exc.code, str(exc))
@@ -240,9 +259,9 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         return self._record(context, request.job_id).to_proto()
 
     def AbortJob(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
-        self._admin(context)
+        admin = self._admin(context)
         self._record(context, request.job_id)
-        record = self.server.jobs.abort(request.job_id)
+        record = self.server.jobs.abort(request.job_id, f"aborted by admin {admin}")
         assert record is not None
         return record.to_proto()
 

@@ -91,7 +91,13 @@ class SiteRegistry:
             listener(session, previous)
         return session
 
+    def lookup(self, session_id: str) -> SiteSession | None:
+        """The live session ``session_id`` names, changing nothing (who owns it is checked before any touch)."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
     def touch(self, session_id: str, running_jobs: list[str] | None = None) -> SiteSession | None:
+        """Count a call as a sign of life: last_seen, running_jobs, connected. Only for a checked caller."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
@@ -126,6 +132,19 @@ class SiteRegistry:
                 if len(ready) >= count or stop.is_set() or time.monotonic() >= deadline:
                     return ready
                 self._lock.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def expel(self, name: str, reason: str) -> bool:
+        """End ``name``'s session now (its session id stops working) and tell listeners it is lost."""
+        with self._lock:
+            session = self._by_name.get(name)
+            if session is None or self._sessions.pop(session.session_id, None) is None:
+                return False
+            session.connected = False
+            self._lock.notify_all()
+        log.warning("site %s expelled: %s", name, reason)
+        for listener in self._lost_listeners:
+            listener(name, reason)
+        return True
 
     # ------------------------------------------------------------------ directives
     def enqueue(self, site: str, directive: pb.PollReply) -> None:

@@ -1,9 +1,12 @@
 """Tasks out to sites and results back: the server's implementation of the Communicator.
 
 ``broadcast_and_wait`` queues one task per target site, then waits, with a deadline, until every
-target answered or enough did and the rest cannot (lost, failed). Results are handed to the
-workflow's ``on_result`` in the RPC thread that received them, so aggregation happens as results
-arrive. Late results (after the round closed) are refused.
+target answered, or until the round can no longer reach its minimum (a site failed or its result
+was refused; the others are then reported as still working, not as timed out). Results are handed
+to the workflow's ``on_result`` in the RPC thread that received them, so aggregation happens as
+results arrive. While it waits it logs, every ``status_interval`` seconds, which sites it still
+waits for, for how long, and what was last heard from them. A result that arrives after its round
+closed is refused with the reason the round ended.
 """
 
 from __future__ import annotations
@@ -12,22 +15,33 @@ import json
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fl.log import ContextAdapter
 from fl.proto import federation_pb2 as pb
+from fl.rounds import log_round, task_label
 from fl.server.sites import SiteRegistry
-from fl.server.transfers import BlobStore, TransferError, UploadManager, remove_quietly
+from fl.server.transfers import (
+    HEADER_ALLOWANCE,
+    BlobStore,
+    TransferError,
+    UploadManager,
+    remove_quietly,
+    site_spool_limit,
+)
 from fl.tensors import Layout
 from fl.workflows.base import JobAborted, OnResult, RoundFailed, TaskResult, TaskSpec
 
 __all__ = ["JobCommunicator", "PendingTask", "TaskBroker", "parse_json_object"]
 
 MAX_JSON_BYTES = 1024 * 1024
-# Room for a site's own safetensors header (names, metadata) on top of the tensor bytes.
-HEADER_ALLOWANCE = 16 * 1024 * 1024
+#: How many closed tasks the broker remembers, to tell a late result why its round ended.
+ENDED_TASKS_REMEMBERED = 4096
+#: Seconds between "still waiting for ..." lines while a round waits (the simulator uses 30).
+STATUS_INTERVAL_S = 60.0
 
 
 def parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -79,6 +93,7 @@ class TaskBroker:
         self.blobs = blobs
         self.uploads = uploads
         self._pending: dict[str, PendingTask] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()  # task id -> why its round ended
         self._lock = threading.Lock()
         registry.directive_filter = self._wanted
         registry.on_site_lost(lambda site, reason: self.fail_site(site, None, f"site lost ({reason})"))
@@ -93,32 +108,52 @@ class TaskBroker:
         with self._lock:
             self._pending[task.task_id] = task
 
-    def close(self, task_ids: Sequence[str]) -> None:
+    def close(self, task_ids: Sequence[str], reason: str = "the round had ended") -> None:
+        """Close a round's tasks; a result that comes for one later is refused with ``reason``."""
         with self._lock:
             for task_id in task_ids:
-                self._pending.pop(task_id, None)
+                if self._pending.pop(task_id, None) is not None:
+                    self._ended[task_id] = reason
+            while len(self._ended) > ENDED_TASKS_REMEMBERED:
+                self._ended.popitem(last=False)
         for task_id in task_ids:
             self.uploads.discard_task(task_id)
+
+    def _not_pending(self, task_id: str) -> str:
+        """Why a result for ``task_id`` cannot be taken (call under the lock)."""
+        ended = self._ended.get(task_id)
+        if ended is not None:
+            return f"task {task_id} is no longer pending: {ended}"
+        return f"task {task_id} is not pending (unknown, or its round ended long ago)"
 
     def expectation(self, *, site: str, job_id: str, task_id: str) -> tuple[Layout | None, int]:
         """What an upload for this task may hold: the model layout to check and a byte limit."""
         with self._lock:
             task = self._pending.get(task_id)
         if task is None or task.job_id != job_id:
-            raise TransferError("NOT_FOUND", f"task {task_id} is not pending (the round is over or it is unknown)")
+            with self._lock:
+                raise TransferError("NOT_FOUND", self._not_pending(task_id))
         if task.site != site:
             raise TransferError("PERMISSION_DENIED", f"task {task_id} belongs to site {task.site}, not {site}")
+        if task.busy:  # its upload was taken: another one would hold spool the site's limit no longer counts
+            raise TransferError("FAILED_PRECONDITION", f"a result for task {task_id} is already being processed")
         layout = task.spec.model_layout
         if layout is None:
             raise TransferError("FAILED_PRECONDITION", f"task {task_id} ({task.spec.name}) takes no params")
         return layout, layout.data_bytes + HEADER_ALLOWANCE
+
+    def spool_limit(self, site: str) -> int:
+        """Spool bytes ``site``'s uploads may hold together, from the largest model it has a task for."""
+        with self._lock:
+            models = [t.spec.model_layout for t in self._pending.values() if t.site == site]
+        return site_spool_limit(max((m.data_bytes for m in models if m is not None), default=0))
 
     def submit(self, site: str, request: pb.SubmitResultRequest) -> tuple[bool, str]:
         """Deliver a site's result to its round; returns ``(accepted, message)``."""
         with self._lock:
             task = self._pending.get(request.task_id)
             if task is None or task.job_id != request.job_id:
-                return False, f"task {request.task_id} is not pending (the round is over or it is unknown)"
+                return False, self._not_pending(request.task_id)
             if task.site != site:
                 return False, f"task {request.task_id} belongs to site {task.site}, not {site}"
             if task.busy:
@@ -155,6 +190,7 @@ class TaskBroker:
     def _finish(self, task: PendingTask, result: TaskResult | None, error: str | None) -> None:
         with self._lock:
             self._pending.pop(task.task_id, None)
+            self._ended[task.task_id] = "its result was already accepted" if result else f"it already ended: {error}"
         rnd = task.round
         with rnd.cond:
             if result is not None:
@@ -185,7 +221,11 @@ class TaskBroker:
 
 
 class JobCommunicator:
-    """The Communicator a job's workflow uses; tasks go through the shared broker."""
+    """The Communicator a job's workflow uses; tasks go through the shared broker.
+
+    ``describe_site(site)`` says what was last heard from a site (its heartbeat, its last output),
+    for the lines logged every ``status_interval`` seconds while a round waits.
+    """
 
     def __init__(
         self,
@@ -194,12 +234,19 @@ class JobCommunicator:
         abort_event: threading.Event,
         log: ContextAdapter,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        status_interval: float = STATUS_INTERVAL_S,
+        describe_site: Callable[[str], str] | None = None,
     ) -> None:
+        if status_interval <= 0:
+            raise ValueError(f"status_interval must be positive, got {status_interval}")
         self.broker = broker
         self.job_id = job_id
         self.abort_event = abort_event
         self.log = log
         self.progress = progress
+        self.status_interval = status_interval
+        self.describe_site = describe_site
 
     def broadcast_and_wait(
         self,
@@ -211,17 +258,52 @@ class JobCommunicator:
         on_result: OnResult | None = None,
     ) -> list[TaskResult]:
         targets = list(targets)
+        label = task_label(task.name, task.round, task.num_rounds)
+        tag = dict(log_round(task.round, task.num_rounds))
         if not targets:
-            raise RoundFailed(f"{task.name} round {task.round + 1}: no sites to send the task to")
+            raise RoundFailed(f"{label}: no sites to send the task to")
         rnd = _Round(targets)
-        deadline_wall = time.time() + timeout
+        pending, blob = self._dispatch(task, targets, rnd, on_result, time.time() + timeout)
+        self.log.info("%s task sent to %s", task.name, ", ".join(targets), extra=tag)
+        ending = "the job was aborted"
+        try:
+            outcome = self._wait(task, rnd, min_responses, timeout)
+            accepted, failed, unanswered = self._outcome(rnd)
+            ending = self._ending(label, outcome, accepted, failed, min_responses, timeout)
+        finally:
+            self.broker.close([p.task_id for p in pending], f"the {label} had already ended: {ending}")
+            if blob is not None:
+                self.broker.blobs.remove(blob.blob_id)
+        if outcome == "aborted":
+            raise JobAborted("job aborted")
+        for site, reason in failed.items():
+            self.log.warning("%s: %s", site, reason, extra=tag)
+        if unanswered and outcome == "deadline":
+            late = ", ".join(unanswered)
+            self.log.warning("no %s result within %.0f s from: %s", task.name, timeout, late, extra=tag)
+        elif unanswered:
+            still = f"{', '.join(unanswered)} {_were(unanswered)} still working"
+            self.log.warning("%s failed while %s: %s", label, still, ending, extra=tag)
+        if len(accepted) < min_responses:
+            problems = [f"{s}: {r}" for s, r in failed.items()]
+            if outcome == "deadline":
+                problems += [f"{s}: no result within {timeout:.0f} s (round_timeout)" for s in unanswered]
+            else:
+                problems += [f"{s}: still working when the round failed" for s in unanswered]
+            raise RoundFailed(
+                f"{label}: {len(accepted)} of {len(targets)} sites answered, {min_responses} needed. "
+                + "; ".join(problems)
+            )
+        return accepted
+
+    def _dispatch(
+        self, task: TaskSpec, targets: list[str], rnd: _Round, on_result: OnResult | None, deadline_wall: float
+    ) -> tuple[list[PendingTask], Any]:
+        """Queue one task per target (and the model they download); returns the tasks and the blob."""
         blob = None
         if task.model_path is not None:
             blob = self.broker.blobs.add(task.model_path, sites=frozenset(targets), checksum=task.model_checksum)
-        pending: list[PendingTask] = []
-        for site in targets:
-            task_id = secrets.token_hex(10)
-            pending.append(PendingTask(self.job_id, task_id, site, task, on_result, rnd))
+        pending = [PendingTask(self.job_id, secrets.token_hex(10), site, task, on_result, rnd) for site in targets]
         for p in pending:
             self.broker.add(p)
         for p in pending:
@@ -239,51 +321,85 @@ class JobCommunicator:
                 message.model.CopyFrom(pb.BlobRef(blob_id=blob.blob_id, size=blob.size, checksum=blob.checksum))
             p.message = message
             self.broker.registry.enqueue(p.site, pb.PollReply(task=message))
-        self.log.info("%s task sent to %s", task.name, ", ".join(targets), extra={"round": task.round + 1})
-        deadline = time.monotonic() + timeout
+        return pending, blob
+
+    def _wait(self, task: TaskSpec, rnd: _Round, min_responses: int, timeout: float) -> str:
+        """Wait for the round's results; returns why the wait ended: complete, unreachable, deadline or aborted."""
+        started = time.monotonic()
+        deadline = started + timeout
+        next_status = started + self.status_interval
         reported = -1
-        try:
+        while not self.abort_event.is_set():
             with rnd.cond:
-                while not self.abort_event.is_set():
-                    done = len(targets) - rnd.outstanding
-                    if self.progress is not None and done != reported:
-                        reported = done
-                        self.progress(done, len(targets))
-                    if rnd.outstanding == 0:
-                        break
-                    if len(rnd.accepted) + rnd.outstanding < min_responses:
-                        break  # the minimum can no longer be reached
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    rnd.cond.wait(min(remaining, 0.5))
-                rnd.open = False
-        finally:
-            self.broker.close([p.task_id for p in pending])
-            if blob is not None:
-                self.broker.blobs.remove(blob.blob_id)
-        if self.abort_event.is_set():
-            raise JobAborted("job aborted")
+                done = len(rnd.targets) - rnd.outstanding
+                if self.progress is not None and done != reported:
+                    reported = done
+                    self.progress(done, len(rnd.targets))
+                if rnd.outstanding == 0:
+                    return "complete"
+                if len(rnd.accepted) + rnd.outstanding < min_responses:
+                    return "unreachable"
+                now = time.monotonic()
+                if now >= deadline:
+                    return "deadline"
+                if now < next_status:
+                    rnd.cond.wait(min(deadline - now, next_status - now, 0.5))
+                    continue
+                answered = {r.site for r in rnd.accepted} | set(rnd.failed)
+            # Outside the round's lock: describing a site takes the registry's and the logs' locks.
+            next_status = now + self.status_interval
+            self._log_waiting(task, rnd.targets, answered, now - started, deadline - now)
+        return "aborted"
+
+    def _log_waiting(
+        self, task: TaskSpec, targets: list[str], answered: set[str], waited: float, remaining: float
+    ) -> None:
+        """The line that says, while a round waits, whom it waits for and what they last did."""
+        waiting = [s for s in targets if s not in answered]
+        describe = self.describe_site
+        details = "; ".join(f"{s}: {describe(s)}" for s in waiting) if describe is not None else ""
+        self.log.info(
+            "%s: waiting %.0f s so far for %s (%d of %d answered; deadline in %.0f s). %s",
+            task_label(task.name, task.round, task.num_rounds),
+            waited,
+            ", ".join(waiting),
+            len(targets) - len(waiting),
+            len(targets),
+            remaining,
+            details,
+            extra=log_round(task.round, task.num_rounds),
+        )
+
+    @staticmethod
+    def _outcome(rnd: _Round) -> tuple[list[TaskResult], dict[str, str], list[str]]:
+        """(accepted results, failed sites and why, sites that had not answered)."""
         with rnd.cond:
+            rnd.open = False
             accepted = list(rnd.accepted)
-            answered = {r.site for r in accepted} | set(rnd.failed)
-            timed_out = [s for s in targets if s not in answered]
             failed = dict(rnd.failed)
-        for site, reason in failed.items():
-            self.log.warning("%s: %s", site, reason, extra={"round": task.round + 1})
-        if timed_out:
-            self.log.warning(
-                "no %s result within %.0f s from: %s",
-                task.name,
-                timeout,
-                ", ".join(timed_out),
-                extra={"round": task.round + 1},
-            )
-        if len(accepted) < min_responses:
-            problems = [f"{s}: {r}" for s, r in failed.items()]
-            problems += [f"{s}: no result within {timeout:.0f} s" for s in timed_out]
-            raise RoundFailed(
-                f"{task.name} round {task.round + 1}: {len(accepted)} of {len(targets)} sites answered, "
-                f"{min_responses} needed. " + "; ".join(problems)
-            )
-        return accepted
+        answered = {r.site for r in accepted} | set(failed)
+        return accepted, failed, [s for s in rnd.targets if s not in answered]
+
+    @staticmethod
+    def _ending(
+        label: str,
+        outcome: str,
+        accepted: list[TaskResult],
+        failed: dict[str, str],
+        min_responses: int,
+        timeout: float,
+    ) -> str:
+        """Why the round ended, in words (for the log and for results that arrive afterwards)."""
+        if outcome == "complete":
+            return f"every site answered ({len(accepted)} accepted)"
+        if outcome == "deadline":
+            enough = "enough" if len(accepted) >= min_responses else f"{min_responses} needed"
+            return f"its {timeout:.0f} s deadline (round_timeout) passed with {len(accepted)} results ({enough})"
+        if outcome == "unreachable":
+            reasons = "; ".join(f"{s}: {r}" for s, r in failed.items())
+            return f"it could no longer get the {min_responses} results it needs ({reasons})"
+        return "the job was aborted"
+
+
+def _were(sites: Sequence[str]) -> str:
+    return "was" if len(sites) == 1 else "were"

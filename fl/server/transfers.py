@@ -19,10 +19,27 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fl.checksum import Checksum, file_checksum
+from fl.memory import release_memory
 from fl.tensors import Layout, LayoutError, StreamChecker
 from fl.transport.bulk import BULK_DOWNLOAD_CHUNK_BYTES
 
-__all__ = ["Blob", "BlobStore", "TransferError", "Upload", "UploadManager"]
+__all__ = [
+    "HEADER_ALLOWANCE",
+    "SPOOL_MODELS_PER_SITE",
+    "Blob",
+    "BlobStore",
+    "TransferError",
+    "Upload",
+    "UploadManager",
+    "site_spool_limit",
+]
+
+# Room for a site's own safetensors header (names, metadata) on top of the tensor bytes.
+HEADER_ALLOWANCE = 16 * 1024 * 1024
+# Models' worth of spool one site's uploads may hold at once (several jobs may each await a result).
+SPOOL_MODELS_PER_SITE = 2
+# An upload stream that moved this much hands the memory its buffers used back to the system.
+RELEASE_AFTER_BYTES = 8 * 1024 * 1024
 
 
 class TransferError(Exception):
@@ -105,16 +122,27 @@ class Upload:
     checker: StreamChecker | None
     received: int = 0
     complete: bool = False
-    started: float = field(default_factory=time.time)
+    active: float = field(default_factory=time.monotonic)  # last begin or write
     expected_checksum: str = ""
     checksum: Checksum = field(default_factory=Checksum)
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: str | None = None
     handle: BinaryIO | None = None
+    ended: str = ""  # why the upload was dropped (replaced, its task closed, stale); its file is gone
+
+
+def site_spool_limit(largest_model_bytes: int) -> int:
+    """Spool bytes a site's uploads may hold together: two of its largest model, plus header room."""
+    return SPOOL_MODELS_PER_SITE * largest_model_bytes + HEADER_ALLOWANCE
 
 
 class UploadManager:
-    """Spools uploads to ``spool_dir``, resumable by upload id, checked as they stream in."""
+    """Spools uploads to ``spool_dir``, resumable by upload id, checked as they stream in.
+
+    Each site has at most one live upload per task (a new upload id replaces the old upload and
+    deletes its spool file), and the sizes its uploads announced may not add up to more than the
+    spool limit the caller gives (:func:`site_spool_limit`): a site cannot fill the server's disk.
+    """
 
     def __init__(self, spool_dir: Path, *, stale_after: float = 3600.0) -> None:
         self.spool_dir = spool_dir
@@ -137,6 +165,7 @@ class UploadManager:
         checksum: str,
         expected: Layout | None,
         max_bytes: int,
+        site_limit: int,
     ) -> Upload:
         """Start or resume an upload; ``offset`` must equal what the server already holds."""
         if not upload_id or len(upload_id) > 128 or not upload_id.replace("-", "").isalnum():
@@ -145,12 +174,24 @@ class UploadManager:
             raise TransferError(
                 "INVALID_ARGUMENT", f"upload of {total_size} bytes exceeds the {max_bytes} bytes allowed for it"
             )
+        replaced: list[Upload] = []
         with self._lock:
-            self._expire_stale()
+            stale = self._expire_stale()
             upload = self._uploads.get(upload_id)
             if upload is None:
                 if offset != 0:
                     raise TransferError("FAILED_PRECONDITION", "resume of an unknown upload; start again from 0")
+                replaced = [u for u in self._uploads.values() if (u.site, u.task_id) == (site, task_id)]
+                held = sum(u.total_size for u in self._uploads.values() if u.site == site) - sum(
+                    u.total_size for u in replaced
+                )
+                if held + total_size > site_limit:
+                    raise TransferError(
+                        "RESOURCE_EXHAUSTED",
+                        f"site {site}: upload of {total_size} bytes refused: its other uploads hold {held} bytes "
+                        f"and a site's spool limit is {site_limit} bytes ({SPOOL_MODELS_PER_SITE} x the largest "
+                        f"model it has a task for + {HEADER_ALLOWANCE} bytes of headers)",
+                    )
                 upload = Upload(
                     upload_id=upload_id,
                     site=site,
@@ -162,9 +203,16 @@ class UploadManager:
                     expected_checksum=checksum,
                 )
                 upload.path.touch()
+                for old in replaced:
+                    del self._uploads[old.upload_id]
                 self._uploads[upload_id] = upload
             elif (upload.site, upload.job_id, upload.task_id, upload.total_size) != (site, job_id, task_id, total_size):
                 raise TransferError("PERMISSION_DENIED", "upload id belongs to another transfer")
+            upload.active = time.monotonic()
+        for old in replaced:
+            self._drop(old, f"replaced by upload {upload_id} for the same task")
+        for old in stale:
+            self._drop(old, f"idle for more than {self.stale_after:.0f} s")
         if upload.error:
             raise TransferError("INVALID_ARGUMENT", upload.error)
         if offset != upload.received:
@@ -176,6 +224,8 @@ class UploadManager:
     def write(self, upload: Upload, data: bytes) -> None:
         """Append and check the next piece of an upload."""
         with upload.lock:
+            if upload.ended:
+                raise TransferError("ABORTED", f"upload {upload.upload_id} was {upload.ended}")
             if upload.complete:
                 raise TransferError("FAILED_PRECONDITION", "upload already complete")
             if upload.received + len(data) > upload.total_size:
@@ -192,6 +242,7 @@ class UploadManager:
             upload.handle.write(data)
             upload.checksum.update(data)
             upload.received += len(data)
+            upload.active = time.monotonic()
             if upload.received == upload.total_size:
                 upload.handle.close()
                 upload.handle = None
@@ -205,6 +256,13 @@ class UploadManager:
                     upload.error = "upload's checksum does not match what the site sent"
                     raise TransferError("DATA_LOSS", upload.error)
                 upload.complete = True
+
+    def stream_ended(self, upload: Upload, *, streamed: int) -> None:
+        """One upload stream is over (complete or cut): release its file, and memory after a large one."""
+        if not upload.complete:
+            self.pause(upload)
+        if streamed >= RELEASE_AFTER_BYTES:
+            release_memory(collect=False)  # the stream's buffers, freed, would otherwise stay resident
 
     def pause(self, upload: Upload) -> None:
         """The stream broke: release the spool file until the upload resumes."""
@@ -239,14 +297,29 @@ class UploadManager:
             for upload in doomed:
                 del self._uploads[upload.upload_id]
         for upload in doomed:
-            self.pause(upload)
+            self._drop(upload, "discarded: its task is over")
+
+    def spooled_bytes(self, site: str | None = None) -> int:
+        """Bytes the live uploads (of ``site``, or of all sites) hold on disk now."""
+        with self._lock:
+            return sum(u.received for u in self._uploads.values() if site is None or u.site == site)
+
+    def _drop(self, upload: Upload, reason: str) -> None:
+        """End an upload already removed from the table: a writer still streaming gets ABORTED."""
+        with upload.lock:
+            upload.ended = reason
+            if upload.handle is not None:
+                upload.handle.close()
+                upload.handle = None
             upload.path.unlink(missing_ok=True)
 
-    def _expire_stale(self) -> None:
-        now = time.time()
-        for upload in [u for u in self._uploads.values() if now - u.started > self.stale_after]:
+    def _expire_stale(self) -> list[Upload]:
+        """Remove uploads idle for longer than ``stale_after`` (call under the lock; drop them after)."""
+        now = time.monotonic()
+        stale = [u for u in self._uploads.values() if now - u.active > self.stale_after]
+        for upload in stale:
             del self._uploads[upload.upload_id]
-            upload.path.unlink(missing_ok=True)
+        return stale
 
 
 def remove_quietly(path: Path | None) -> None:

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
-from fl.config import ConfigError, build_component, load_config, resolve_class
+from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.process import popen_bound_to_parent
 from fl.proto import federation_pb2 as pb
+from fl.pythonpath import script_command
+from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
 from fl.site.transfers import TransferFailed, download_blob, upload_file
 
@@ -61,6 +62,8 @@ class JobRunner:
         self.exchange = (agent.exchange_root / start.job_id) if agent.exchange_root else self.job_dir / "exchange"
         self.log = agent.log.bind(job=start.job_id)
         self.round: int | None = None
+        #: The last task handed to the script: the round its output lines are tagged with.
+        self.current_task: pb.Task | None = None
         self.tasks: queue.Queue[tuple[pb.Task, Path | None] | _Ended] = queue.Queue()
         self.current: pb.Task | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -115,9 +118,9 @@ class JobRunner:
                     deadline=task.deadline or time.time() + 3600,
                     stop=self.stop_event,
                 )
-                self._log_transfer("model downloaded", task.model.size, started, task.round)
+                self._log_transfer("model downloaded", task.model.size, started, task)
         except TransferFailed as exc:
-            self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra={"round": task.round + 1})
+            self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra=_tag(task))
             self._submit_error(task, f"model download failed: {exc}")
             return
         self.tasks.put((task, path))
@@ -162,6 +165,7 @@ class JobRunner:
         extract_zip(archive, app)
         archive.unlink()
         config = load_config(app / "config" / "config_fed_client.json")
+        check_config(config, custom_dir=app / "custom", where="config_fed_client.json")
         executors = config.get("executors") or []
         if len(executors) != 1:
             raise JobError(f"config_fed_client.json must have exactly one executor, found {len(executors)}")
@@ -191,7 +195,7 @@ class JobRunner:
         if self.executor.command:
             command = [*shlex.split(self.executor.command), str(script)]
         else:
-            command = [sys.executable, "-u", str(script)]
+            command = script_command(script)
         command += shlex.split(self.executor.task_script_args or "")
         parent, child = socket.socketpair()
         env = dict(os.environ)
@@ -205,7 +209,7 @@ class JobRunner:
                 "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
             }
         )
-        self.log.info("starting training script: %s", " ".join(shlex.quote(c) for c in command[1:]))
+        self.log.info("starting training script: %s", shlex.join(command))
         self.process = popen_bound_to_parent(
             command,
             cwd=self.job_dir,
@@ -228,7 +232,7 @@ class JobRunner:
         for raw in iter(self.process.stdout.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             self.last_lines.append(line)
-            extra = {"round": self.round + 1} if self.round is not None else {}
+            extra = _tag(self.current_task) if self.current_task is not None else {}
             self.log.info("%s", line, extra=extra)
             with self._outbox_lock:
                 if len(self._outbox_lines) < 10_000:
@@ -289,7 +293,8 @@ class JobRunner:
             self._gate_held = True
         self.current = task
         self.round = task.round
-        self.log.info("task %s received", task.name, extra={"round": task.round + 1})
+        self.current_task = task
+        self.log.info("task %s received", task.name, extra=_tag(task))
         return {
             "op": "task",
             "task": {
@@ -333,7 +338,7 @@ class JobRunner:
                     checksum=message.get("checksum"),
                     stop=self.stop_event,
                 )
-                self._log_transfer("result uploaded", result_path.stat().st_size, started, task.round)
+                self._log_transfer("result uploaded", result_path.stat().st_size, started, task)
             reply = self.agent.call(
                 "SubmitResult",
                 pb.SubmitResultRequest(
@@ -355,7 +360,7 @@ class JobRunner:
                 if path is not None:
                     path.unlink(missing_ok=True)
             self._release_gate()
-        extra = {"round": task.round + 1}
+        extra = _tag(task)
         if accepted:
             self.log.info("%s result delivered", task.name, extra=extra)
         else:
@@ -363,7 +368,7 @@ class JobRunner:
         self.current = None
         return accepted, text
 
-    def _log_transfer(self, what: str, size: int, started: float, round: int) -> None:
+    def _log_transfer(self, what: str, size: int, started: float, task: pb.Task) -> None:
         """Large transfers get a line with their size and rate (small ones would be noise)."""
         if size >= 64 * 1024 * 1024:
             seconds = max(time.monotonic() - started, 1e-6)
@@ -373,7 +378,7 @@ class JobRunner:
                 size / 2**20,
                 seconds,
                 size / seconds / 1e6,
-                extra={"round": round + 1},
+                extra=_tag(task),
             )
 
     def _submit_error(self, task: pb.Task, error: str) -> None:
@@ -475,3 +480,8 @@ class JobRunner:
             process.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):  # the script if it is still running, and what it started
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def _tag(task: pb.Task) -> dict[str, Any]:
+    """The log ``extra`` of lines about ``task``: its round index and the job's rounds (fl.rounds)."""
+    return dict(log_round(task.round, task.num_rounds))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent import futures
@@ -14,11 +15,14 @@ __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
     "IdentityError",
+    "PeerCertificate",
     "TLSConfig",
     "certificate_identity",
     "is_loopback",
     "make_channel",
     "make_server",
+    "parse_certificate",
+    "peer_certificate",
     "peer_identity",
 ]
 
@@ -121,8 +125,19 @@ class IdentityError(ValueError):
     """A certificate that does not say clearly who and what its holder is."""
 
 
-def certificate_identity(pem: bytes) -> tuple[str, str]:
-    """``(common name, role)`` of a participant's certificate.
+@dataclass(frozen=True)
+class PeerCertificate:
+    """Who a certificate names (CN, role) and which certificate it is (issuer DER, serial) for the CRL."""
+
+    name: str
+    role: str
+    serial: int
+    issuer: bytes
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_certificate(pem: bytes) -> PeerCertificate:
+    """The :class:`PeerCertificate` of a PEM certificate (cached: every RPC presents its peer's).
 
     The role is the subject's OU (certificates from ``fl provision``) or a DNS SAN
     ``<role>.role.fl.invalid`` (certificates that Helm generates, which cannot carry an OU). When
@@ -147,11 +162,17 @@ def certificate_identity(pem: bytes) -> tuple[str, str]:
     if len(roles) != 1 or next(iter(roles)) not in ROLES:
         found = ", ".join(sorted(roles)) or "none"
         raise IdentityError(f"certificate of {cn!r} must name exactly one role of {', '.join(ROLES)}; found {found}")
-    return cn, roles.pop()
+    return PeerCertificate(cn, roles.pop(), cert.serial_number, cert.issuer.public_bytes())
 
 
-def peer_identity(context: grpc.ServicerContext) -> tuple[str, str] | None:
-    """``(common name, role)`` of the peer's verified certificate; None on an insecure connection.
+def certificate_identity(pem: bytes) -> tuple[str, str]:
+    """``(common name, role)`` of a participant's certificate (see :func:`parse_certificate`)."""
+    cert = parse_certificate(pem)
+    return cert.name, cert.role
+
+
+def peer_certificate(context: grpc.ServicerContext) -> PeerCertificate | None:
+    """The peer's verified certificate; None on an insecure connection.
 
     Raises :class:`IdentityError` when the certificate does not name one role.
     """
@@ -159,4 +180,13 @@ def peer_identity(context: grpc.ServicerContext) -> tuple[str, str] | None:
     pem = auth.get("x509_pem_cert")
     if not pem:
         return None
-    return certificate_identity(pem[0])
+    return parse_certificate(bytes(pem[0]))
+
+
+def peer_identity(context: grpc.ServicerContext) -> tuple[str, str] | None:
+    """``(common name, role)`` of the peer's verified certificate; None on an insecure connection.
+
+    Raises :class:`IdentityError` when the certificate does not name one role.
+    """
+    cert = peer_certificate(context)
+    return None if cert is None else (cert.name, cert.role)

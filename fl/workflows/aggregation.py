@@ -1,12 +1,16 @@
 """Weighted averaging of model updates, one update at a time, in bounded memory.
 
-:class:`WeightedAverage` keeps one running weighted sum per tensor and folds each site's update
+:class:`WeightedAverage` keeps one running weighted *mean* per tensor and folds each site's update
 into it as soon as the update has arrived, block by block, so that server memory holds one model's
-worth of sums however many sites there are. :func:`weighted_average` and
+worth of values however many sites there are. :func:`weighted_average` and
 :func:`weighted_metrics` are the same arithmetic as pure functions over in-memory arrays.
 
-Accumulation happens in float32 for 32- and 16-bit floats, float64 for float64 and for integer
-tensors (which are rounded back); the result has the dtypes of the global model.
+Each fold is a convex combination, ``mean = mean * (1 - s) + update * s`` with ``s = w / W`` (W the
+weight folded so far), so no value ever exceeds the largest one folded in: updates near the
+dtype's largest value cannot overflow into Inf the way a raw weighted sum does. The result is
+checked for NaN/Inf before anyone gets it (:class:`NonFiniteAverage`), so a non-finite model is
+never written. Accumulation happens in float32 for 32- and 16-bit floats, float64 for float64 and
+for integer tensors (which are rounded back); the result has the dtypes of the global model.
 """
 
 from __future__ import annotations
@@ -16,23 +20,39 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from fl.fsutil import atomic_path
-from fl.tensors import BLOCK_BYTES, Layout, LayoutError, TensorSpec, describe, iter_blocks, open_tensors
+from fl.tensors import (
+    BLOCK_BYTES,
+    Layout,
+    LayoutError,
+    TensorSpec,
+    check_finite,
+    describe,
+    iter_blocks,
+    open_tensors,
+)
 from fl.tensors.io import as_byte_view
 
 __all__ = [
+    "NonFiniteAverage",
     "ParamsType",
     "WeightedAverage",
+    "capped_weights",
     "weighted_average",
     "weighted_metrics",
 ]
 
 Block = tuple[int, np.ndarray]  # (first element index, 1-D elements)
+
+
+class NonFiniteAverage(RuntimeError):
+    """The average holds NaN or Inf (e.g. it overflowed the model's dtype); it must not be written."""
 
 
 class ParamsType:
@@ -79,17 +99,33 @@ def _array_blocks(spec: TensorSpec, value: Any, block_bytes: int = BLOCK_BYTES) 
         yield start, raw[start : start + step]
 
 
-class WeightedAverage:
-    """Running weighted average of updates that all have the layout of the global model.
+def _fold_shares(weight: float, total_weight: float, dtype: np.dtype[Any]) -> tuple[Any, Any]:
+    """``(keep, share)`` in ``dtype`` for folding ``weight`` into a mean of ``total_weight`` so far.
 
-    Thread-safe: updates arriving concurrently are folded one after another.
+    ``share = weight / (total_weight + weight)`` and ``keep = 1 - share``, rounded so that
+    ``keep + share <= 1`` exactly: the fold stays a convex combination and cannot overflow.
+    """
+    share64 = weight / (total_weight + weight)
+    kind = dtype.type
+    share, keep = kind(share64), kind(1.0 - share64)
+    if Fraction(float(share)) + Fraction(float(keep)) > 1:  # exact: no float rounding hides it
+        keep = np.nextafter(keep, kind(0.0))
+    return keep, share
+
+
+class WeightedAverage:
+    """Running weighted mean of updates that all have the layout of the global model.
+
+    Thread-safe: updates arriving concurrently are folded one after another. Memory: one model in
+    the accumulator dtypes, plus one block-sized scratch buffer per dtype.
     """
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.total_weight = 0.0
         self.count = 0
-        self._sums = {s.name: np.zeros(s.numel, dtype=_acc_dtype(s)) for s in layout.tensors}
+        self._means = {s.name: np.zeros(s.numel, dtype=_acc_dtype(s)) for s in layout.tensors}
+        self._scratch: dict[np.dtype[Any], np.ndarray] = {}
         self._lock = threading.Lock()
         self._broken: str | None = None
         self._final: dict[str, np.ndarray] | None = None
@@ -100,13 +136,13 @@ class WeightedAverage:
         self._hold = released
 
     def prefault(self) -> None:
-        """Touch the sums' memory now (e.g. while sites start up) rather than in the first fold."""
+        """Touch the means' memory now (e.g. while sites start up) rather than in the first fold."""
         with self._lock:
-            for acc in self._sums.values():
+            for acc in self._means.values():
                 acc.fill(0)
 
     def reset(self) -> None:
-        """Start a new average, reusing the sums' memory (the first update overwrites them)."""
+        """Start a new average, reusing the means' memory (the first update overwrites them)."""
         with self._lock:
             self.total_weight = 0.0
             self.count = 0
@@ -151,7 +187,7 @@ class WeightedAverage:
     def _fold(
         self, weight: float, per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]]
     ) -> None:
-        if not (math.isfinite(weight) and weight > 0):
+        if isinstance(weight, bool) or not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"aggregation weight must be a positive finite number, got {weight!r}")
         hold = self._hold
         if hold is not None:
@@ -161,24 +197,22 @@ class WeightedAverage:
                 raise RuntimeError(self._broken)
             if self._final is not None:
                 raise RuntimeError("the average was finalized; reset() before adding updates")
-            first = self.count == 0
             try:
-                self._fold_locked(weight, first, per_tensor)
+                self._fold_locked(float(weight), per_tensor)
             except (LayoutError, OSError) as exc:
-                # Part of this update may already be in the sums: the average can't be trusted.
+                # Part of this update may already be in the means: the average can't be trusted.
                 self._broken = f"an update failed halfway through aggregation: {exc}"
                 raise
             self.total_weight += weight
             self.count += 1
 
     def _fold_locked(
-        self,
-        weight: float,
-        first: bool,
-        per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]],
+        self, weight: float, per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]]
     ) -> None:
+        first = self.count == 0
         for spec, blocks, base_blocks in per_tensor:
-            acc = self._sums[spec.name]
+            acc = self._means[spec.name]
+            keep, share = _fold_shares(weight, self.total_weight, acc.dtype)
             for start, block in blocks:
                 values = _to_acc(spec, block)
                 if base_blocks is not None:
@@ -188,11 +222,19 @@ class WeightedAverage:
                     values = values + _to_acc(spec, base)
                 target = acc[start : start + values.size]
                 if first:
-                    np.multiply(values, weight, out=target, casting="unsafe")
-                elif weight == 1.0:
-                    target += values
+                    np.copyto(target, values, casting="unsafe")
                 else:
-                    target += values * acc.dtype.type(weight)
+                    scaled = self._scratch_for(acc.dtype, values.size)
+                    np.multiply(values, share, out=scaled, casting="unsafe")
+                    target *= keep
+                    target += scaled
+
+    def _scratch_for(self, dtype: np.dtype[Any], size: int) -> np.ndarray:
+        """A reused buffer of ``size`` elements of ``dtype`` (blocks are at most BLOCK_BYTES of input)."""
+        buffer = self._scratch.get(dtype)
+        if buffer is None or buffer.size < size:
+            buffer = self._scratch[dtype] = np.empty(size, dtype)
+        return buffer[:size]
 
     # ------------------------------------------------------------------ results
     def _check_ready(self) -> None:
@@ -204,24 +246,33 @@ class WeightedAverage:
     def finalize(self) -> dict[str, np.ndarray]:
         """The average as arrays in the layout's dtypes and shapes (BF16 as raw uint16).
 
-        Divides the running sums in place: float32/float64 results *are* the sums' memory (no
-        copy of the model is made), other dtypes are converted. Call :meth:`reset` before folding
-        the next round's updates.
+        float32/float64 results *are* the means' memory (no copy of the model is made), other
+        dtypes are converted. Raises :class:`NonFiniteAverage` if any value is NaN or Inf in the
+        model's dtype (checked block by block), and keeps refusing until :meth:`reset`. Call
+        :meth:`reset` before folding the next round's updates.
         """
-        self._check_ready()
         with self._lock:
+            self._check_ready()
             if self._final is None:
                 out: dict[str, np.ndarray] = {}
                 for spec in self.layout.tensors:
-                    acc = self._sums[spec.name]
-                    step = max(1, BLOCK_BYTES // acc.itemsize)
-                    divisor = acc.dtype.type(self.total_weight)
-                    for start in range(0, acc.size, step):
-                        np.divide(acc[start : start + step], divisor, out=acc[start : start + step])
-                    values = _from_acc(spec, acc)
+                    with np.errstate(over="ignore"):  # an overflow to Inf is caught just below
+                        values = _from_acc(spec, self._means[spec.name])
+                    self._check_finite(spec, values)
                     out[spec.name] = values.reshape(spec.shape)
                 self._final = out
             return self._final
+
+    def _check_finite(self, spec: TensorSpec, values: np.ndarray) -> None:
+        """Refuse (for good, until :meth:`reset`) an average whose ``spec`` tensor holds NaN or Inf."""
+        if not spec.is_float:
+            return
+        try:
+            for _, block in _array_blocks(spec, values):
+                check_finite(spec, block)
+        except LayoutError as exc:
+            self._broken = f"the average of {self.count} updates is not finite: {exc}"
+            raise NonFiniteAverage(self._broken) from None
 
     def result_arrays(self) -> dict[str, np.ndarray]:
         """The average as numpy arrays in the layout's dtypes (BF16 as raw uint16)."""
@@ -264,6 +315,32 @@ def weighted_average(updates: Iterable[tuple[Mapping[str, Any], float]]) -> dict
     if avg is None:
         raise ValueError("no updates to average")
     return avg.result_arrays()
+
+
+def capped_weights(weights: Sequence[float], max_share: float) -> list[float]:
+    """``weights`` with the largest lowered to a common cap so that none is over ``max_share`` of the sum.
+
+    Water-filling: the cap ``t`` solves ``t = max_share * (sum of uncapped weights + k * t)`` for the
+    ``k`` largest weights, which are set to ``t``; the others keep their value and their order.
+    """
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share!r}")
+    if len(weights) * max_share < 1:
+        raise ValueError(f"{len(weights)} results cannot each hold at most {max_share:g} of the average")
+    order = sorted(range(len(weights)), key=lambda i: weights[i], reverse=True)
+    capped = 0
+
+    def cap() -> float:
+        rest = math.fsum(weights[i] for i in order[capped:])  # summed afresh: no cancellation error
+        return max_share * rest / (1.0 - max_share * capped)
+
+    # Capping one more can only be needed while (capped + 1) * max_share < 1 (else cap() >= the rest).
+    while max_share * (capped + 1) < 1 and weights[order[capped]] > cap():
+        capped += 1
+    out = [float(w) for w in weights]
+    for i in order[:capped]:
+        out[i] = cap()
+    return out
 
 
 def weighted_metrics(results: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, float]:

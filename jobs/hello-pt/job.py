@@ -14,20 +14,51 @@ HERE = Path(__file__).resolve().parent
 
 
 def define_parser():
+    # FLARE's spellings (--n_clients, --num_rounds, --batch_size) work as well as fl's.
     parser = argparse.ArgumentParser(description="Hello PyTorch: FedAvg with the Job API")
-    parser.add_argument("--n-clients", type=int, default=2)
-    parser.add_argument("--sites", help="comma-separated site names (default: site-1 ... site-N)")
-    parser.add_argument("--num-rounds", type=int, default=2)
-    parser.add_argument("--workspace", default="/tmp/fl/hello-pt", help="simulator workspace")
-    parser.add_argument("--export-dir", help="export the job folder here instead of simulating")
-    parser.add_argument("--threads", type=int, help="sites training at once in the simulator (default: all)")
-    parser.add_argument("--dataset", choices=["auto", "cifar10", "synthetic"], default="auto")
-    parser.add_argument("--data-root", help="where sites find (or download) CIFAR10")
-    parser.add_argument("--train-size", type=int, help="training samples per site")
-    parser.add_argument("--test-size", type=int, help="validation samples per site")
-    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    parser.add_argument("--batch-size", type=int, help="default: 4 for CIFAR10, 16 for the offline dataset")
-    parser.add_argument("--lr", type=float, help="default: 0.001 for CIFAR10, 0.02 for the offline dataset")
+    add = parser.add_argument
+    add(
+        "--n-sites",
+        "--n-clients",
+        "--n_clients",
+        dest="n_sites",
+        type=int,
+        default=2,
+        metavar="N",
+        help="number of sites, named site-1 ... site-N (default: 2)",
+    )
+    add("--sites", metavar="NAMES", help="comma-separated site names instead of --n-sites")
+    add(
+        "--num-rounds",
+        "--num_rounds",
+        dest="num_rounds",
+        type=int,
+        default=2,
+        metavar="N",
+        help="FedAvg rounds (default: 2)",
+    )
+    add("-w", "--workspace", default="/tmp/fl/hello-pt", help="simulator workspace (default: %(default)s)")
+    add("--export-dir", help="export the job folder here instead of simulating")
+    add("-t", "--threads", type=int, help="sites training at once in the simulator (default: all)")
+    add("--gpu", metavar="IDS", help="comma-separated GPU ids, assigned to sites in turn (default: none)")
+    add(
+        "--dataset",
+        choices=["auto", "cifar10", "synthetic"],
+        default="auto",
+        help="auto: CIFAR10 if it is on disk or can be downloaded, else a generated dataset (default: auto)",
+    )
+    add("--data-root", help="where sites find (or download) CIFAR10 (default: $FL_DATA_ROOT or /tmp/fl/data)")
+    add("--train-size", type=int, help="training samples per site (default: all of CIFAR10, 2000 generated)")
+    add("--test-size", type=int, help="validation samples per site (default: all of CIFAR10, 500 generated)")
+    add("--epochs", type=int, default=2, help="local epochs per round (default: 2)")
+    add(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        help="default: 4 for CIFAR10, 16 for the generated dataset",
+    )
+    add("--lr", type=float, help="learning rate (default: 0.001 for CIFAR10, 0.02 for the generated dataset)")
     return parser
 
 
@@ -57,13 +88,13 @@ def main():
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     if sites:
-        args.n_clients = len(sites)
-    sites = sites or [f"site-{i + 1}" for i in range(args.n_clients)]
+        args.n_sites = len(sites)
+    sites = sites or [f"site-{i + 1}" for i in range(args.n_sites)]
 
-    job = FedJob(name="hello-pt", min_clients=args.n_clients)
+    job = FedJob(name="hello-pt", min_clients=args.n_sites)
 
     # Define the controller workflow and send to server
-    controller = FedAvg(num_clients=args.n_clients, num_rounds=args.num_rounds)
+    controller = FedAvg(num_clients=args.n_sites, num_rounds=args.num_rounds)
     job.to(controller, "server")
 
     # Define the initial global model and send to server
@@ -77,7 +108,7 @@ def main():
     if export_dir is not None:
         print(f"job folder: {job.export_job(export_dir)}")
         return 0
-    return job.simulator_run(workspace, threads=args.threads)
+    return job.simulator_run(workspace, threads=args.threads, gpu=args.gpu)
 
 
 if __name__ == "__main__":

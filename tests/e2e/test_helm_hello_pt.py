@@ -146,7 +146,7 @@ def test_helm_install_runs_hello_pt_and_every_site_shows_its_training(release: R
         for line in (f"{site}: round 1/2", f"{site}: round 2/2", f"{site}: round 2 epoch 2/2",
                      "final validation: accuracy of the global model"):  # fmt: skip
             assert line in log, f"{site}'s log lacks {line!r}:\n{log[-3000:]}"
-        assert f"[{site} job={job['job_id'][:8]} round=2]" in log
+        assert f"[{site} job={job['job_id'][:8]} round=2/2]" in log
 
     files = release.server_exec("ls", f"{WORKSPACE}/jobs/{job['job_id']}").stdout.split()
     for name in ("FL_global_model.pt", "best_FL_global_model.pt", "validation.json", "tb_events", "logs"):

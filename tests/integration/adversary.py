@@ -98,7 +98,9 @@ class Adversary:
         )
         return self.stub.SubmitResult(request, timeout=60)
 
-    def report(self, job_id: str, *, logs: Sequence[str] = (), job_state: str = "", message: str = "") -> pb.ReportReply:
+    def report(
+        self, job_id: str, *, logs: Sequence[str] = (), job_state: str = "", message: str = ""
+    ) -> pb.ReportReply:
         import time
 
         request = pb.ReportRequest(
@@ -110,6 +112,10 @@ class Adversary:
         )
         return self.stub.Report(request, timeout=30)
 
+    def upload_status(self, upload_id: str) -> pb.UploadReply:
+        request = pb.UploadStatusRequest(session_id=self.session_id, upload_id=upload_id)
+        return self.stub.UploadStatus(request, timeout=30)
+
     # ------------------------------------------------------------------ bulk
     def download(self, ref: pb.BlobRef) -> bytes:
         chunks = self.bulk.Download(
@@ -118,7 +124,13 @@ class Adversary:
         return b"".join(chunks)
 
     def upload(
-        self, task: pb.Task, data: bytes, *, upload_id: str | None = None, offset: int = 0, total_size: int | None = None
+        self,
+        task: pb.Task,
+        data: bytes,
+        *,
+        upload_id: str | None = None,
+        offset: int = 0,
+        total_size: int | None = None,
     ) -> tuple[str, pb.UploadReply]:
         """Upload ``data`` (from ``offset``) as a result of ``task``; returns ``(upload id, reply)``."""
         upload_id = upload_id or secrets.token_hex(8)

@@ -78,7 +78,7 @@ def test_submit_hello_pt_to_a_tls_federation_and_download_the_results(federation
     assert "libtorch" not in maps, "the server process loaded torch"
     # Each site's own log shows its training as it happened, with site, job and round in each line.
     site_log = sites[0].log()
-    assert "[site-1 job=" in site_log and "round=2]" in site_log and "round 2 epoch 2/2" in site_log
+    assert "[site-1 job=" in site_log and "round=2/2]" in site_log and "round 2 epoch 2/2" in site_log
 
 
 def test_connections_without_the_right_certificate_are_refused(federation, tmp_path):

@@ -406,6 +406,75 @@ def test_generated_certificates_carry_the_contract_subjects() -> None:
             assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
 
 
+def _server_crl(objs: list[Obj]) -> tuple[list[str], dict[str, Any], list[Obj]]:
+    """The server's arguments, its `crl` volume (or {}) and the container's `crl` mounts."""
+    spec = server_deployment(objs)["spec"]["template"]["spec"]
+    server = container(spec, "server")
+    volume = next((v for v in spec["volumes"] if v["name"] == "crl"), {})
+    return server["args"], volume, [m for m in server["volumeMounts"] if m["name"] == "crl"]
+
+
+def test_revocation_list_is_a_secret_mounted_into_the_server_and_named_by_crl(tmp_path: Path) -> None:
+    import base64
+
+    from fl.provision import provision, revoke
+
+    args, volume, mounts = _server_crl(render("(chart defaults)"))
+    assert "--crl" not in args and volume == {} and mounts == []
+    assert "fl-crl" not in {s["metadata"]["name"] for s in by_kind(render("(chart defaults)"), "Secret")}
+
+    provision(tmp_path, sites=["site-1", "site-2"])
+    revoke(tmp_path, names=["site-2"])
+    crl = tmp_path / "ca" / "crl.pem"
+    objs = render("(chart defaults)", "--set-file", f"tls.crl.pem={crl}")
+    secret = {s["metadata"]["name"]: s for s in by_kind(objs, "Secret")}["fl-crl"]
+    assert base64.b64decode(secret["data"]["crl.pem"]) == crl.read_bytes()
+    args, volume, mounts = _server_crl(objs)
+    assert volume["secret"]["secretName"] == "fl-crl"
+    assert volume["secret"]["items"] == [{"key": "crl.pem", "path": "crl.pem"}]
+    assert mounts == [{"name": "crl", "mountPath": "/etc/fl/crl", "readOnly": True}]  # no subPath: updates reach it
+    assert flag(args, "--crl") == "/etc/fl/crl/crl.pem" and flag(args, "--crl-refresh") == "60"
+
+    objs = render("existing-tls-values.yaml", "--set", "tls.crl.existingSecret=ops-crl,tls.crl.refreshSeconds=5")
+    args, volume, _ = _server_crl(objs)
+    assert volume["secret"]["secretName"] == "ops-crl" and flag(args, "--crl-refresh") == "5"
+    assert by_kind(objs, "Secret") == [], "an existing revocation Secret is not made by the chart"
+
+
+def test_the_revoke_flow_works_with_the_chart_generated_ca(tmp_path: Path) -> None:
+    """README's flow for tls.mode generate: the chart's (RSA) CA signs a list the server accepts."""
+    import base64
+
+    from fl.provision import revoke
+    from fl.server.admission import parse_revocation_list
+    from fl.transport import parse_certificate
+
+    secrets = {s["metadata"]["name"]: s["data"] for s in by_kind(render("(chart defaults)"), "Secret")}
+    (tmp_path / "ca").mkdir()
+    for key in ("ca.crt", "ca.key"):
+        (tmp_path / "ca" / key).write_bytes(base64.b64decode(secrets["fl-ca"][key]))
+    site_cert = tmp_path / "site-2.crt"
+    site_cert.write_bytes(base64.b64decode(secrets["fl-site-site-2-tls"]["tls.crt"]))
+    assert [r.name for r in revoke(tmp_path, cert_files=[site_cert])] == ["site-2"]
+    crl = parse_revocation_list((tmp_path / "ca" / "crl.pem").read_bytes(), (tmp_path / "ca" / "ca.crt").read_bytes())
+    assert crl.revokes(parse_certificate(site_cert.read_bytes()))
+    other = base64.b64decode(secrets["fl-site-site-1-tls"]["tls.crt"])
+    assert not crl.revokes(parse_certificate(other))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("tls.crl.pem=x,tls.crl.existingSecret=y", "tls.crl: give either pem or existingSecret, not both"),
+        ("tls.crl.existingSecret=y,tls.crl.refreshSeconds=0", "refreshSeconds"),
+    ],
+)
+def test_bad_revocation_list_values_fail(values: str, message: str) -> None:
+    helm = find_tool("helm")
+    proc = run([helm, "template", RELEASE, str(CHART), "--set", values], check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
 # --- probes, security ----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_probes_run_fl_health_as_the_contract_says(case: str) -> None:
@@ -516,6 +585,16 @@ def test_extra_args_come_after_the_contract_flags() -> None:
     args = {name: d["spec"]["template"]["spec"]["containers"][0]["args"] for name, d in sites.items()}
     assert args["site-5"][-2:] == ["--log-level", "DEBUG"]
     assert "--log-level" not in args["site-4"]
+
+
+def test_server_no_custom_code_renders_the_servers_flag() -> None:
+    def server_args(*extra: str) -> list[str]:
+        spec = server_deployment(render("(chart defaults)", *extra))["spec"]["template"]["spec"]
+        args: list[str] = spec["containers"][0]["args"]
+        return args
+
+    assert "--no-custom-code" not in server_args()
+    assert "--no-custom-code" in server_args("--set", "server.noCustomCode=true")
 
 
 def test_server_strategy_never_runs_two_servers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from fl.components.model_selector import IntimeModelSelector
-from fl.config import ConfigError, instantiate, resolve_class
+from fl.config import ConfigError, HostPolicy, check_config, instantiate, resolve_class
 from fl.job import FedJob, JobConfigError, ScriptRunner
 from fl.server.jobstore import JobError, extract_zip, read_job, zip_folder
 from fl.workflows.fedavg import FedAvg
@@ -207,3 +208,216 @@ def test_a_model_config_that_builds_another_model_is_refused():
     job.to(Net(), "server")  # the default width: the config builds the same model
     with pytest.raises(JobConfigError, match="builds a different model"):
         job.to(Net(width=8), "server")
+
+
+# --- one resolver, one allow-list, at any depth ---------------------------------------------------
+def _custom(root: Path, files: dict[str, str]) -> Path:
+    """A job's custom folder holding ``files`` (path -> source)."""
+    custom = root / "app_server" / "custom"
+    for rel, text in files.items():
+        (custom / rel).parent.mkdir(parents=True, exist_ok=True)
+        (custom / rel).write_text(text)
+    custom.mkdir(parents=True, exist_ok=True)
+    return custom
+
+
+def _persistor_config(model: object, **extra: object) -> dict[str, object]:
+    return {
+        "format_version": 2,
+        "workflows": [{"id": "controller", "path": "fl.workflows.fedavg.FedAvg", "args": {"num_rounds": 1}}],
+        "components": [
+            {
+                "id": "persistor",
+                "path": "fl.components.persistor.PTFileModelPersistor",
+                "args": {"model": model, **extra},
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "arg_path", "cls"),
+    [
+        ({"path": "subprocess.Popen", "args": {"args": ["touch", "x"]}}, "args.model", "subprocess.Popen"),
+        ({"path": "torch.nn.Linear", "args": {"in_features": 1, "out_features": 1}}, "args.model", "torch.nn.Linear"),
+        (
+            {"path": "src.net.Net", "args": {"layers": [{"nested": {"path": "os.system", "args": {}}}]}},
+            "args.model.args.layers[0].nested",
+            "os.system",
+        ),
+    ],
+)
+def test_a_class_outside_the_allow_list_is_refused_at_any_depth_naming_where(tmp_path, model, arg_path, cls):
+    custom = _custom(tmp_path, {"src/net.py": "class Net:\n    pass\n"})
+    with pytest.raises(ConfigError) as err:
+        check_config(_persistor_config(model), custom_dir=custom, where="app_server/config/config_fed_server.json")
+    message = str(err.value)
+    assert message.startswith(f"app_server/config/config_fed_server.json: component 'persistor': {arg_path}: {cls}:")
+    assert "not allowed" in message
+
+
+def test_checking_a_config_imports_none_of_the_jobs_code(tmp_path):
+    marker = tmp_path / "imported"
+    touch = f"open({str(marker)!r}, 'w').close()\n"
+    custom = _custom(tmp_path, {"pkg/__init__.py": touch, "pkg/net.py": touch + "class Net:\n    pass\n"})
+    refs = check_config(
+        _persistor_config({"path": "pkg.net.Net", "args": {}}), custom_dir=custom, where="config_fed_server.json"
+    )
+    assert [(r.component, r.arg_path, r.path, r.job_code) for r in refs if r.job_code] == [
+        ("persistor", "args.model", "pkg.net.Net", True)
+    ]
+    assert not marker.exists()
+    assert "pkg" not in sys.modules
+
+
+def test_the_jobs_code_is_refused_where_the_host_builds_the_class_itself(tmp_path):
+    custom = _custom(tmp_path, {"src/net.py": "class Net:\n    pass\n"})
+    config = {"format_version": 2, "workflows": [{"id": "w", "path": "src.net.Net", "args": {}}]}
+    with pytest.raises(ConfigError, match=r"component 'w': src\.net\.Net: not allowed here"):
+        check_config(config, custom_dir=custom, where="config_fed_server.json")
+
+
+@pytest.mark.parametrize(
+    ("files", "path", "message"),
+    [
+        ({"json/evil.py": "class X: pass\n"}, "json.evil.X", "name of a standard or fl module"),
+        ({"torch/evil.py": "class X: pass\n"}, "torch.evil.X", "torch is already imported from outside the job's code"),
+        ({}, "src.missing.X", "not there"),
+    ],
+)
+def test_job_modules_must_be_files_in_the_custom_folder_that_shadow_nothing(tmp_path, files, path, message):
+    custom = _custom(tmp_path, files)
+    with pytest.raises(ConfigError, match=message):
+        resolve_class(path, custom_dir=custom)
+
+
+def test_a_symlink_out_of_the_custom_folder_is_not_the_jobs_code(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "net.py").write_text("class Net:\n    pass\n")
+    custom = _custom(tmp_path, {})
+    (custom / "src").mkdir()
+    (custom / "src" / "net.py").symlink_to(outside / "net.py")
+    with pytest.raises(ConfigError, match="not there"):
+        resolve_class("src.net.Net", custom_dir=custom)
+
+
+def test_the_jobs_class_loads_from_its_folder_even_when_the_name_is_found_first_elsewhere(tmp_path, monkeypatch):
+    marker = tmp_path / "wrong-module-ran"
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "jobsrc").mkdir(parents=True)
+    for name in ("__init__.py", "net.py"):  # a regular package of the same name, first on sys.path
+        (elsewhere / "jobsrc" / name).write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(elsewhere))
+    custom = _custom(tmp_path, {"jobsrc/__init__.py": "", "jobsrc/net.py": "class Net:\n    origin = 'custom'\n"})
+    try:
+        cls = resolve_class("jobsrc.net.Net", custom_dir=custom)
+        assert cls.origin == "custom" and not marker.exists()
+    finally:
+        for name in ("jobsrc.net", "jobsrc"):
+            sys.modules.pop(name, None)
+
+
+def test_a_class_the_jobs_module_imports_from_elsewhere_is_refused(tmp_path):
+    custom = _custom(tmp_path, {"reexport/net.py": "from subprocess import Popen\n"})
+    try:
+        with pytest.raises(ConfigError, match=r"subprocess\.Popen, not defined in the job's code"):
+            resolve_class("reexport.net.Popen", custom_dir=custom)
+    finally:
+        for name in ("reexport.net", "reexport"):
+            sys.modules.pop(name, None)
+
+
+def test_the_model_building_child_refuses_a_class_outside_the_allow_list(tmp_path):
+    from fl.components import model_init
+
+    marker = tmp_path / "marker"
+    model = json.dumps({"path": "subprocess.Popen", "args": {"args": ["touch", str(marker)]}})
+    custom = _custom(tmp_path, {})
+    with pytest.raises(ConfigError, match=r"subprocess\.Popen: not allowed"):
+        model_init.main(["--out", str(tmp_path / "out.safetensors"), "--model", model, "--custom-dir", str(custom)])
+    assert not marker.exists()
+
+
+def test_nested_specs_in_lists_and_objects_are_built_through_the_resolver():
+    built = instantiate(
+        {
+            "path": "fl.components.model_locator.PTFileModelLocator",
+            "args": {"pt_persistor_id": "p"},
+        },
+        recursive=True,
+    )
+    assert built.pt_persistor_id == "p"
+    with pytest.raises(ConfigError, match=r"os\.system: not allowed here"):
+        instantiate(
+            {"path": "fl.components.validation_json.ValidationJsonGenerator", "args": {"x": [{"path": "os.system"}]}},
+            recursive=True,
+        )
+
+
+# --- file paths in configs ------------------------------------------------------------------------
+def test_config_paths_stay_in_the_job_folder_or_a_data_root(tmp_path):
+    job, data, other = tmp_path / "job", tmp_path / "data", tmp_path / "other"
+    for folder in (job / "app_server", data, other):
+        folder.mkdir(parents=True)
+    for f in (job / "app_server/init.pt", data / "init.pt", other / "init.pt"):
+        f.write_bytes(b"x")
+    (data / "link.pt").symlink_to(other / "init.pt")
+    policy = HostPolicy(data_roots=(data,))
+    assert policy.resolve_path("app_server/init.pt", job, what="ckpt") == (job / "app_server/init.pt").resolve()
+    assert policy.resolve_path(str(data / "init.pt"), job, what="ckpt") == (data / "init.pt").resolve()
+    for bad, rule in [
+        ("../other/init.pt", "stay in the job folder"),
+        (str(other / "init.pt"), "must lie under the server's data roots"),
+        (str(data / "link.pt"), "must lie under the server's data roots"),
+        (str(job / "app_server/init.pt"), "must lie under"),
+    ]:
+        with pytest.raises(ConfigError, match=rule):
+            policy.resolve_path(bad, job, what="ckpt")
+    with pytest.raises(ConfigError, match="the server has none: fl server --data-root DIR"):
+        HostPolicy().resolve_path(str(data / "init.pt"), job, what="ckpt")
+
+
+# --- the server's policy at submit ----------------------------------------------------------------
+def test_no_custom_code_accepts_shipped_weights_and_refuses_a_model_it_would_build(hello_pt_job, tmp_path):
+    folder = hello_pt_job.export_job(tmp_path / "export")
+    no_code = HostPolicy(job_code=False)
+    assert read_job(folder, no_code).num_rounds == 2
+    shutil.rmtree(folder / "app_server" / "initial_weights")
+    with pytest.raises(JobError) as err:
+        read_job(folder, no_code)
+    message = str(err.value)
+    assert message.startswith(
+        "app_server/config/config_fed_server.json: component 'persistor': args.model: src.simple_network.SimpleNetwork"
+    )
+    assert "--no-custom-code" in message and "ships no weights" in message
+    assert read_job(folder, HostPolicy()).num_rounds == 2  # the default policy builds it in a child process
+
+
+def test_no_custom_code_accepts_a_checkpoint_in_the_job_folder_and_refuses_one_outside(hello_pt_job, tmp_path):
+    folder = hello_pt_job.export_job(tmp_path / "export")
+    shutil.rmtree(folder / "app_server" / "initial_weights")
+    (folder / "app_server" / "init.safetensors").write_bytes(b"x")
+    config_path = folder / "app_server/config/config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    persistor = next(c for c in config["components"] if c["id"] == "persistor")
+    for value, ok in [("app_server/init.safetensors", True), (str(tmp_path / "x.pt"), False), ("../x.pt", False)]:
+        persistor["args"]["source_ckpt_file_full_name"] = value
+        config_path.write_text(json.dumps(config))
+        if ok:
+            read_job(folder, HostPolicy(job_code=False))
+        else:
+            with pytest.raises(JobError, match=r"component 'persistor': args\.source_ckpt_file_full_name: .*outside"):
+                read_job(folder, HostPolicy(job_code=False))
+
+
+def test_site_configs_are_checked_at_submit_too(hello_pt_job, tmp_path):
+    folder = hello_pt_job.export_job(tmp_path / "export")
+    config_path = folder / "app_site-1/config/config_fed_client.json"
+    config = json.loads(config_path.read_text())
+    config["components"][0]["args"]["hook"] = {"path": "os.system", "args": {"command": "true"}}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(
+        JobError, match=r"app_site-1/config/config_fed_client.json: component 'event_to_fed': args.hook"
+    ):
+        read_job(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -205,3 +206,94 @@ def test_selector_and_validation_json_follow_the_key_metric(tmp_path):
 
 
 logging.getLogger("fl").setLevel(logging.WARNING)
+
+
+def _fixed(value: float, meta: dict[str, Any]) -> Site:
+    """A site that sends ``value`` everywhere with ``meta`` (and answers validate tasks with an accuracy)."""
+
+    def site(task, model):
+        if task.name == "validate":
+            return None, {"accuracy": 0.5}, meta
+        return {"w": np.full(2, value, np.float32)}, {"accuracy": 0.5}, meta
+
+    return site
+
+
+@pytest.mark.parametrize("claim", [1e30, -5, "NaN", "abc", True, None, 0])
+def test_a_result_claiming_an_invalid_weight_is_refused_and_the_honest_average_is_exact(tmp_path, claim):
+    sites = {
+        "a": _fixed(1.0, {"NUM_STEPS_CURRENT_ROUND": 1}),
+        "b": _fixed(5.0, {"NUM_STEPS_CURRENT_ROUND": 3}),
+        "evil": _fixed(1e6, {"NUM_STEPS_CURRENT_ROUND": claim}),
+    }
+    ctx = Context(tmp_path, sites, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})})
+    FedAvg(num_clients=3, num_rounds=1, min_clients=2).run(ctx)
+    np.testing.assert_array_equal(load_numpy(tmp_path / "models" / "global-r0001.safetensors")["w"], [4.0, 4.0])
+    with pytest.raises(RoundFailed, match=re.escape(f"evil claimed NUM_STEPS_CURRENT_ROUND={claim!r}:")):
+        FedAvg(num_clients=3, num_rounds=2, min_clients=3).run(ctx)  # all three needed: the claim fails the round
+
+
+def test_max_weight_bounds_claims_and_round_trips_through_the_exported_config(tmp_path):
+    from fl.config import build_component
+
+    sites = {"a": _fixed(1.0, {"NUM_STEPS_CURRENT_ROUND": 100}), "b": _fixed(3.0, {"NUM_STEPS_CURRENT_ROUND": 101})}
+    ctx = Context(tmp_path, sites, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})})
+    with pytest.raises(RoundFailed, match=r"b claimed NUM_STEPS_CURRENT_ROUND=101: .* at most 100 "):
+        FedAvg(num_clients=2, num_rounds=1, max_weight=100).run(ctx)
+    workflow = FedAvg(num_clients=2, max_weight=100)
+    _, rebuilt = build_component(
+        {"id": "fedavg", "path": "fl.workflows.fedavg.FedAvg", "args": workflow._init_args}, where="test"
+    )
+    assert rebuilt.max_weight == 100.0
+    for bad in (0, -1, float("inf"), float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="max_weight must be a positive finite number"):
+            FedAvg(max_weight=bad)
+
+
+def test_a_validate_result_with_an_invalid_weight_is_refused_not_fatal(tmp_path):
+    honest = _fixed(2.0, {"NUM_STEPS_CURRENT_ROUND": 2})
+
+    def lies_when_validating(task, model):
+        params, metrics, _ = honest(task, model)
+        return params, metrics, ({"NUM_STEPS_CURRENT_ROUND": "abc"} if task.name == "validate" else {})
+
+    ctx = Context(
+        tmp_path, {"a": honest, "b": lies_when_validating}, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})}
+    )
+    FedAvg(num_clients=2, num_rounds=1, min_clients=1).run(ctx)
+    assert [t[0] for t in ctx.communicator.tasks] == ["train", "validate"]
+
+
+def test_a_non_finite_average_fails_the_round_and_keeps_the_previous_global_model(tmp_path):
+    def nan_in_round_2(task, model):
+        value = np.nan if task.round == 1 else 1.0  # the in-memory communicator does not check uploads
+        return {"w": model["w"] + value}, {}, {}
+
+    persistor = FakePersistor({"w": np.zeros(2, np.float32)})
+    ctx = Context(tmp_path, {"a": plus_one(), "b": nan_in_round_2}, {"persistor": persistor})
+    with pytest.raises(RoundFailed, match=r"round 2: the average of 2 updates is not finite: tensor 'w'.*"
+                       r"global model stays global-r0001.safetensors"):  # fmt: skip
+        FedAvg(num_clients=2, num_rounds=3).run(ctx)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["global-r0001.safetensors"]
+    np.testing.assert_array_equal(load_numpy(tmp_path / "models" / "global-r0001.safetensors")["w"], [1.0, 1.0])
+    assert ctx.state is not None and ctx.state["next_round"] == 1 and persistor.saved == [0]
+
+
+def test_max_site_share_caps_the_heaviest_site_and_leaves_no_spooled_update(tmp_path):
+    sites = {
+        "big": _fixed(100.0, {"NUM_STEPS_CURRENT_ROUND": 1e6}),
+        "b": _fixed(0.0, {"NUM_STEPS_CURRENT_ROUND": 1}),
+        "c": _fixed(0.0, {"NUM_STEPS_CURRENT_ROUND": 1}),
+    }
+    ctx = Context(tmp_path, sites, {"persistor": FakePersistor({"w": np.zeros(2, np.float32)})})
+    FedAvg(num_clients=3, num_rounds=2, min_clients=2, max_site_share=0.5).run(ctx)
+    # big's weight is lowered to 2 (half of 2 + 1 + 1): (2 * 100 + 0 + 0) / 4.
+    np.testing.assert_allclose(
+        load_numpy(tmp_path / "models" / "global-r0002.safetensors")["w"], [50.0, 50.0], rtol=1e-6
+    )
+    assert not (tmp_path / "models" / "spool").exists()
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match=r"max_site_share must be a number in \(0, 1\]"):
+            FedAvg(max_site_share=bad)
+    with pytest.raises(ValueError, match=r"max_site_share 0\.4 cannot be met by a round of 2 results"):
+        FedAvg(num_clients=3, min_clients=2, max_site_share=0.4)

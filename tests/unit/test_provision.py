@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import shutil
 import stat
 
 import pytest
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fl.provision import ProvisionError, provision
+from fl.provision import ProvisionError, Revocation, crl_number, provision, revoke
 from fl.transport import IdentityError, TLSConfig, certificate_identity
 
 
@@ -85,3 +86,121 @@ def test_role_comes_from_the_ou_or_from_the_helm_style_san():
 def test_certificates_without_one_clear_role_are_refused(ous, sans, message):
     with pytest.raises(IdentityError, match=message):
         certificate_identity(_cert("site-1", ous, sans))
+
+
+# --- revocation (fl provision --revoke) -----------------------------------------------------------
+def _crl(folder):
+    return x509.load_pem_x509_crl((folder / "crl.pem").read_bytes())
+
+
+def _serial(out, name):
+    return x509.load_pem_x509_certificate((out / name / "tls.crt").read_bytes()).serial_number
+
+
+def test_revoke_writes_a_crl_signed_by_the_project_ca_with_the_serials_into_ca_and_server_folders(tmp_path):
+    provision(tmp_path, sites=["a", "b", "c"], admins=["ops"])
+    revoked = revoke(tmp_path, names=["b", "ops"])
+    assert revoked == [Revocation("b", _serial(tmp_path, "b"), True), Revocation("ops", _serial(tmp_path, "ops"), True)]
+    crl = _crl(tmp_path / "ca")
+    assert (tmp_path / "server" / "crl.pem").read_bytes() == (tmp_path / "ca" / "crl.pem").read_bytes()
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.crt").read_bytes())
+    assert crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
+    assert {e.serial_number for e in crl} == {_serial(tmp_path, "b"), _serial(tmp_path, "ops")}
+    assert crl_number(crl) == 1
+    assert crl.next_update_utc is not None and crl.next_update_utc > crl.last_update_utc
+
+
+def test_revoking_again_is_idempotent_and_adding_a_name_keeps_the_earlier_entries(tmp_path):
+    provision(tmp_path, sites=["a", "b"])
+    revoke(tmp_path, names=["b"])
+    first = (tmp_path / "ca" / "crl.pem").read_bytes()
+    assert revoke(tmp_path, names=["b"]) == [Revocation("b", _serial(tmp_path, "b"), False)]
+    assert (tmp_path / "ca" / "crl.pem").read_bytes() == first, "nothing new: the list is not rewritten"
+    revoke(tmp_path, names=["a"])
+    crl = _crl(tmp_path / "ca")
+    assert {e.serial_number for e in crl} == {_serial(tmp_path, "a"), _serial(tmp_path, "b")}
+    assert crl_number(crl) == 2
+
+
+def test_revoking_a_certificate_file_names_its_participant(tmp_path):
+    provision(tmp_path, sites=["a"])
+    copy = tmp_path / "copied.crt"
+    copy.write_bytes((tmp_path / "a" / "tls.crt").read_bytes())
+    assert revoke(tmp_path, cert_files=[copy]) == [Revocation("a", _serial(tmp_path, "a"), True)]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["nobody"], r"cannot revoke 'nobody': no certificate .*nobody/tls.crt \(provisioned in .*: a, server\)"),
+        (["../a"], "cannot revoke '../a'"),
+        (["server"], "it is the server's certificate"),
+        (["a", "nobody"], "cannot revoke 'nobody'"),
+    ],
+)
+def test_revoking_an_unknown_name_or_the_server_fails_clearly_and_writes_nothing(tmp_path, names, message):
+    provision(tmp_path, sites=["a"])
+    with pytest.raises(ProvisionError, match=message):
+        revoke(tmp_path, names=names)
+    assert not (tmp_path / "ca" / "crl.pem").exists() and not (tmp_path / "server" / "crl.pem").exists()
+
+
+def test_revoking_a_certificate_of_another_ca_or_without_a_ca_fails(tmp_path):
+    provision(tmp_path / "ours", sites=["a"])
+    provision(tmp_path / "theirs", sites=["a"])
+    with pytest.raises(ProvisionError, match="not signed by this project's CA"):
+        revoke(tmp_path / "ours", cert_files=[tmp_path / "theirs" / "a" / "tls.crt"])
+    with pytest.raises(ProvisionError, match="holds no project CA"):
+        revoke(tmp_path / "empty", names=["a"])
+
+
+def test_reprovisioning_keeps_and_renews_the_crl_and_refuses_the_revoked_name(tmp_path):
+    provision(tmp_path, sites=["a", "b"])
+    revoke(tmp_path, names=["b"])
+    b_serial = _serial(tmp_path, "b")
+    written = provision(tmp_path, sites=["a", "c"])
+    assert [(n, c) for n, _, c in written] == [("server", False), ("a", False), ("c", True)]
+    crl = _crl(tmp_path / "ca")
+    assert {e.serial_number for e in crl} == {b_serial} and crl_number(crl) == 2
+    assert (tmp_path / "server" / "crl.pem").read_bytes() == (tmp_path / "ca" / "crl.pem").read_bytes()
+    with pytest.raises(ProvisionError, match=r"certificate of 'b' \(serial [0-9a-f]+\) is revoked; leave 'b' out"):
+        provision(tmp_path, sites=["b", "d"])
+    assert not (tmp_path / "d").exists(), "nothing is issued when a name is refused"
+    shutil.rmtree(tmp_path / "b")  # the documented way to give b a new certificate
+    provision(tmp_path, sites=["b"])
+    assert _serial(tmp_path, "b") != b_serial
+    assert {e.serial_number for e in _crl(tmp_path / "ca")} == {b_serial}
+
+
+def test_a_crl_that_the_ca_did_not_sign_is_not_extended(tmp_path):
+    provision(tmp_path / "ours", sites=["a"])
+    provision(tmp_path / "theirs", sites=["a"])
+    revoke(tmp_path / "theirs", names=["a"])
+    shutil.copy(tmp_path / "theirs" / "ca" / "crl.pem", tmp_path / "ours" / "ca" / "crl.pem")
+    with pytest.raises(ProvisionError, match="is not signed by the CA"):
+        revoke(tmp_path / "ours", names=["a"])
+
+
+def test_cli_revoke_prints_serials_and_refuses_issuing_at_the_same_time(tmp_path, capsys):
+    from fl.cli.main import main
+
+    provision(tmp_path, sites=["a", "b"])
+    assert main(["provision", "--out", str(tmp_path), "--revoke", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "revoked b" in out and f"serial {_serial(tmp_path, 'b'):x}" in out and "server/crl.pem" in out
+    assert main(["provision", "--out", str(tmp_path), "--revoke", "b"]) == 0
+    assert "already b" in capsys.readouterr().out
+    assert main(["provision", "--out", str(tmp_path), "--revoke", "x"]) == 2
+    assert "cannot revoke 'x'" in capsys.readouterr().err
+    assert main(["provision", "--out", str(tmp_path), "--revoke", "a", "--sites", "c"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_a_participant_folder_holding_another_cas_certificate_gets_a_new_one(tmp_path):
+    provision(tmp_path / "ours", sites=["a"])
+    provision(tmp_path / "theirs", sites=["a"])
+    shutil.copy(tmp_path / "theirs" / "a" / "tls.crt", tmp_path / "ours" / "a" / "tls.crt")
+    written = provision(tmp_path / "ours", sites=["a"])  # was: AttributeError (x509.InvalidSignature)
+    assert ("a", True) in [(n, c) for n, _, c in written]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ours" / "ca" / "ca.crt").read_bytes())
+    x509.load_pem_x509_certificate((tmp_path / "ours" / "a" / "tls.crt").read_bytes()).verify_directly_issued_by(ca)

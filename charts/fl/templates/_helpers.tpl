@@ -142,6 +142,21 @@ Existing mode: tls.existing.server, tls.existing.admin, sites[].tlsSecret.
 {{- end }}
 
 {{/*
+The Secret holding the server's revocation list (key crl.pem): tls.crl.existingSecret, or
+<fullname>-crl made from tls.crl.pem; empty when there is none. Giving both fails.
+*/}}
+{{- define "fl.tls.crlSecretName" -}}
+{{- if and .Values.tls.crl.pem .Values.tls.crl.existingSecret }}
+{{- fail "tls.crl: give either pem or existingSecret, not both" }}
+{{- end }}
+{{- if .Values.tls.crl.existingSecret }}
+{{- .Values.tls.crl.existingSecret }}
+{{- else if .Values.tls.crl.pem }}
+{{- printf "%s-crl" (include "fl.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
 The role marker that generated certificates carry as a DNS SAN, because Helm's genSignedCert cannot
 set the subject OU that docs/operations.md puts the role in: "<role>.role.fl.invalid" (".invalid"
 never resolves, RFC 6761). See charts/fl/README.md.

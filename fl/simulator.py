@@ -36,6 +36,7 @@ from typing import Any
 
 from fl.fsutil import atomic_write_json, read_json
 from fl.log import adapter, setup_logging
+from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 from fl.rounds import model_label
 from fl.server.app import FLServer
@@ -448,7 +449,9 @@ class _SitesHost:
 
     def start(self) -> None:
         for command in self.commands:
-            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = popen_bound_to_parent(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
             self.procs.append(proc)
             threading.Thread(target=self._forward, args=(proc,), name="fl-sites-output", daemon=True).start()
 

@@ -71,6 +71,7 @@ def _names(value: str | None) -> list[str]:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from fl.config import HostPolicy
+    from fl.fsutil import LockHeld
     from fl.server.admission import RevocationListError
     from fl.server.app import FLServer
     from fl.server.jobs import DEFAULT_MAX_LOG_BYTES
@@ -108,6 +109,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             policy=HostPolicy(job_code=not args.no_custom_code, data_roots=data_roots),
             **({} if args.status_interval is None else {"status_interval": args.status_interval}),
         )
+    except LockHeld as exc:
+        return _fail(f"fl server: another fl server uses the workspace: {exc}")
     except ValueError as exc:
         return _fail(f"fl server: {exc}")
     signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_revocations())

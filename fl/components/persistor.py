@@ -16,6 +16,7 @@ import numpy as np
 from fl.components.base import Component, Events
 from fl.config import HostPolicy
 from fl.fsutil import atomic_path
+from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 from fl.rounds import model_label
 from fl.tensors import TensorSpec
@@ -158,21 +159,24 @@ class PTFileModelPersistor(Component):
         env = dict(os.environ)
         env["PYTHONSAFEPATH"] = "1"  # the working folder (the job's code) never shadows fl or installed modules
         env.setdefault("OMP_NUM_THREADS", "1")
+        proc = popen_bound_to_parent(
+            command,
+            cwd=custom if policy.job_code and custom.is_dir() else ctx.run_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
-            proc = subprocess.run(
-                command,
-                cwd=custom if policy.job_code and custom.is_dir() else ctx.run_dir,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            raw_out, raw_err = proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise ModelInitError("building the initial model took longer than 600 s") from None
+        stdout, stderr = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
         if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
             raise ModelInitError(f"building the initial model failed:\n{tail}")
-        ctx.log.info("initial model ready: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else out)
+        ctx.log.info("initial model ready: %s", stdout.strip().splitlines()[-1] if stdout.strip() else out)
         return out
 
     def save_global(

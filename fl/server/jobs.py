@@ -4,6 +4,21 @@ Every job lives in ``WORKSPACE/jobs/<job-id>/``: ``job/`` (the submitted folder)
 ``state.json`` (the workflow's last completed round), models, checkpoints, validation JSON,
 TensorBoard events and logs. A server that restarts picks up jobs that were running and resumes
 them from their last completed round.
+
+What is on disk when writes fail (a full disk):
+
+- Progress (``status.json`` while a job runs: round, phase, sites done, "waiting"/"running") is
+  best effort: a write that fails is logged once, the record stays in memory (the admin sees it)
+  and the job goes on. A job is resumed after a restart if ``status.json`` says "running" or it
+  has a ``state.json``, so a lost "running" cannot restart a job from round 0.
+- Checkpoints (``state.json``, models) must be written: a failure fails the job, naming the file.
+- A terminal state (finished, failed, aborted) is made durable first: an empty marker file
+  ``ended.<status>`` (an inode, no data blocks, so it can be made on a full disk), then
+  ``status.json``. A restarted server never resumes a job with a marker and rewrites a
+  ``status.json`` that disagrees with it. Where even the marker cannot be made, the admin's
+  message says that a restart will resume the job.
+- The workspace is locked (``.fl-server.lock``) by one server at a time; holding it, the server
+  removes the temp files of atomic writes that a kill left behind, before it writes anything.
 """
 
 from __future__ import annotations
@@ -22,7 +37,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fl.config import HostPolicy, build_component
-from fl.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from fl.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    create_empty,
+    lock_exclusively,
+    read_json,
+    sweep_atomic_temps,
+)
 from fl.log import adapter
 from fl.memory import release_memory
 from fl.proto import federation_pb2 as pb
@@ -35,6 +57,8 @@ from fl.workflows.base import Controller, JobAborted, RoundFailed
 __all__ = ["TERMINAL", "JobManager", "JobRecord", "JobRun"]
 
 TERMINAL = ("finished", "failed", "aborted")
+ENDED_MARKER = "ended."  # + the terminal status: an empty file, made before status.json
+LOCK_FILE = ".fl-server.lock"
 log = adapter("fl.server", site="server")
 
 
@@ -419,6 +443,7 @@ class JobRun:
             self.logs.close()
             self.manager.job_done(self, None, "")
             return
+        self.manager.mark_ended(self.record, status)  # before anything else: a restart must not resume it
         self._end_on_sites(status, message)
         try:
             self.fire("job_finished", status=status)
@@ -450,6 +475,7 @@ class JobManager:
         self.policy = policy or HostPolicy()
         self.jobs_dir = workspace / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._take_workspace()
         self.registry = registry
         self.broker = broker
         self.blobs = blobs
@@ -463,6 +489,7 @@ class JobManager:
         self._lock = threading.Condition()
         self.stopping = threading.Event()
         self._listeners: list[Callable[[JobRecord], None]] = []
+        self._unsaved: set[str] = set()  # jobs whose status.json could not be written lately
         self._scheduler = threading.Thread(target=self._schedule, name="fl-scheduler", daemon=True)
         registry.on_site_joined(self._site_joined)
         self._load()
@@ -474,17 +501,62 @@ class JobManager:
     def on_change(self, listener: Callable[[JobRecord], None]) -> None:
         self._listeners.append(listener)
 
-    def save_record(self, record: JobRecord) -> None:
+    def _take_workspace(self) -> int:
+        """Lock the workspace for this server, then sweep the temp files a killed writer left."""
+        fd = lock_exclusively(self.workspace / LOCK_FILE)
+        # A job's submitted folder holds the admin's files, never temp files of fl's writes.
+        swept = sweep_atomic_temps(self.workspace, skip=lambda d: d.name == "job" and d.parent.parent == self.jobs_dir)
+        if swept:
+            names = ", ".join(str(p.relative_to(self.workspace)) for p in swept[:5])
+            log.info("removed %d temp file(s) of writes a kill interrupted: %s", len(swept), names)
+        return fd
+
+    def _write_record(self, record: JobRecord) -> None:
         atomic_write_json(self.job_dir(record.job_id) / "status.json", asdict(record))
+
+    def save_record(self, record: JobRecord) -> str | None:
+        """Write ``status.json``, best effort: a failure is logged once per job and returned, not raised."""
+        error = None
+        try:
+            self._write_record(record)
+        except OSError as exc:
+            error = str(exc)
+            if record.job_id not in self._unsaved:
+                self._unsaved.add(record.job_id)
+                log.warning("job %s: cannot write status.json (%s); its progress is kept in memory", record.job_id, exc)
+        else:
+            if record.job_id in self._unsaved:
+                self._unsaved.discard(record.job_id)
+                log.info("job %s: status.json written again", record.job_id)
+        self._notify(record)
+        return error
+
+    def _notify(self, record: JobRecord) -> None:
         for listener in self._listeners:
             listener(record)
 
+    def mark_ended(self, record: JobRecord, status: str) -> str | None:
+        """Make the job's terminal marker; returns why it could not be made, or None."""
+        try:
+            create_empty(self.job_dir(record.job_id) / f"{ENDED_MARKER}{status}")
+        except OSError as exc:
+            log.error("job %s: cannot record that it %s (%s); a restart would resume it", record.job_id, status, exc)
+            return str(exc)
+        return None
+
     def set_status(self, record: JobRecord, status: str, message: str) -> None:
+        unmarked = self.mark_ended(record, status) if status in TERMINAL else None
         record.status = status
         record.message = message
         if status in TERMINAL:
             record.ended = time.time()
-        self.save_record(record)
+        unsaved = self.save_record(record)
+        if unsaved is not None and status in TERMINAL:
+            record.message += (
+                f" (its status could not be saved: {unmarked}; a restarted server would resume it)"
+                if unmarked is not None
+                else f" (status.json could not be written: {unsaved}; it stays {status} after a restart)"
+            )
         with self._lock:
             self._lock.notify_all()
 
@@ -493,17 +565,30 @@ class JobManager:
 
     def _load(self) -> None:
         for status_file in sorted(self.jobs_dir.glob("*/status.json")):
-            data = read_json(status_file)
             try:
-                record = JobRecord(**data)
-            except TypeError:
+                record = JobRecord(**read_json(status_file))
+            except (TypeError, ValueError, OSError):
                 log.warning("ignoring unreadable %s", status_file)
                 continue
             self.records[record.job_id] = record
+            self._apply_marker(record)
             if record.status in ("running", "waiting", "submitted"):
-                resume = record.status == "running"
+                resume = record.status == "running" or (status_file.parent / "state.json").exists()
                 self._queue.append((record.job_id, resume))
                 log.info("job %s (%s) will %s", record.job_id, record.name, "resume" if resume else "start")
+
+    def _apply_marker(self, record: JobRecord) -> None:
+        """A job whose terminal marker exists ended, whatever its status.json says: make it say so."""
+        markers = [p for p in self.job_dir(record.job_id).glob(f"{ENDED_MARKER}*") if p.suffix[1:] in TERMINAL]
+        if not markers or record.status == markers[0].suffix[1:]:
+            return
+        record.status = markers[0].suffix[1:]
+        record.ended = record.ended or markers[0].stat().st_mtime
+        record.message = "the job ended; its last status.json could not be written then (disk full?)"
+        log.warning(
+            "job %s (%s) %s before the restart; status.json now says so", record.job_id, record.name, record.status
+        )
+        self.save_record(record)
 
     # ------------------------------------------------------------------ API
     def start(self) -> None:
@@ -517,6 +602,9 @@ class JobManager:
             self._lock.notify_all()
         for run in list(self.runs.values()):
             run.thread.join(timeout=10)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the next server on this workspace may start
+            self._lock_fd = -1
 
     def submit(self, folder: Path) -> JobRecord:
         """Check a job folder (already unpacked into a staging folder) and queue it."""
@@ -526,8 +614,13 @@ class JobManager:
         target.mkdir(parents=True)
         shutil.move(str(folder), target / "job")
         record = JobRecord(job_id=job_id, name=spec.name, num_rounds=spec.num_rounds)
+        try:
+            self._write_record(record)  # a job the server cannot remember is refused, not accepted
+        except OSError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         self.records[job_id] = record
-        self.save_record(record)
+        self._notify(record)
         with self._lock:
             self._queue.append((job_id, False))
             self._lock.notify_all()

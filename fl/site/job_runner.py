@@ -27,6 +27,7 @@ from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
+from fl.process import popen_bound_to_parent
 from fl.proto import federation_pb2 as pb
 from fl.pythonpath import script_command
 from fl.rounds import log_round
@@ -133,6 +134,7 @@ class JobRunner:
             self.done.set()
             return
         assert self.process is not None
+        self._end_group_when_script_exits()
         code = self.process.wait()
         self._drain_done.wait(5)
         if self.ended is None and not self.stop_event.is_set():
@@ -208,7 +210,7 @@ class JobRunner:
             }
         )
         self.log.info("starting training script: %s", shlex.join(command))
-        self.process = subprocess.Popen(
+        self.process = popen_bound_to_parent(
             command,
             cwd=self.job_dir,
             env=env,
@@ -455,6 +457,17 @@ class JobRunner:
             self.log.warning("training script still running %.0f s after the job ended; stopping it", END_GRACE_S)
             self._kill_script()
 
+    def _end_group_when_script_exits(self) -> None:
+        """Wait until the script exits, then kill what is left of its process group (processes it started).
+
+        The script is waited for without being reaped, so that its pid, the group's id, is not reused meanwhile.
+        """
+        assert self.process is not None
+        with contextlib.suppress(ChildProcessError):  # reaped already, by _kill_script (which kills the group)
+            os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
     def _kill_script(self) -> None:
         process = self.process
         if process is None or process.poll() is not None:
@@ -463,11 +476,10 @@ class JobRunner:
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the script if it is still running, and what it started
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _tag(task: pb.Task) -> dict[str, Any]:

@@ -45,9 +45,17 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
 class Daemon:
     """One `python -m fl ...` process with its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.name = name
         self.args = args
+        self.prefix = prefix or []  # e.g. nsenter: run in another namespace (exec'd, same pid)
         self.log_path = log_dir / f"{name}.log"
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -59,7 +67,7 @@ class Daemon:
         env.update(self.env or {})
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fl", *self.args],
+            [*self.prefix, sys.executable, "-m", "fl", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -121,13 +129,13 @@ class Federation:
         self.daemons: list[Daemon] = []
         self.server: Daemon | None = None
 
-    def start_server(self, *extra: str) -> Daemon:
+    def start_server(self, *extra: str, prefix: list[str] | None = None) -> Daemon:
         args = [
             "server", "--workspace", str(self.root / "server"), "--host", "127.0.0.1", "--port", str(self.port),
             "--tls", str(self.tls / "server"), "--heartbeat-interval", "1",
             "--heartbeat-timeout", str(self.heartbeat_timeout), "--site-wait-timeout", "60", *extra,
         ]  # fmt: skip
-        self.server = Daemon(f"server-{len(self.daemons)}", args, self.logs).start()
+        self.server = Daemon(f"server-{len(self.daemons)}", args, self.logs, prefix=prefix).start()
         self.daemons.append(self.server)
         self.server.wait_for_log("fl server listening", 60)
         return self.server

@@ -1,6 +1,7 @@
 """A site script that trains nothing: returns the params it received plus one (numpy or torch).
 
-Options: --nan (send NaN instead), --crash-in-round R (raise in round R), --metric (report accuracy = round).
+Options: --nan (send NaN instead), --crash-in-round R (raise in round R), --metric (report accuracy = round),
+--spawn-sleeper (start a `sleep 300` child, as a DataLoader would start workers).
 """
 
 import argparse
@@ -15,7 +16,12 @@ parser.add_argument("--crash-in-round", type=int, default=-1)
 parser.add_argument("--exit-in-round", type=int, default=-1)
 parser.add_argument("--metric", action="store_true")
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
+parser.add_argument("--spawn-sleeper", action="store_true", help="start a child that outlives the script")
 args = parser.parse_args()
+if args.spawn_sleeper:
+    import subprocess
+
+    print(f"sleeper pid {subprocess.Popen(['sleep', '300']).pid}", flush=True)
 
 flare.init()
 site = flare.get_site_name()

@@ -164,7 +164,7 @@ class Pod:
 
 
 def test_the_rendered_chart_runs_hello_pt_across_hosts(hosts: Hosts, tmp_path: Path) -> None:
-    docs = _render("job.trainSize=64", "job.testSize=64")
+    docs = _render("job.trainSize=64", "job.testSize=64", "job.wait=true")  # the hook waits: the job must finish
     service = _object(docs, "Service", "fl-server")
     port = service["spec"]["ports"][0]["port"]
     service_name = "fl-server.default.svc.cluster.local"

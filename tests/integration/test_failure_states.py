@@ -1,6 +1,7 @@
 """Failures leave a true state: a full disk fails a job once and for all (admin, status.json and a
 restarted server agree; checkpoints stay loadable), a progress write that fails alone does not fail
-the job, and the temp files a kill left are swept at start, never a live server's."""
+the job, a full disk is the server's error for an upload or a submit (never the site's), and the
+temp files a kill left are swept at start, never a live server's."""
 
 from __future__ import annotations
 

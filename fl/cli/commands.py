@@ -1,4 +1,4 @@
-"""``fl simulate | server | site | health | provision``."""
+"""``fl simulate | server | site | health | provision | convert-checkpoint``."""
 
 from __future__ import annotations
 
@@ -218,6 +218,23 @@ def cmd_provision(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for name, folder, created in written:
         print(f"{'created' if created else 'kept   '} {name:<24} {folder}")
+    return EXIT_OK
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    """Convert the user's own ``.pt`` checkpoint to safetensors (it is unpickled: local files only)."""
+    from pickle import UnpicklingError
+
+    from fl.components.persistor import CHECKPOINT_SUFFIX, convert_checkpoint
+
+    source, target = Path(args.source), Path(args.target)
+    if target.suffix != CHECKPOINT_SUFFIX:
+        return _fail(f"convert-checkpoint: the output must end in {CHECKPOINT_SUFFIX}, got {target}")
+    try:
+        count = convert_checkpoint(source, target)
+    except (OSError, ValueError, RuntimeError, UnpicklingError) as exc:  # torch.load's errors for a bad file
+        return _fail(f"convert-checkpoint: cannot convert {source}: {exc}")
+    print(f"wrote {target}: {count} tensors")
     return EXIT_OK
 
 

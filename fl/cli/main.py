@@ -192,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--crl-days", type=int, default=365, help="validity of the revocation list (renewed on every run)")
 
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="convert your own torch checkpoint (.pt) to safetensors, the only format a job may carry",
+        description=(
+            "Convert a torch checkpoint (a state dict, or {'model': state_dict}) to safetensors. This loads "
+            "the file with torch.load(weights_only=True), which unpickles it: run it only on your own "
+            "checkpoints, on your own machine. Servers and sites never unpickle a job's files."
+        ),
+    )
+    p.add_argument("source", metavar="IN.pt", help="your torch checkpoint")
+    p.add_argument("target", metavar="OUT.safetensors", help="the safetensors file to write")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -207,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     from fl.cli import commands
 
-    handler = getattr(commands, f"cmd_{args.command}", None)
+    handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}", None)
     if handler is None:
         from fl.cli import admin
 

@@ -16,18 +16,14 @@ from typing import Any
 
 
 def _state_dict_from_checkpoint(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from fl.tensors import load_torch
+    """A job's checkpoint, safetensors only: a file from a job folder is never unpickled."""
+    from fl.components.persistor import checkpoint_refusal
+    from fl.tensors import load_torch
 
-        return load_torch(path)
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
-    return obj
+    refusal = checkpoint_refusal(str(path))
+    if refusal is not None:
+        raise ValueError(refusal)
+    return load_torch(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,53 @@ from fl.pythonpath import module_command
 from fl.rounds import model_label
 from fl.tensors import TensorSpec
 
-__all__ = ["INITIAL_WEIGHTS_MAX_BYTES", "ModelInitError", "PTFileModelPersistor", "initial_weights_path"]
+__all__ = [
+    "CHECKPOINT_SUFFIX",
+    "INITIAL_WEIGHTS_MAX_BYTES",
+    "TORCH_SUFFIXES",
+    "ModelInitError",
+    "PTFileModelPersistor",
+    "checkpoint_refusal",
+    "convert_checkpoint",
+    "initial_weights_path",
+]
 
 #: Initial models up to this size ship their weights with the job (FedJob.export_job).
 INITIAL_WEIGHTS_MAX_BYTES = 64 * 1024 * 1024
+#: The only checkpoint format a job may carry or name: fl never unpickles a job's files.
+CHECKPOINT_SUFFIX = ".safetensors"
+#: Checkpoints in torch's pickle format, which ``fl convert-checkpoint`` turns into safetensors.
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+def checkpoint_refusal(value: str) -> str | None:
+    """Why a job may not start from checkpoint ``value`` (not safetensors), with the fix; None if it may."""
+    path = Path(value)
+    if path.suffix == CHECKPOINT_SUFFIX:
+        return None
+    converted = path.with_suffix(CHECKPOINT_SUFFIX).name if path.suffix in TORCH_SUFFIXES else "OUT.safetensors"
+    return (
+        f"checkpoint {value!r} is not safetensors ({CHECKPOINT_SUFFIX}): fl never unpickles a job's files; "
+        f"convert it on your own machine with `fl convert-checkpoint {path.name} {converted}` and name that file"
+    )
+
+
+def convert_checkpoint(source: Path, target: Path) -> int:
+    """Turn a torch checkpoint (a state dict, or ``{"model": state_dict}``) into safetensors; returns its tensors.
+
+    This unpickles ``source`` (``torch.load(weights_only=True)``, torch's restricted unpickler): run it
+    only on your own files, on your own machine, never on a file that came from someone else's job.
+    """
+    import torch
+
+    from fl.tensors import write_tensors
+
+    obj = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{source}: expected a state dict of tensors (or {{'model': state_dict}})")
+    return len(write_tensors(target, obj).tensors)
 
 
 def model_fingerprint(model: dict[str, Any]) -> str:
@@ -57,7 +100,8 @@ class PTFileModelPersistor(Component):
     global_model_file_name, best_global_model_file_name:
         Checkpoint names in the job's folder on the server.
     source_ckpt_file_full_name:
-        Start from this checkpoint (``.safetensors``, or ``.pt`` loaded with ``weights_only=True``).
+        Start from this ``.safetensors`` checkpoint (a ``.pt`` is refused: ``fl convert-checkpoint``
+        converts one on the user's own machine; ``FedJob.export_job`` does for a local one).
     """
 
     file_args = ("source_ckpt_file_full_name",)
@@ -71,6 +115,9 @@ class PTFileModelPersistor(Component):
     ) -> None:
         if model is None and source_ckpt_file_full_name is None:
             raise ValueError("PTFileModelPersistor needs a model or a source_ckpt_file_full_name")
+        refusal = checkpoint_refusal(source_ckpt_file_full_name) if source_ckpt_file_full_name else None
+        if refusal is not None:
+            raise ValueError(f"source_ckpt_file_full_name: {refusal}")
         if isinstance(model, str):
             model = {"path": model, "args": {}}
         if model is not None and (not isinstance(model, dict) or not isinstance(model.get("path"), str)):

@@ -25,7 +25,7 @@ from fl.components.base import Component
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.model_locator import PTFileModelLocator
 from fl.components.model_selector import IntimeModelSelector
-from fl.components.persistor import PTFileModelPersistor
+from fl.components.persistor import CHECKPOINT_SUFFIX, TORCH_SUFFIXES, PTFileModelPersistor, convert_checkpoint
 from fl.components.script_executor import ScriptExecutor
 from fl.components.tb_receiver import TBAnalyticsReceiver
 from fl.components.validation_json import ValidationJsonGenerator
@@ -35,6 +35,7 @@ from fl.workflows.base import Controller
 __all__ = ["FedJob", "JobConfigError", "PTModel", "ScriptRunner"]
 
 SERVER = "server"
+_SERVER_APP = "app_server"  # the server's app folder in an exported job
 # What a script's folder contributes to a job's code: sources and small config files.
 CODE_SUFFIXES = {".py", ".json", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".txt", ".sh"}
 MAX_CODE_BYTES = 100 * 1024 * 1024
@@ -89,6 +90,7 @@ class _App:
     executors: list[dict[str, Any]] = field(default_factory=list)
     code: dict[str, Path] = field(default_factory=dict)  # path inside custom/ -> source file
     initial_models: list[tuple[dict[str, Any], Any]] = field(default_factory=list)  # (model config, module)
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # path in the job folder -> the user's .pt
 
     def ids(self) -> set[str]:
         return {c["id"] for c in self.components} | {w["id"] for w in self.workflows}
@@ -320,9 +322,10 @@ class FedJob:
                 raise JobConfigError("a ScriptRunner runs on sites: job.to(runner, 'site-1') or job.to_clients(runner)")
             return self._add_script(app, obj)
         if isinstance(obj, PTModel) or _is_torch_module(obj):
-            model, extra = (obj.model, obj.persistor_args) if isinstance(obj, PTModel) else (obj, {})
+            model, extra = (obj.model, dict(obj.persistor_args)) if isinstance(obj, PTModel) else (obj, {})
             if target != SERVER:
                 raise JobConfigError("the initial model goes to the server: job.to(model, 'server')")
+            self._ship_converted_checkpoint(app, extra)
             model_config = extra.pop("model", None) or _model_config(model)
             _check_model_config(model_config, model)
             persistor = PTFileModelPersistor(model=model_config, **extra)
@@ -339,6 +342,22 @@ class FedJob:
             app.components.append(_component_config(obj, cid))
             return cid
         raise JobConfigError(f"FedJob.to: don't know how to add a {type(obj).__name__}")
+
+    def _ship_converted_checkpoint(self, app: _App, persistor_args: dict[str, Any]) -> None:
+        """A local ``.pt`` initial checkpoint goes into the job as safetensors (converted at export, here).
+
+        A job may carry only safetensors (the server never unpickles a job's files); this is the
+        user's own file on the user's own machine, so it may be loaded with torch here.
+        """
+        given = persistor_args.get("source_ckpt_file_full_name")
+        if not isinstance(given, str) or Path(given).suffix not in TORCH_SUFFIXES:
+            return
+        local = (self._base / given).resolve()
+        if not local.is_file():
+            return  # not here (e.g. a path on the server): the persistor refuses it, saying how to convert
+        in_job = f"{_SERVER_APP}/initial_checkpoint/{local.stem}{CHECKPOINT_SUFFIX}"
+        app.checkpoints[in_job] = local
+        persistor_args["source_ckpt_file_full_name"] = in_job
 
     def to_server(self, obj: Any, id: str | None = None) -> str:
         return self.to(obj, SERVER, id)
@@ -402,7 +421,7 @@ class FedJob:
         try:
             deploy_map: dict[str, list[str]] = {}
             for where, app in sorted(self._apps.items()):
-                folder = "app_server" if where == SERVER else ("app" if where == ALL_SITES else f"app_{where}")
+                folder = _SERVER_APP if where == SERVER else ("app" if where == ALL_SITES else f"app_{where}")
                 deploy_map[folder] = [where]
                 config_dir = tmp / folder / "config"
                 config_dir.mkdir(parents=True)
@@ -427,6 +446,8 @@ class FedJob:
                 (config_dir / name).write_text(json.dumps(config, indent=2) + "\n")
                 for model_config, module in app.initial_models:
                     _write_initial_weights(tmp / folder, model_config, module)
+                for in_job, local in sorted(app.checkpoints.items()):
+                    _write_converted_checkpoint(local, tmp / in_job)
                 for rel, source in sorted(app.code.items()):
                     dest = tmp / folder / "custom" / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -488,6 +509,17 @@ def _write_initial_weights(app_dir: Path, model_config: dict[str, Any], module: 
     state = module.state_dict()
     path = initial_weights_path(app_dir, model_config)
     write_tensors(path, state, {"fl.model": model_fingerprint(model_config)})
+
+
+def _write_converted_checkpoint(local: Path, target: Path) -> None:
+    """Write the user's torch checkpoint ``local`` into the job folder as safetensors."""
+    from pickle import UnpicklingError
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        convert_checkpoint(local, target)
+    except (OSError, ValueError, RuntimeError, UnpicklingError) as exc:
+        raise JobConfigError(f"initial checkpoint {local}: cannot convert it to safetensors: {exc}") from None
 
 
 def _is_torch_module(obj: Any) -> bool:

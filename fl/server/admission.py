@@ -3,8 +3,10 @@ the server has an allow-list, only the sites on it.
 
 The revocation list is a CRL signed by the project CA (``fl provision --revoke`` writes it). The
 server re-reads it on SIGHUP and every ``refresh`` seconds. A list that is unreadable, not signed by
-the project CA, expired, or older than the one in force is refused: the server keeps the list it
-has and logs why. When a new list revokes a certificate that a connected site uses, that site's
+the project CA, or older than the one in force is refused: the server keeps the list it has and logs
+why. A list past its next-update time is still enforced (revocations never lapse, and a server that
+refused to start on it would crash-loop a year after provisioning), with a warning at load and at
+every refresh until it is renewed. When a new list revokes a certificate that a connected site uses, that site's
 session ends at once (its in-flight work is failed, as for a lost site).
 """
 
@@ -46,6 +48,19 @@ class RevocationList:
     def revokes(self, cert: PeerCertificate) -> bool:
         return cert.serial in self.serials and cert.issuer == self.issuer
 
+    def expired(self, now: datetime.datetime | None = None) -> bool:
+        """Whether the list is past its next-update time (it is enforced all the same)."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return self.next_update is not None and self.next_update < now
+
+    def expiry_warning(self) -> str:
+        """What the server logs while it enforces an expired list."""
+        assert self.next_update is not None
+        return (
+            f"revocation list expired on {self.next_update.isoformat()}; it is still enforced "
+            "(revocations never lapse); renew it with `fl provision --out DIR` (the CA's folder)"
+        )
+
     def describe(self) -> str:
         if self.number < 0:
             return "no revocation list"
@@ -54,7 +69,10 @@ class RevocationList:
 
 
 def parse_revocation_list(pem: bytes, ca_pem: bytes, *, now: datetime.datetime | None = None) -> RevocationList:
-    """Check that ``pem`` is a current CRL signed by a CA of ``ca_pem``; raise :class:`RevocationListError` if not."""
+    """Check that ``pem`` is a CRL signed by a CA of ``ca_pem``; raise :class:`RevocationListError` if not.
+
+    An expired list passes (see :meth:`RevocationList.expired`): its revocations still hold.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -75,10 +93,6 @@ def parse_revocation_list(pem: bytes, ca_pem: bytes, *, now: datetime.datetime |
     now = now or datetime.datetime.now(datetime.timezone.utc)
     if crl.next_update_utc is None:
         raise RevocationListError("it has no next-update time")
-    if crl.next_update_utc < now:
-        raise RevocationListError(
-            f"it expired at {crl.next_update_utc.isoformat()}; renew it with `fl provision --out DIR` (the CA's folder)"
-        )
     if crl.last_update_utc > now + CLOCK_SKEW:
         raise RevocationListError(f"it is dated in the future ({crl.last_update_utc.isoformat()})")
     return RevocationList(
@@ -153,7 +167,8 @@ class Admission:
         except OSError as exc:
             log.error("cannot read revocation list %s (%s): %s; keeping the one in force", self.crl_path, why, exc)
             return False
-        if pem == self.current.source and why != "SIGHUP" and not self._expired():
+        if pem == self.current.source and why != "SIGHUP":
+            self._warn_if_expired()
             return False
         try:
             new = parse_revocation_list(pem, self.ca_pem)
@@ -177,14 +192,15 @@ class Admission:
         with open(self.crl_path, "rb") as f:
             return f.read(MAX_CRL_BYTES + 1)
 
-    def _expired(self) -> bool:
-        next_update = self.current.next_update
-        return next_update is not None and next_update < datetime.datetime.now(datetime.timezone.utc)
+    def _warn_if_expired(self) -> None:
+        if self.current.expired():
+            log.warning("%s: %s", self.crl_path, self.current.expiry_warning())
 
     def _install(self, new: RevocationList, what: str) -> None:
         """Put ``new`` in force, log it, and end the sessions of sites whose latest certificate it revokes."""
         self.current = new
         log.info("revocation list %s %s: %s", self.crl_path, what, new.describe())
+        self._warn_if_expired()
         with self._lock:
             revoked = [cert for cert in self._latest.values() if new.revokes(cert)]
             for cert in revoked:

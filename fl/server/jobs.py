@@ -611,10 +611,10 @@ class JobManager:
         spec = read_job(folder, self.policy)
         job_id = str(uuid.uuid4())
         target = self.job_dir(job_id)
-        target.mkdir(parents=True)
-        shutil.move(str(folder), target / "job")
         record = JobRecord(job_id=job_id, name=spec.name, num_rounds=spec.num_rounds)
         try:
+            target.mkdir(parents=True)
+            shutil.move(str(folder), target / "job")
             self._write_record(record)  # a job the server cannot remember is refused, not accepted
         except OSError:
             shutil.rmtree(target, ignore_errors=True)

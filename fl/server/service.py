@@ -24,7 +24,7 @@ from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.server.jobs import JobRecord
 from fl.server.jobstore import MAX_JOB_BYTES, JobError, extract_zip
 from fl.server.sites import SiteSession
-from fl.server.transfers import TransferError
+from fl.server.transfers import TransferError, storage_failure
 from fl.transport import CHUNK_BYTES, IdentityError, peer_certificate
 from fl.transport.bulk import UploadMeta
 
@@ -227,8 +227,9 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         total = first.header.total_size
         if not 0 < total <= MAX_JOB_BYTES:
             _abort(context, "INVALID_ARGUMENT", f"job archive of {total} bytes (limit {MAX_JOB_BYTES})")
-        staging = Path(tempfile.mkdtemp(prefix="submit-", dir=self.server.staging_dir))
+        staging: Path | None = None
         try:
+            staging = Path(tempfile.mkdtemp(prefix="submit-", dir=self.server.staging_dir))
             archive = staging / "job.zip"
             received = 0
             with open(archive, "wb") as f:
@@ -246,8 +247,13 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
                 _abort(context, "INVALID_ARGUMENT", f"job refused: {exc}")
             log.info("job %s submitted by %s", record.job_id, admin)
             return record.to_proto()
+        except OSError as exc:  # the server's own disk (full, I/O error): not the admin's job
+            failure = storage_failure(exc, "the job")
+            log.error("job submitted by %s not stored: %s", admin, failure)
+            _abort(context, failure.code, str(failure))
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsReply:
         self._admin(context)

@@ -9,6 +9,7 @@ Memory stays at a few chunks per transfer, whatever the model size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fl.checksum import Checksum, file_checksum
+from fl.log import adapter
 from fl.memory import release_memory
 from fl.tensors import Layout, LayoutError, StreamChecker
 from fl.transport.bulk import BULK_DOWNLOAD_CHUNK_BYTES
@@ -32,6 +34,7 @@ __all__ = [
     "Upload",
     "UploadManager",
     "site_spool_limit",
+    "storage_failure",
 ]
 
 # Room for a site's own safetensors header (names, metadata) on top of the tensor bytes.
@@ -40,6 +43,10 @@ HEADER_ALLOWANCE = 16 * 1024 * 1024
 SPOOL_MODELS_PER_SITE = 2
 # An upload stream that moved this much hands the memory its buffers used back to the system.
 RELEASE_AFTER_BYTES = 8 * 1024 * 1024
+# Errors of the server's own storage that more room (not a retry alone) cures.
+_STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+log = adapter("fl.server", site="server")
 
 
 class TransferError(Exception):
@@ -129,6 +136,15 @@ class Upload:
     error: str | None = None
     handle: BinaryIO | None = None
     ended: str = ""  # why the upload was dropped (replaced, its task closed, stale); its file is gone
+
+
+def storage_failure(exc: OSError, what: str) -> TransferError:
+    """The error a client gets when the server's own storage fails (disk full, I/O): not its fault.
+
+    RESOURCE_EXHAUSTED for a full disk or quota, UNAVAILABLE otherwise; both say a retry may work.
+    """
+    code = "RESOURCE_EXHAUSTED" if exc.errno in _STORAGE_FULL else "UNAVAILABLE"
+    return TransferError(code, f"the server cannot store {what}: {exc.strerror or exc}")
 
 
 def site_spool_limit(largest_model_bytes: int) -> int:
@@ -230,22 +246,20 @@ class UploadManager:
                 raise TransferError("FAILED_PRECONDITION", "upload already complete")
             if upload.received + len(data) > upload.total_size:
                 raise TransferError("INVALID_ARGUMENT", "upload holds more bytes than announced")
+            self._store(upload, data)  # first: a piece the disk refused is not counted anywhere
             if upload.checker is not None:
                 try:
                     upload.checker.feed(data)
                 except LayoutError as exc:
                     upload.error = f"rejected update: {exc}"
                     raise TransferError("INVALID_ARGUMENT", upload.error) from None
-            if upload.handle is None:
-                upload.handle = open(upload.path, "r+b")  # noqa: SIM115 - closed when the upload ends
-                upload.handle.seek(upload.received)
-            upload.handle.write(data)
             upload.checksum.update(data)
             upload.received += len(data)
             upload.active = time.monotonic()
             if upload.received == upload.total_size:
-                upload.handle.close()
-                upload.handle = None
+                handle, upload.handle = upload.handle, None
+                if handle is not None:
+                    handle.close()
                 if upload.checker is not None:
                     try:
                         upload.checker.finish()
@@ -256,6 +270,47 @@ class UploadManager:
                     upload.error = "upload's checksum does not match what the site sent"
                     raise TransferError("DATA_LOSS", upload.error)
                 upload.complete = True
+
+    def _store(self, upload: Upload, data: bytes) -> None:
+        """Write a piece at ``upload.received`` in full, or not at all (call under the upload's lock).
+
+        A failure of the server's own storage (disk full, I/O error) is the server's problem, not a
+        fault of the site's update: the piece is cut off again and the site may retry it.
+        """
+        try:
+            if upload.handle is None:
+                # Unbuffered: what write() returns is on the file, so nothing fails later on close.
+                upload.handle = open(upload.path, "r+b", buffering=0)  # noqa: SIM115 - closed when the upload ends
+                upload.handle.seek(upload.received)
+            view = memoryview(data)
+            while view:
+                written = upload.handle.write(view)
+                if not written:  # a regular file takes at least one byte or raises; treat 0 as full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+        except OSError as exc:
+            self._forget_piece(upload)
+            failure = storage_failure(exc, "the upload")
+            log.error(
+                "%s: %s (%d of %d bytes held, in %s)",
+                upload.site,
+                failure,
+                upload.received,
+                upload.total_size,
+                self.spool_dir,
+                extra={"job": upload.job_id},
+            )
+            raise failure from None
+
+    @staticmethod
+    def _forget_piece(upload: Upload) -> None:
+        """After a failed write: close the spool file and cut it back to the bytes counted."""
+        if upload.handle is not None:
+            with contextlib.suppress(OSError):
+                upload.handle.close()
+            upload.handle = None
+        with contextlib.suppress(OSError):
+            os.truncate(upload.path, upload.received)
 
     def stream_ended(self, upload: Upload, *, streamed: int) -> None:
         """One upload stream is over (complete or cut): release its file, and memory after a large one."""

@@ -113,6 +113,37 @@ def _fold_shares(weight: float, total_weight: float, dtype: np.dtype[Any]) -> tu
     return keep, share
 
 
+def _diff_values(spec: TensorSpec, block: np.ndarray, base_blocks: Iterator[Block], start: int) -> np.ndarray:
+    """``base + block`` in the accumulator dtype: the values a DIFF update's block stands for."""
+    base_start, base = next(base_blocks)
+    if base_start != start or base.size != block.size:
+        raise LayoutError(f"tensor {spec.name!r}: base model blocks out of step")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what the caller checks for
+        values: np.ndarray = _to_acc(spec, block) + _to_acc(spec, base)
+    return values
+
+
+def _check_diff_sums(per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]]) -> None:
+    """Raise :class:`LayoutError` if a DIFF update plus its base holds NaN/Inf in the model's dtype.
+
+    The average of finite values in a dtype is finite in it (a convex combination), so an update that
+    passes cannot make the round's average non-finite.
+    """
+    for spec, blocks, base_blocks in per_tensor:
+        if not spec.is_float or base_blocks is None:
+            continue
+        for start, block in blocks:
+            with np.errstate(over="ignore"):
+                values = _to_acc(spec, _from_acc(spec, _diff_values(spec, block, base_blocks, start)))
+            finite = np.isfinite(values)
+            if not finite.all():
+                index = start + int(np.flatnonzero(~finite)[0])
+                raise LayoutError(
+                    f"tensor {spec.name!r}: the DIFF update is not finite once added to the global model "
+                    f"({spec.dtype} overflow to Inf or NaN), e.g. at flat index {index}"
+                )
+
+
 class WeightedAverage:
     """Running weighted mean of updates that all have the layout of the global model.
 
@@ -169,13 +200,19 @@ class WeightedAverage:
                 bf, base_layout, base_offset = open_tensors(base_path)
                 with bf:
                     bases = base_layout.by_name()
-                    self._fold(
-                        weight,
-                        (
-                            (s, iter_blocks(f, specs[s.name], data_offset), iter_blocks(bf, bases[s.name], base_offset))
-                            for s in self.layout.tensors
-                        ),
-                    )
+
+                    def pairs() -> Iterator[tuple[TensorSpec, Iterator[Block], Iterator[Block] | None]]:
+                        for s in self.layout.tensors:
+                            yield (
+                                s,
+                                iter_blocks(f, specs[s.name], data_offset),
+                                iter_blocks(bf, bases[s.name], base_offset),
+                            )
+
+                    # One site's finite DIFF can still overflow once added to the global model: refuse that
+                    # update before any of it reaches the means (a second read of the files, no fold undone).
+                    _check_diff_sums(pairs())
+                    self._fold(weight, pairs())
             else:
                 self._fold(weight, ((s, iter_blocks(f, specs[s.name], data_offset), None) for s in self.layout.tensors))
 
@@ -214,12 +251,7 @@ class WeightedAverage:
             acc = self._means[spec.name]
             keep, share = _fold_shares(weight, self.total_weight, acc.dtype)
             for start, block in blocks:
-                values = _to_acc(spec, block)
-                if base_blocks is not None:
-                    base_start, base = next(base_blocks)
-                    if base_start != start or base.size != block.size:
-                        raise LayoutError(f"tensor {spec.name!r}: base model blocks out of step")
-                    values = values + _to_acc(spec, base)
+                values = _to_acc(spec, block) if base_blocks is None else _diff_values(spec, block, base_blocks, start)
                 target = acc[start : start + values.size]
                 if first:
                     np.copyto(target, values, casting="unsafe")

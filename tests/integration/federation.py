@@ -114,6 +114,12 @@ class Daemon:
                 pass
 
 
+def start_simulation(folder: Path, workspace: Path, log_dir: Path, *args: str) -> Daemon:
+    """``fl simulate FOLDER -w WORKSPACE ARGS...`` in the background, in a session of its own (so a
+    SIGINT reaches it alone), its output in ``log_dir/simulate.log``; stop it with ``stop()``."""
+    return Daemon("simulate", ["simulate", str(folder), "-w", str(workspace), *args], log_dir).start()
+
+
 class Federation:
     """Provisioned TLS material, a server, sites and admin commands, all on 127.0.0.1."""
 

@@ -2,13 +2,13 @@
 
 A revoked site cannot register, loses the session it had, and the job finishes without it; the
 server picks up a new list on SIGHUP and at its refresh interval; a list that the project CA did not
-sign, or that has expired, is refused while the list in force stays; an allow-list keeps other sites
-out. Every refusal names the certificate and why.
+sign is refused while the list in force stays; an expired list of the CA is enforced with a warning at
+every refresh (revocations never lapse); an allow-list keeps other sites out. Every refusal names the
+certificate and why.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import signal
 import subprocess
@@ -20,7 +20,6 @@ import grpc
 import pytest
 import torch
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from fl.provision import provision, revoke
 from tests.integration.adversary import Adversary, status_code
@@ -53,21 +52,6 @@ def _refused(call: object, *args: object) -> grpc.RpcError:
 def _sighup(fed: Federation) -> None:
     assert fed.server is not None and fed.server.proc is not None
     fed.server.proc.send_signal(signal.SIGHUP)
-
-
-def _expired_crl(fed: Federation) -> bytes:
-    """A list signed by the project CA whose next-update has passed."""
-    ca = x509.load_pem_x509_certificate((fed.tls / "ca" / "ca.crt").read_bytes())
-    key = serialization.load_pem_private_key((fed.tls / "ca" / "ca.key").read_bytes(), password=None)
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.subject)
-        .last_update(past)
-        .next_update(past + datetime.timedelta(days=1))
-        .add_extension(x509.CRLNumber(99), critical=False)
-    )
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
 def test_a_site_revoked_mid_job_is_cut_off_at_sighup_and_the_job_finishes_without_it(federation, tmp_path, make_job):
@@ -108,12 +92,12 @@ def test_a_site_revoked_mid_job_is_cut_off_at_sighup_and_the_job_finishes_withou
     assert connected["site-1"] and connected["site-2"] and not connected["site-3"] and not connected["site-4"]
 
 
-def test_lists_the_ca_did_not_sign_or_that_expired_are_refused_and_the_list_in_force_stays(federation, tmp_path):
+def test_a_list_the_ca_did_not_sign_is_refused_and_an_expired_one_is_enforced_with_warnings(federation, tmp_path):
     fed = federation
     revoke(fed.tls, names=["site-2"])
     server = fed.start_server("--crl-refresh", "1")
     server.wait_for_log(r"revocation list .*server/crl.pem loaded: 1 revoked, number 1, next update 20", 10)
-    with Adversary(fed, "site-1") as site_1, Adversary(fed, "site-2") as site_2:
+    with Adversary(fed, "site-1") as site_1, Adversary(fed, "site-2") as site_2, Adversary(fed, "site-3") as site_3:
         site_1.register()
         assert "certificate of 'site-2'" in _refused(site_2.register).details()
 
@@ -131,16 +115,23 @@ def test_lists_the_ca_did_not_sign_or_that_expired_are_refused_and_the_list_in_f
         assert site_1.heartbeat().known
         _refused(site_2.register)
 
-        # An expired list of the right CA, picked up by the refresh interval alone (no SIGHUP).
-        (fed.tls / "server" / "crl.pem").write_bytes(_expired_crl(fed))
-        server.wait_for_log(r"REFUSED revocation list .*\(refresh\): it expired at ", 30)
+        # An expired list of the right CA, picked up by the refresh interval alone (no SIGHUP): it is
+        # enforced, and every refresh warns until it is renewed.
+        site_3.register()
+        revoke(fed.tls, names=["site-3"], crl_days=0)  # next-update is now: expired when the server reads it
+        server.wait_for_log(r"reloaded \(refresh\): 2 revoked, number 2", 30)
+        expired = "revocation list expired on "
+        wait_for(lambda: server.log().count(expired) >= 2, 30, "the expiry warning at load and at the next refresh")
+        assert "renew it with `fl provision --out DIR`" in server.log()
+        assert "certificate of 'site-3'" in _refused(site_3.register).details()
         assert site_1.heartbeat().known
         _refused(site_2.register)
 
-        # A good newer list is picked up by the interval too: it revokes the admin certificate.
+        # Renewed with one more revocation, picked up by the interval too: it revokes the admin certificate.
         assert fed.fl("jobs").returncode == 0
         revoke(fed.tls, names=["admin"])
-        server.wait_for_log(r"reloaded \(refresh\): 2 revoked, number 2", 30)
+        server.wait_for_log(r"reloaded \(refresh\): 3 revoked, number 3", 30)
+        _refused(site_3.register)
         jobs = fed.fl("jobs")
         assert jobs.returncode == 3 and "certificate of 'admin'" in jobs.stderr and "is revoked" in jobs.stderr
         assert site_1.heartbeat().known

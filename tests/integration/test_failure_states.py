@@ -1,6 +1,7 @@
 """Failures leave a true state: a full disk fails a job once and for all (admin, status.json and a
 restarted server agree; checkpoints stay loadable), a progress write that fails alone does not fail
-the job, and the temp files a kill left are swept at start, never a live server's."""
+the job, a full disk is the server's error for an upload or a submit (never the site's), and the
+temp files a kill left are swept at start, never a live server's."""
 
 from __future__ import annotations
 
@@ -196,3 +197,45 @@ def test_temp_files_a_kill_left_are_swept_at_start_and_a_live_servers_are_not(fe
     assert second.returncode != 0 and "another fl server uses the workspace" in second.stderr, second.stderr
     assert server.proc is not None and f"(pid {server.proc.pid})" in second.stderr
     assert live.exists()
+
+
+def test_a_full_disk_is_the_servers_error_for_an_upload_and_a_submit_and_the_upload_resumes(
+    server_tmpfs, tmp_path, make_job
+):
+    import grpc
+
+    from fl.tensors import load_numpy, write_tensors
+    from tests.integration.adversary import Adversary, status_code
+
+    disk = server_tmpfs
+    fed = Federation(tmp_path, ["site-1"], heartbeat_timeout=300)  # the adversary heartbeats only when it acts
+    server = fed.start_server(prefix=disk.enter)
+    with contextlib.ExitStack() as cleanup, Adversary(fed, "site-1") as site:
+        cleanup.callback(fed.stop)
+        site.register()
+        job_id = _submit(fed, make_job(sites=1, rounds=1, numel=NUMEL), tmp_path)
+        task = site.poll_for("task")
+        (tmp_path / "received.safetensors").write_bytes(site.download(task.model))
+        write_tensors(
+            tmp_path / "update.safetensors", {"weight": load_numpy(tmp_path / "received.safetensors")["weight"] + 1}
+        )
+        update = (tmp_path / "update.safetensors").read_bytes()
+        disk.fill()
+
+        with pytest.raises(grpc.RpcError) as full:
+            site.upload(task, update, upload_id="full-disk")
+        assert status_code(full.value) == grpc.StatusCode.RESOURCE_EXHAUSTED, full.value
+        assert full.value.details() == "the server cannot store the upload: No space left on device"
+        server.wait_for_log(r"site-1: the server cannot store the upload: No space left on device", 30)
+        held = site.upload_status("full-disk").received
+
+        refused = fed.fl("submit", str(make_job(name="late", sites=1).export_job(tmp_path / "late")))
+        assert refused.returncode != 0 and "the server cannot store the job: No space left on device" in refused.stderr
+        assert list((disk.view / "staging").iterdir()) == []
+
+        disk.free()  # room again: the site's retry resumes from what the server holds, and counts
+        _, reply = site.upload(task, update, upload_id="full-disk", offset=held)
+        assert reply.complete
+        assert site.submit(task, upload_id="full-disk").accepted
+        final = _ended(fed, job_id)
+        assert final["status"] == "finished", final["message"]

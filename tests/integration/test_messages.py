@@ -6,12 +6,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fl.fsutil import read_json
+from tests.integration.federation import start_simulation
 from tests.integration.probe_job import export_probe_job
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,25 +42,17 @@ def test_a_hung_script_is_named_at_every_status_interval_and_the_timeout_says_it
 
 def test_ctrl_c_is_reported_as_an_interruption_not_an_admin_abort(monkeypatch, tmp_path):
     folder = export_probe_job(monkeypatch, tmp_path / "export", script_args={"site-1": "--hang-in-round 0"})
-    log = tmp_path / "sim.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    sim = start_simulation(folder, tmp_path / "ws", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while "hanging on purpose" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
+        sim.wait_for_log("hanging on purpose", 120)
+        assert sim.proc is not None
+        sim.proc.send_signal(signal.SIGINT)
+        assert sim.proc.wait(60) == 130
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        sim.stop()
     status = read_json((tmp_path / "ws" / "latest" / "status.json").resolve())
     assert (status["status"], status["message"]) == ("aborted", "interrupted (Ctrl-C): the simulator stopped the job")
-    assert "aborted by admin" not in log.read_text()
+    assert "aborted by admin" not in sim.log()
 
 
 def test_fedavg_asking_for_more_sites_than_the_job_has_says_what_to_change(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from fl.fsutil import read_json
 from fl.simulator import simulate
 from tests.integration.conftest import run_dir
+from tests.integration.federation import start_simulation, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO_PT = REPO / "jobs" / "hello-pt" / "job.py"
@@ -127,25 +128,17 @@ def test_ctrl_c_stops_the_simulation_and_every_process_it_started(make_job, tmp_
 
     job = make_job(rounds=3, script_args={s: "--sleep 60" for s in ("site-1", "site-2")})
     folder = job.export_job(tmp_path / "export")
-    log = tmp_path / "sim.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    sim = start_simulation(folder, tmp_path / "ws", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while log.read_text().count("task train received") < 2:
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        children = psutil.Process(proc.pid).children(recursive=True)
+        wait_for(lambda: sim.log().count("task train received") >= 2, 120, "both sites to receive their task")
+        assert sim.proc is not None
+        children = psutil.Process(sim.proc.pid).children(recursive=True)
         assert len(children) >= 2  # the two training scripts
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
+        sim.proc.send_signal(signal.SIGINT)
+        assert sim.proc.wait(60) == 130
         time.sleep(0.5)
         alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"still running after Ctrl-C: {alive}"
-        assert "interrupted: stopping the job" in log.read_text()
+        assert "interrupted: stopping the job" in sim.log()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        sim.stop()

@@ -84,6 +84,22 @@ def test_diff_updates_are_added_to_the_base_model(tmp_path):
     np.testing.assert_allclose(avg.result_arrays()["w"], [12.0, 19.0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_diff_update_that_overflows_once_added_to_the_base_is_refused_and_the_rest_average_exactly(tmp_path, dtype):
+    top = np.finfo(dtype).max
+    base = tmp_path / "base.safetensors"
+    write_tensors(base, {"w": np.array([1.0, top, 2.0], dtype)})
+    write_tensors(tmp_path / "honest.safetensors", {"w": np.array([3.0, 4.0, 5.0], dtype)})
+    write_tensors(tmp_path / "diff.safetensors", {"w": np.array([1.0, top, 1.0], dtype)})  # finite as sent
+    avg = WeightedAverage(Layout.build([describe("w", np.zeros(3, dtype))]))
+    avg.add_file(tmp_path / "honest.safetensors", 3.0)
+    with pytest.raises(LayoutError, match=r"tensor 'w': the DIFF update is not finite .* at flat index 1"):
+        avg.add_file(tmp_path / "diff.safetensors", 1.0, params_type="DIFF", base_path=base)
+    avg.add_file(tmp_path / "honest.safetensors", 1.0)  # the average goes on, untouched by the refused one
+    assert avg.count == 2
+    np.testing.assert_array_equal(avg.result_arrays()["w"], np.array([3.0, 4.0, 5.0], dtype))
+
+
 def test_result_needs_at_least_one_update():
     avg = WeightedAverage(Layout.build([describe("w", np.zeros(1, np.float32))]))
     with pytest.raises(ValueError, match="no updates"):

@@ -401,7 +401,11 @@ def test_no_custom_code_accepts_a_checkpoint_in_the_job_folder_and_refuses_one_o
     config_path = folder / "app_server/config/config_fed_server.json"
     config = json.loads(config_path.read_text())
     persistor = next(c for c in config["components"] if c["id"] == "persistor")
-    for value, ok in [("app_server/init.safetensors", True), (str(tmp_path / "x.pt"), False), ("../x.pt", False)]:
+    for value, ok in [
+        ("app_server/init.safetensors", True),
+        (str(tmp_path / "x.safetensors"), False),
+        ("../x.safetensors", False),
+    ]:
         persistor["args"]["source_ckpt_file_full_name"] = value
         config_path.write_text(json.dumps(config))
         if ok:
@@ -409,6 +413,80 @@ def test_no_custom_code_accepts_a_checkpoint_in_the_job_folder_and_refuses_one_o
         else:
             with pytest.raises(JobError, match=r"component 'persistor': args\.source_ckpt_file_full_name: .*outside"):
                 read_job(folder, HostPolicy(job_code=False))
+
+
+# --- checkpoints: safetensors only in a job; .pt converted on the user's machine -----------------
+def _persistor_checkpoint(folder: Path, value: str) -> None:
+    config_path = folder / "app_server/config/config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    next(c for c in config["components"] if c["id"] == "persistor")["args"]["source_ckpt_file_full_name"] = value
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name", ["init.pt", "init.pth"])
+def test_a_torch_checkpoint_named_in_a_config_is_refused_at_submit_saying_how_to_convert_it(
+    hello_pt_job, tmp_path, name
+):
+    folder = hello_pt_job.export_job(tmp_path / "export")
+    torch.save({"w": torch.zeros(2)}, folder / "app_server" / name)
+    _persistor_checkpoint(folder, f"app_server/{name}")
+    for policy in (None, HostPolicy(), HostPolicy(job_code=False)):
+        with pytest.raises(JobError) as refused:
+            read_job(folder, policy)
+        message = str(refused.value)
+        assert "config_fed_server.json: component 'persistor'" in message, message
+        assert f"checkpoint 'app_server/{name}' is not safetensors (.safetensors)" in message, message
+        assert f"`fl convert-checkpoint {name} init.safetensors`" in message, message
+
+
+def test_the_model_building_child_never_unpickles_a_checkpoint(tmp_path, monkeypatch):
+    from fl.components import model_init
+
+    checkpoint = tmp_path / "init.pt"
+    torch.save({"w": torch.ones(2)}, checkpoint)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called on a job's file"))
+    with pytest.raises(ValueError, match=r"'.*init\.pt' is not safetensors"):
+        model_init.main(["--out", str(tmp_path / "out.safetensors"), "--checkpoint", str(checkpoint)])
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_fl_convert_checkpoint_writes_the_state_dict_as_safetensors_and_refuses_bad_input(tmp_path, capsys):
+    from fl.cli.main import main
+    from fl.tensors import load_torch
+
+    state = {"layer.weight": torch.randn(3, 2), "layer.bias": torch.randn(3)}
+    torch.save({"model": state, "round": 4}, tmp_path / "in.pt")
+    assert main(["convert-checkpoint", str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors")]) == 0
+    converted = load_torch(tmp_path / "out.safetensors")
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], v) for k, v in state.items())
+    assert main(["convert-checkpoint", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]) == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["convert-checkpoint", str(tmp_path / "junk.pt"), str(tmp_path / "j.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "the output must end in .safetensors" in err and f"cannot convert {tmp_path / 'junk.pt'}" in err
+    assert not (tmp_path / "j.safetensors").exists()
+
+
+def test_export_job_converts_a_local_torch_initial_checkpoint_and_the_server_accepts_it(hello_pt_job, tmp_path):
+    from src.simple_network import SimpleNetwork
+
+    from fl.job import PTModel
+    from fl.tensors import load_torch
+
+    net = SimpleNetwork()
+    torch.save(net.state_dict(), tmp_path / "start.pt")
+    job = FedJob(name="from-pt", min_clients=1)
+    job.to(FedAvg(num_clients=1, num_rounds=1), "server")
+    job.to(PTModel(net, persistor_args={"source_ckpt_file_full_name": str(tmp_path / "start.pt")}), "server")
+    job.to(ScriptRunner(script="src/hello-pt_cifar10_fl.py"), "site-1")
+    folder = job.export_job(tmp_path / "export")
+    config = json.loads((folder / "app_server/config/config_fed_server.json").read_text())
+    persistor = next(c for c in config["components"] if c["id"] == "persistor")
+    assert persistor["args"]["source_ckpt_file_full_name"] == "app_server/initial_checkpoint/start.safetensors"
+    converted = load_torch(folder / "app_server/initial_checkpoint/start.safetensors")
+    assert all(torch.equal(converted[k], v) for k, v in net.state_dict().items())
+    assert not list(folder.rglob("*.pt"))
+    assert read_job(folder, HostPolicy(job_code=False)).num_rounds == 1
 
 
 def test_site_configs_are_checked_at_submit_too(hello_pt_job, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def test_a_crl_of_the_project_ca_lists_the_revoked_serials(pki):
     assert crl.revokes(_cert(pki, "b")) and not crl.revokes(_cert(pki, "a"))
 
 
-def test_lists_that_are_not_the_project_cas_or_expired_or_oversized_are_refused(pki, tmp_path):
+def test_lists_that_are_not_the_project_cas_or_oversized_are_refused_but_an_expired_one_is_not(pki, tmp_path):
     revoke(pki, names=["b"])
     good = (pki / "ca" / "crl.pem").read_bytes()
     provision(tmp_path / "same-name", sites=["b"])  # another CA with the same subject "fl CA"
@@ -61,8 +63,32 @@ def test_lists_that_are_not_the_project_cas_or_expired_or_oversized_are_refused(
         with pytest.raises(RevocationListError, match=message):
             parse_revocation_list(pem, _ca(pki))
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=400)
-    with pytest.raises(RevocationListError, match=r"expired at .*renew it with `fl provision --out DIR`"):
-        parse_revocation_list(good, _ca(pki), now=later)
+    expired = parse_revocation_list(good, _ca(pki), now=later)  # revocations never lapse
+    assert expired.expired(later) and not expired.expired()
+    assert expired.serials == {_cert(pki, "b").serial}
+
+
+def test_an_expired_list_is_enforced_at_start_and_warned_about_at_load_and_every_refresh(pki, caplog):
+    revoke(pki, names=["b"], crl_days=0)  # its next-update is now: expired when the server reads it
+    admission = _admission(pki)
+    with caplog.at_level(logging.WARNING, logger="fl.server"):
+        admission.load_initial()  # the server starts (a year after provisioning: no crash loop)
+        b = _cert(pki, "b")
+        assert admission.refusal(b) == f"certificate of 'b' (serial {b.serial:x}) is revoked"
+        warning = (
+            r"crl.pem: revocation list expired on 20.*; it is still enforced .*renew it with `fl provision --out DIR`"
+        )
+        assert len(re.findall(warning, caplog.text)) == 1
+        assert not admission.reload("refresh")
+        assert len(re.findall(warning, caplog.text)) == 2, "warned again at the refresh"
+        assert admission.refusal(b) is not None
+
+        revoke(pki, names=["c"])  # renewed (with one more revocation): the warnings stop
+        caplog.clear()
+        assert admission.reload("refresh") and admission.current.number == 2
+        assert not admission.reload("refresh")
+        assert "expired" not in caplog.text
+        assert admission.refusal(b) is not None and admission.refusal(_cert(pki, "c")) is not None
 
 
 def test_revoked_certificates_and_sites_off_the_allow_list_are_refused_naming_them(pki):

@@ -68,6 +68,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_opt.pt.job_config.fed_avg.FedAvgJob": "fl.job.fed_avg.FedAvgJob",
     "nvflare.app_opt.pt.job_config.model.PTModel": "fl.job.fed_job.PTModel",
     "nvflare.client.config.ExchangeFormat": "fl.job.fed_job.ExchangeFormat",
+    "nvflare.client.config.TransferType": "fl.job.fed_job.TransferType",
     "nvflare.app_common.abstract.fl_model.ParamsType": "fl.client.model.ParamsType",
     # The Recipe API.
     "nvflare.app_opt.pt.recipes.fedavg.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",

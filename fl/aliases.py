@@ -67,9 +67,6 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.job_config.script_runner.FrameworkType": "fl.job.fed_job.FrameworkType",
     "nvflare.app_opt.pt.job_config.fed_avg.FedAvgJob": "fl.job.fed_avg.FedAvgJob",
     "nvflare.app_opt.pt.job_config.model.PTModel": "fl.job.fed_job.PTModel",
-    "nvflare.client.config.ExchangeFormat": "fl.job.fed_job.ExchangeFormat",
-    "nvflare.client.config.TransferType": "fl.job.fed_job.TransferType",
-    "nvflare.app_common.abstract.fl_model.ParamsType": "fl.client.model.ParamsType",
     # The Recipe API.
     "nvflare.app_opt.pt.recipes.fedavg.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",
     "nvflare.app_opt.pt.recipes.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",
@@ -102,7 +99,7 @@ def canonical(path: str) -> str:
 
 
 def closest(name: str) -> str:
-    """"the closest is Y (fl: Z)" for a FLARE name fl lacks (difflib over the table)."""
+    """ "the closest is Y (fl: Z)" for a FLARE name fl lacks (difflib over the table)."""
     import difflib
 
     match = difflib.get_close_matches(_flare_name(name), list(NVFLARE_ALIASES), n=1, cutoff=0.0)

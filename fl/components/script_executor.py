@@ -56,13 +56,16 @@ class ScriptExecutor(Component):
         result_pull_interval: float = 0.5,
         log_pull_interval: float | None = None,
     ) -> None:
+        params_exchange_format = getattr(params_exchange_format, "value", params_exchange_format)
+        params_transfer_type = getattr(params_transfer_type, "value", params_transfer_type)
+        server_expected_format = getattr(server_expected_format, "value", server_expected_format)
         if not task_script_path:
             raise ValueError("ScriptExecutor needs task_script_path")
         if params_exchange_format not in EXCHANGE_FORMATS:
             raise ValueError(
                 f"params_exchange_format must be one of {', '.join(EXCHANGE_FORMATS)}, got {params_exchange_format!r}"
             )
-        if str(params_transfer_type).upper() not in TRANSFER_TYPES:
+        if params_transfer_type not in TRANSFER_TYPES:
             raise ValueError(
                 f"params_transfer_type {params_transfer_type!r} is not supported: fl transfers FULL models; "
                 "a script that sends differences sets FLModel(params_type='DIFF') itself"

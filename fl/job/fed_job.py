@@ -32,7 +32,7 @@ from fl.components.validation_json import ValidationJsonGenerator
 from fl.server.jobstore import ALL_SITES, SITE_NAME
 from fl.workflows.base import Controller
 
-__all__ = ["ExchangeFormat", "FedJob", "FrameworkType", "JobConfigError", "PTModel", "ScriptRunner", "TransferType"]
+__all__ = ["FedJob", "FrameworkType", "JobConfigError", "PTModel", "ScriptRunner"]
 
 SERVER = "server"
 # What a script's folder contributes to a job's code: sources and small config files.
@@ -51,21 +51,6 @@ class FrameworkType:
     NUMPY = "numpy"
     RAW = "raw"
     TENSORFLOW = "tensorflow"
-
-
-class ExchangeFormat:
-    """FLARE's ``ExchangeFormat`` (``server_expected_format``, ``params_exchange_format``)."""
-
-    PYTORCH = "pytorch"
-    NUMPY = "numpy"
-    RAW = "raw"
-
-
-class TransferType:
-    """FLARE's ``TransferType``: whole models (FULL) or differences (DIFF) from the script."""
-
-    FULL = "FULL"
-    DIFF = "DIFF"
 
 
 #: FLARE's default interpreter command; fl runs the site's own Python instead (same flags).
@@ -91,9 +76,9 @@ class ScriptRunner:
     framework:
         ``FrameworkType.PYTORCH`` (params arrive as torch tensors), ``NUMPY`` or ``RAW`` (NumPy arrays).
     params_transfer_type:
-        ``TransferType.FULL``; see :class:`~fl.components.script_executor.ScriptExecutor`.
+        ``"FULL"`` (FLARE's ``TransferType.FULL``); see :class:`~fl.components.script_executor.ScriptExecutor`.
     server_expected_format:
-        ``ExchangeFormat.NUMPY`` or ``PYTORCH``; fl's server keeps arrays either way.
+        ``"numpy"`` or ``"pytorch"`` (FLARE's ``ExchangeFormat``); fl's server keeps arrays either way.
     """
 
     script: str
@@ -101,12 +86,16 @@ class ScriptRunner:
     launch_external_process: bool = False
     command: str | None = None
     framework: str = FrameworkType.PYTORCH
-    params_transfer_type: str = TransferType.FULL
-    server_expected_format: str = ExchangeFormat.NUMPY
+    params_transfer_type: str = "FULL"
+    server_expected_format: str = "numpy"
 
     def __post_init__(self) -> None:
         from fl.components.script_executor import EXCHANGE_FORMATS
 
+        # FLARE's constants may be str enums: their values are what the config holds.
+        self.framework = getattr(self.framework, "value", self.framework)
+        self.params_transfer_type = getattr(self.params_transfer_type, "value", self.params_transfer_type)
+        self.server_expected_format = getattr(self.server_expected_format, "value", self.server_expected_format)
         if self.framework not in EXCHANGE_FORMATS:
             raise JobConfigError(
                 f"ScriptRunner framework must be one of FrameworkType.PYTORCH, NUMPY, RAW "
@@ -440,8 +429,8 @@ class FedJob:
             task_script_path=script.relative_to(root).as_posix() if rel_dir != Path(".") else script.name,
             task_script_args=runner.script_args,
             params_exchange_format=runner.framework,
+            command=runner.command or None,
             server_expected_format=runner.server_expected_format,
-            **({"command": runner.command} if runner.command else {}),
         )
         if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks)):
             raise JobConfigError(f"FedJob.to(tasks=...): a list of task names, got {tasks!r}")

@@ -1,0 +1,136 @@
+"""NVIDIA FLARE's own job scripts run on fl with ``nvflare`` replaced by ``fl`` in their import lines.
+
+The scripts are read from an NVFlare repository at test time (never copied into this project):
+``FL_NVFLARE_REPO`` names a checkout or git folder; the default is this machine's mirror. Any other
+change a test makes to FLARE's files is named where it is made (small offline data, a workspace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.test_nvflare_client_script import DEFAULT_REPO
+
+ROOT = Path(__file__).resolve().parents[2]
+HELLO_PT = "examples/hello-world/hello-pt"
+SMALL = ["--n_clients", "2", "--num_rounds", "1", "--epochs", "1", "--batch_size", "16", "--num_workers", "0",
+         "--synthetic_data", "--train_size", "64", "--test_size", "32"]  # fmt: skip
+#: Prepended to FLARE 2.5's training script, which downloads CIFAR10: torchvision's FakeData instead (offline).
+OFFLINE_CIFAR10 = (
+    "import torchvision.datasets as _datasets  # fl test: offline stand-in for CIFAR10\n"
+    "_datasets.CIFAR10 = lambda root, transform=None, download=False, train=True: _datasets.FakeData(\n"
+    "    size=32 if train else 16, image_size=(3, 32, 32), num_classes=10, transform=transform)\n"
+)
+
+
+def _repo() -> Path:
+    repo = Path(os.environ.get("FL_NVFLARE_REPO", DEFAULT_REPO))
+    if not repo.exists():
+        pytest.skip(f"no NVFlare repository at {repo} (set FL_NVFLARE_REPO to a checkout of NVIDIA/NVFlare)")
+    return repo
+
+
+def _files(repo: Path, ref: str, folder: str) -> dict[str, str]:
+    """The Python files under ``folder`` at ``ref`` (a checkout is read as it is), keyed by relative path."""
+    if (repo / folder).is_dir() and not (repo / "HEAD").is_file():
+        return {p.relative_to(repo / folder).as_posix(): p.read_text() for p in (repo / folder).rglob("*.py")}
+    git = ["git", "--git-dir", str(repo)]
+    listed = subprocess.run([*git, "ls-tree", "-r", "--name-only", f"{ref}:{folder}"], capture_output=True, text=True)
+    if listed.returncode:
+        pytest.skip(f"{repo} has no {folder} at {ref}: {listed.stderr.strip()}")
+    return {
+        name: subprocess.run(
+            [*git, "show", f"{ref}:{folder}/{name}"], capture_output=True, text=True, check=True
+        ).stdout
+        for name in listed.stdout.split()
+        if name.endswith(".py")
+    }
+
+
+def _fl_imports(text: str) -> str:
+    """``nvflare`` -> ``fl`` in import lines only, the port the README promises."""
+    return re.sub(r"(?m)^(\s*(?:from|import)\s+)nvflare\b", r"\1fl", text)
+
+
+def _write(files: dict[str, str], folder: Path) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(_fl_imports(text))
+
+
+def _run(script: str, args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FL_SIMULATOR_WORKSPACE_ROOT": str(cwd / "simulation")}
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.timeout(1000)
+def test_flare_recipe_hello_pt_job_runs_with_its_imports_changed(tmp_path):
+    files = _files(_repo(), "main", HELLO_PT)
+    if "job.py" not in files or "FedAvgRecipe" not in files["job.py"]:
+        pytest.skip("this NVFlare has no recipe form of hello-pt")
+    _write(files, tmp_path)
+    proc = _run("job.py", SMALL, tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "Job Status is: finished" in proc.stdout, proc.stdout[-2000:]
+    result = Path(re.search(r"Result can be found in : (\S+)", proc.stdout).group(1))
+    assert torch.load(result / "FL_global_model.pt", weights_only=True)["round"] == 0
+    assert (result / "validation.json").is_file()
+
+
+@pytest.mark.timeout(1000)
+def test_flare_2_5_fedavg_job_script_runs_with_its_imports_changed(tmp_path):
+    files = _files(_repo(), "2.5", HELLO_PT)
+    if "fedavg_script_runner_pt.py" not in files:
+        pytest.skip("this NVFlare has no 2.5 hello-pt job script")
+    workspace = tmp_path / "workdir"
+    job = files["fedavg_script_runner_pt.py"]
+    assert '"/tmp/nvflare/jobs/workdir"' in job
+    files["fedavg_script_runner_pt.py"] = job.replace('"/tmp/nvflare/jobs/workdir"', repr(str(workspace)))
+    files["src/hello-pt_cifar10_fl.py"] = OFFLINE_CIFAR10 + files["src/hello-pt_cifar10_fl.py"]
+    _write(files, tmp_path)
+    proc = _run("fedavg_script_runner_pt.py", [], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = (workspace / "latest").resolve()
+    logs = (run / "logs" / "site-1.log").read_text()
+    assert "Finished Training" in logs
+    assert torch.load(run / "FL_global_model.pt", weights_only=True)["round"] == 1
+
+
+@pytest.mark.timeout(1000)
+def test_poc_env_runs_hello_pt_as_tls_daemons_and_stops_them(tmp_path, monkeypatch):
+    files = _files(_repo(), "main", HELLO_PT)
+    if "client.py" not in files or "model.py" not in files:
+        pytest.skip("this NVFlare has no hello-pt client.py/model.py")
+    code = tmp_path / "code"
+    code.mkdir()
+    _write({k: v for k, v in files.items() if k in ("client.py", "model.py")}, code)
+    monkeypatch.chdir(code)
+    monkeypatch.syspath_prepend(str(code))
+    from model import SimpleNetwork
+
+    from fl.recipe import FedAvgRecipe, PocEnv
+
+    recipe = FedAvgRecipe(
+        name="hello-pt-poc", min_clients=2, num_rounds=1, model=SimpleNetwork(), train_script="client.py",
+        train_args="--synthetic_data --train_size 64 --test_size 32 --epochs 1 --batch_size 16 --num_workers 0",
+    )  # fmt: skip
+    env = PocEnv(num_clients=2, workspace=tmp_path / "poc")
+    run = recipe.execute(env)
+    sys.modules.pop("model", None)
+    pids = [p.pid for p in env._procs]
+    result = run.get_result(timeout=900)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted((tmp_path / "poc" / "logs").glob("*.log")))
+    assert run.get_status() == "finished", logs
+    assert len(pids) == 3 and all(not Path(f"/proc/{pid}").exists() for pid in pids), "POC daemons left running"
+    assert "listening" in (tmp_path / "poc" / "logs" / "server.log").read_text()
+    assert (tmp_path / "poc" / "tls" / "site-1").is_dir()
+    assert result is not None and any(result.rglob("FL_global_model.pt")), sorted(result.rglob("*"))

@@ -129,7 +129,7 @@ class _FlareModule(ModuleType):
     """A FLARE module under ``fl.``: attributes are the table's fl objects, imported on first use."""
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__"):
+        if attr.startswith("_"):  # probes of tools (__wrapped__, _pytest...): plain attribute errors
             raise AttributeError(attr)
         flare = f"{_flare_name(self.__name__)}.{attr}"
         target = NVFLARE_ALIASES.get(flare)

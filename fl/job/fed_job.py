@@ -425,12 +425,13 @@ class FedJob:
         app.code.update(code)
         if app.executors:
             raise JobConfigError("a site runs one training script per job; this site already has one")
+        settings: dict[str, Any] = {"command": runner.command} if runner.command else {}
         executor = ScriptExecutor(
             task_script_path=script.relative_to(root).as_posix() if rel_dir != Path(".") else script.name,
             task_script_args=runner.script_args,
             params_exchange_format=runner.framework,
-            command=runner.command or None,
             server_expected_format=runner.server_expected_format,
+            **settings,
         )
         if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks)):
             raise JobConfigError(f"FedJob.to(tasks=...): a list of task names, got {tasks!r}")

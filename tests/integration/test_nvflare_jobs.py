@@ -7,6 +7,7 @@ change a test makes to FLARE's files is named where it is made (small offline da
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -134,3 +135,49 @@ def test_poc_env_runs_hello_pt_as_tls_daemons_and_stops_them(tmp_path, monkeypat
     assert "listening" in (tmp_path / "poc" / "logs" / "server.log").read_text()
     assert (tmp_path / "poc" / "tls" / "site-1").is_dir()
     assert result is not None and any(result.rglob("FL_global_model.pt")), sorted(result.rglob("*"))
+
+
+@pytest.mark.timeout(1000)
+def test_flares_in_process_executor_config_runs_in_a_process_of_its_own(tmp_path, monkeypatch, capfd):
+    files = _files(_repo(), "main", HELLO_PT)
+    if "client.py" not in files or "model.py" not in files:
+        pytest.skip("this NVFlare has no hello-pt client.py/model.py")
+    code = tmp_path / "code"
+    code.mkdir()
+    _write({k: v for k, v in files.items() if k in ("client.py", "model.py")}, code)
+    monkeypatch.chdir(code)
+    monkeypatch.syspath_prepend(str(code))
+    from model import SimpleNetwork
+
+    from fl.recipe import FedAvgRecipe
+    from fl.simulator import simulate
+
+    recipe = FedAvgRecipe(
+        name="in-process", min_clients=2, num_rounds=1, model=SimpleNetwork(), train_script="client.py",
+        train_args="--synthetic_data --train_size 64 --test_size 32 --epochs 1 --batch_size 16 --num_workers 0",
+    )  # fmt: skip
+    job_dir = recipe.export(tmp_path / "export")
+    sys.modules.pop("model", None)
+    config_path = job_dir / "app" / "config" / "config_fed_client.json"
+    config = json.loads(config_path.read_text())
+    args = config["executors"][0]["executor"]["args"]
+    # What FLARE 2.5 writes for ScriptRunner(launch_external_process=False): its in-process executor.
+    config["executors"][0]["executor"] = {
+        "path": "nvflare.app_opt.pt.in_process_client_api_executor.PTInProcessClientAPIExecutor",
+        "args": {
+            "task_script_path": args["task_script_path"], "task_script_args": args["task_script_args"],
+            "task_wait_time": None, "result_pull_interval": 0.5, "log_pull_interval": None,
+            "params_transfer_type": "FULL", "train_with_evaluation": True, "train_task_name": "train",
+            "evaluate_task_name": "validate", "submit_model_task_name": "submit_model",
+            "params_exchange_format": "pytorch",
+        },
+    }  # fmt: skip
+    config_path.write_text(json.dumps(config))
+    code_ = simulate(job_dir, tmp_path / "ws", progress=False)
+    run = (tmp_path / "ws" / "latest").resolve()
+    logs = (run / "logs" / "site-1.log").read_text()
+    assert code_ == 0, logs[-3000:]
+    daemons = "".join(capfd.readouterr())
+    assert "[site-1 job=" in daemons and "starting training script:" in daemons  # a process of its own
+    assert "training script exited (code 0)" in daemons
+    assert "Finished Training for site-1" in logs

@@ -6,6 +6,7 @@ waiting for the job to end) and ``wait()``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -184,7 +185,12 @@ def _die_with_parent() -> None:
 
 class PocEnv:
     """A proof of concept on this machine: TLS provisioned in ``workspace``, ``fl server`` and one ``fl site``
-    per client as separate daemons on 127.0.0.1; they end when the run ends (or this process does)."""
+    per client as separate daemons on 127.0.0.1.
+
+    They end when the run ends (``get_result``/``wait`` saw the job end, or :meth:`stop`), and the
+    kernel ends them when the thread that started them does (``PR_SET_PDEATHSIG``): call
+    ``execute`` from a thread that outlives the run (the main thread does).
+    """
 
     def __init__(
         self,
@@ -202,20 +208,38 @@ class PocEnv:
         self.address = ""
         self._procs: list[subprocess.Popen[bytes]] = []
 
-    def deploy(self, job: FedJob) -> Run:
-        """Provision, start the daemons, submit ``job``; the run stops the daemons once the job ended."""
+    @property
+    def tls(self) -> Path:
+        return self.workspace / "tls"
+
+    @property
+    def pids(self) -> list[int]:
+        """The daemons' process ids: the server first, then one per site."""
+        return [p.pid for p in self._procs]
+
+    def start(self) -> None:
+        """Provision TLS (kept across runs) and start the server and site daemons; idempotent."""
+        if self._procs:
+            return
         from fl.provision import provision
 
-        tls = self.workspace / "tls"
-        provision(tls, server_name="server", sites=self.clients, admins=["admin"])
+        provision(self.tls, server_name="server", sites=self.clients, admins=["admin"])
         try:
-            self._start_daemons(tls)
-            with self._client(tls) as client:
+            self._start_daemons(self.tls)
+        except BaseException:
+            self.stop()
+            raise
+
+    def deploy(self, job: FedJob) -> Run:
+        """Start the daemons and submit ``job``; the run stops the daemons once the job ended."""
+        self.start()
+        try:
+            with self._client(self.tls) as client:
                 job_id = _submit(client, job)
         except BaseException:
             self.stop()
             raise
-        return _AdminRun(lambda: self._client(tls), job_id, self.workspace / "results", on_end=self.stop)
+        return _AdminRun(lambda: self._client(self.tls), job_id, self.workspace / "results", on_end=self.stop)
 
     def _client(self, tls: Path) -> AdminClient:
         from fl.admin import AdminClient
@@ -271,11 +295,17 @@ class PocEnv:
         """Stop the daemons this environment started (their process groups, by PID), sites first."""
         for proc in reversed(self._procs):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                _signal_group(proc.pid, signal.SIGTERM)
         for proc in reversed(self._procs):
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._procs.clear()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the process group a daemon leads (it and the training scripts it started)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)

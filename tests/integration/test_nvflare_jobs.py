@@ -13,10 +13,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 import torch
 
+from tests.integration.federation import Federation, wait_for
 from tests.integration.test_nvflare_client_script import DEFAULT_REPO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +76,29 @@ def _run(script: str, args: list[str], cwd: Path, timeout: float = 900) -> subpr
     )
 
 
+def _hello_pt_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """FLARE's hello-pt client.py and model.py (imports ported) as a small FedAvgRecipe of fl's."""
+    files = _files(_repo(), "main", HELLO_PT)
+    if "client.py" not in files or "model.py" not in files:
+        pytest.skip("this NVFlare has no hello-pt client.py/model.py")
+    code = tmp_path / "code"
+    code.mkdir()
+    _write({k: v for k, v in files.items() if k in ("client.py", "model.py")}, code)
+    monkeypatch.chdir(code)
+    monkeypatch.syspath_prepend(str(code))
+    from model import SimpleNetwork
+
+    from fl.recipe import FedAvgRecipe
+
+    try:
+        return FedAvgRecipe(
+            name=name, min_clients=2, num_rounds=1, model=SimpleNetwork(), train_script="client.py",
+            train_args="--synthetic_data --train_size 64 --test_size 32 --epochs 1 --batch_size 16 --num_workers 0",
+        )  # fmt: skip
+    finally:
+        sys.modules.pop("model", None)
+
+
 @pytest.mark.timeout(1000)
 def test_flare_recipe_hello_pt_job_runs_with_its_imports_changed(tmp_path):
     files = _files(_repo(), "main", HELLO_PT)
@@ -108,26 +134,12 @@ def test_flare_2_5_fedavg_job_script_runs_with_its_imports_changed(tmp_path):
 
 @pytest.mark.timeout(1000)
 def test_poc_env_runs_hello_pt_as_tls_daemons_and_stops_them(tmp_path, monkeypatch):
-    files = _files(_repo(), "main", HELLO_PT)
-    if "client.py" not in files or "model.py" not in files:
-        pytest.skip("this NVFlare has no hello-pt client.py/model.py")
-    code = tmp_path / "code"
-    code.mkdir()
-    _write({k: v for k, v in files.items() if k in ("client.py", "model.py")}, code)
-    monkeypatch.chdir(code)
-    monkeypatch.syspath_prepend(str(code))
-    from model import SimpleNetwork
+    from fl.recipe import PocEnv
 
-    from fl.recipe import FedAvgRecipe, PocEnv
-
-    recipe = FedAvgRecipe(
-        name="hello-pt-poc", min_clients=2, num_rounds=1, model=SimpleNetwork(), train_script="client.py",
-        train_args="--synthetic_data --train_size 64 --test_size 32 --epochs 1 --batch_size 16 --num_workers 0",
-    )  # fmt: skip
+    recipe = _hello_pt_recipe(tmp_path, monkeypatch, "hello-pt-poc")
     env = PocEnv(num_clients=2, workspace=tmp_path / "poc")
     run = recipe.execute(env)
-    sys.modules.pop("model", None)
-    pids = [p.pid for p in env._procs]
+    pids = env.pids
     result = run.get_result(timeout=900)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted((tmp_path / "poc" / "logs").glob("*.log")))
     assert run.get_status() == "finished", logs
@@ -139,25 +151,10 @@ def test_poc_env_runs_hello_pt_as_tls_daemons_and_stops_them(tmp_path, monkeypat
 
 @pytest.mark.timeout(1000)
 def test_flares_in_process_executor_config_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
-    files = _files(_repo(), "main", HELLO_PT)
-    if "client.py" not in files or "model.py" not in files:
-        pytest.skip("this NVFlare has no hello-pt client.py/model.py")
-    code = tmp_path / "code"
-    code.mkdir()
-    _write({k: v for k, v in files.items() if k in ("client.py", "model.py")}, code)
-    monkeypatch.chdir(code)
-    monkeypatch.syspath_prepend(str(code))
-    from model import SimpleNetwork
-
-    from fl.recipe import FedAvgRecipe
     from fl.simulator import simulate
 
-    recipe = FedAvgRecipe(
-        name="in-process", min_clients=2, num_rounds=1, model=SimpleNetwork(), train_script="client.py",
-        train_args="--synthetic_data --train_size 64 --test_size 32 --epochs 1 --batch_size 16 --num_workers 0",
-    )  # fmt: skip
+    recipe = _hello_pt_recipe(tmp_path, monkeypatch, "in-process")
     job_dir = recipe.export(tmp_path / "export")
-    sys.modules.pop("model", None)
     config_path = job_dir / "app" / "config" / "config_fed_client.json"
     config = json.loads(config_path.read_text())
     args = config["executors"][0]["executor"]["args"]
@@ -179,3 +176,59 @@ def test_flares_in_process_executor_config_runs_in_a_process_of_its_own(tmp_path
     assert code_ == 0, logs[-3000:]
     # The job log holds what the script printed: the agent relays it from the script's own process.
     assert "Finished Training for site-1" in logs
+
+
+@pytest.mark.timeout(1000)
+def test_prod_env_submits_to_a_running_federation_with_the_admin_folder(tmp_path, monkeypatch):
+    from fl.recipe import ProdEnv
+
+    recipe = _hello_pt_recipe(tmp_path, monkeypatch, "hello-pt-prod")
+    federation = Federation(tmp_path / "federation", ["site-1", "site-2"])
+    try:
+        federation.start_server()
+        for site in ("site-1", "site-2"):
+            federation.start_site(site)
+        federation.wait_sites(["site-1", "site-2"], timeout=120)
+        env = ProdEnv(startup_kit=federation.tls / "admin", server=federation.address, results_dir=tmp_path / "res")
+        run = recipe.execute(env)
+        result = run.get_result(timeout=900)
+        assert run.get_status() == "finished", federation.server.log()[-3000:] if federation.server else ""
+        assert result == tmp_path / "res" / run.get_job_id()
+        assert any(result.rglob("FL_global_model.pt")), sorted(result.rglob("*"))
+    finally:
+        federation.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.timeout(300)
+def test_poc_daemons_end_when_the_process_that_started_them_is_killed(tmp_path):
+    starter = (
+        "import sys, time\n"
+        "from fl.recipe import PocEnv\n"
+        f"env = PocEnv(num_clients=1, workspace={str(tmp_path / 'poc')!r})\n"
+        "env.start()\n"
+        "print(*env.pids, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, env=env, text=True)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        proc.kill()  # SIGKILL: no cleanup code of the starter runs
+        proc.wait()
+        wait_for(lambda: not any(_alive(p) for p in pids), 60, "the POC daemons to end with their starter")
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in pids:  # only if the test failed: the daemons it started
+            if _alive(pid):
+                os.kill(pid, 9)

@@ -167,3 +167,19 @@ def test_flares_exported_in_process_executor_config_builds_fls_script_executor()
     executor = instantiate(spec)
     assert type(executor).__name__ == "ScriptExecutor"
     assert executor.task_script_path == "src/client.py" and executor.params_exchange_format == "pytorch"
+
+
+def test_numpy_fedavg_recipe_uses_the_numpy_persistor_or_says_it_is_missing(code):
+    import importlib.util
+
+    from fl.recipe import NumpyFedAvgRecipe
+
+    args = {"name": "np", "min_clients": 2, "num_rounds": 1, "model": [[1.0, 2.0]], "train_script": "train.py"}
+    if importlib.util.find_spec("fl.components.np_persistor") is None:
+        with pytest.raises(JobConfigError, match=r"no NumPy persistor \(fl.components.np_persistor\)"):
+            NumpyFedAvgRecipe(**args)
+        return
+    configs = _configs(NumpyFedAvgRecipe(**args).export(code / "out"))
+    persistor = next(c for c in configs["app_server"]["components"] if c["id"] == "persistor")
+    assert persistor["path"] == "fl.components.np_persistor.NPModelPersistor"
+    assert configs["app"]["executors"][0]["executor"]["args"]["params_exchange_format"] == "numpy"

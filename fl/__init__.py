@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fl import aliases as _aliases
+
 __version__ = "0.1.0"
+
+# FLARE's module layout under fl. (fl.app_common..., fl.job_config...), from fl.aliases' one table.
+_aliases.install()
 
 __all__ = ["FedJob", "ScriptRunner", "__version__"]
 

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from fl.aliases import NVFLARE_ALIASES, canonical, closest
+
 __all__ = [
     "NVFLARE_ALIASES",
     "ClassRef",
@@ -44,27 +46,6 @@ __all__ = [
     "locate_job_module",
     "resolve_class",
 ]
-
-#: NVIDIA FLARE component paths and the fl classes that do the same job.
-NVFLARE_ALIASES: dict[str, str] = {
-    "nvflare.app_common.workflows.fedavg.FedAvg": "fl.workflows.fedavg.FedAvg",
-    "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator": (
-        "fl.components.validation_json.ValidationJsonGenerator"
-    ),
-    "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector": (
-        "fl.components.model_selector.IntimeModelSelector"
-    ),
-    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver": "fl.components.tb_receiver.TBAnalyticsReceiver",
-    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor": "fl.components.persistor.PTFileModelPersistor",
-    "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator": "fl.components.model_locator.PTFileModelLocator",
-    "nvflare.app_common.executors.script_executor.ScriptExecutor": "fl.components.script_executor.ScriptExecutor",
-    "nvflare.app_opt.pt.client_api_launcher_executor.PTClientAPILauncherExecutor": (
-        "fl.components.script_executor.ScriptExecutor"
-    ),
-    "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent": (
-        "fl.components.convert_to_fed_event.ConvertToFedEvent"
-    ),
-}
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 #: Nesting of objects and lists in a config beyond which it is refused (no real config comes close).
@@ -161,11 +142,9 @@ def _allowed_name(path: object) -> str:
     """``path`` mapped through the FLARE aliases; refuses malformed and unmapped FLARE names."""
     if not isinstance(path, str) or "." not in path:
         raise ConfigError(f"a class path must be 'module.Class', got {path!r}")
-    path = NVFLARE_ALIASES.get(path, path)
+    path = canonical(path)
     if path.startswith("nvflare."):
-        raise ConfigError(
-            f"{path}: this NVIDIA FLARE component has no fl equivalent; supported: {', '.join(sorted(NVFLARE_ALIASES))}"
-        )
+        raise ConfigError(f"{path}: this NVIDIA FLARE component has no fl equivalent; {closest(path)}")
     parts = path.split(".")
     if not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
         raise ConfigError(f"{path!r} is not a dotted Python name 'module.Class'")
@@ -381,7 +360,7 @@ def check_config(config: Mapping[str, Any], *, custom_dir: Path, where: str) -> 
 
 def _strip_prefix(message: str, path: str) -> str:
     """An error about ``path`` without ``path:`` in front (describe() already names it)."""
-    for prefix in (f"{path}: ", f"{NVFLARE_ALIASES.get(path, path)}: "):
+    for prefix in (f"{path}: ", f"{canonical(path)}: "):
         if message.startswith(prefix):
             return message[len(prefix) :]
     return message

@@ -1,5 +1,13 @@
 """The Job API: ``FedJob``, ``ScriptRunner`` and friends (see :mod:`fl.job.fed_job`)."""
 
-from fl.job.fed_job import FedJob, JobConfigError, PTModel, ScriptRunner
+from fl.job.fed_avg import FedAvgJob
+from fl.job.fed_job import FedJob, FrameworkType, JobConfigError, PTModel, ScriptRunner
 
-__all__ = ["FedJob", "JobConfigError", "PTModel", "ScriptRunner"]
+__all__ = [
+    "FedAvgJob",
+    "FedJob",
+    "FrameworkType",
+    "JobConfigError",
+    "PTModel",
+    "ScriptRunner",
+]

@@ -32,7 +32,7 @@ from fl.components.validation_json import ValidationJsonGenerator
 from fl.server.jobstore import ALL_SITES, SITE_NAME
 from fl.workflows.base import Controller
 
-__all__ = ["FedJob", "JobConfigError", "PTModel", "ScriptRunner"]
+__all__ = ["FedJob", "FrameworkType", "JobConfigError", "PTModel", "ScriptRunner"]
 
 SERVER = "server"
 _SERVER_APP = "app_server"  # the server's app folder in an exported job
@@ -43,6 +43,19 @@ MAX_CODE_BYTES = 100 * 1024 * 1024
 
 class JobConfigError(ValueError):
     """A job that cannot be exported as described; the message says what to change."""
+
+
+class FrameworkType:
+    """FLARE's ``FrameworkType``: what the training script's params are (``ScriptRunner(framework=...)``)."""
+
+    PYTORCH = "pytorch"
+    NUMPY = "numpy"
+    RAW = "raw"
+    TENSORFLOW = "tensorflow"
+
+
+#: FLARE's default interpreter command; fl runs the site's own Python instead (same flags).
+FLARE_DEFAULT_COMMAND = "python3 -u"
 
 
 @dataclass
@@ -56,23 +69,49 @@ class ScriptRunner:
         shipped with the job, so sibling modules import as usual.
     script_args:
         Command-line arguments for the script.
-    framework:
-        ``"pytorch"`` (params arrive as torch tensors) or ``"numpy"``.
-    command:
-        Interpreter command; default: the site's Python with unbuffered output.
     launch_external_process:
-        Accepted for NVIDIA FLARE compatibility; fl always runs the script in its own process.
+        FLARE's choice between an in-process and a launched script; fl always launches it (a crash
+        or OOM in training never takes the site down), so both values run the same way.
+    command:
+        Interpreter command; default (and FLARE's default ``"python3 -u"``): the site's Python, unbuffered.
+    framework:
+        ``FrameworkType.PYTORCH`` (params arrive as torch tensors), ``NUMPY`` or ``RAW`` (NumPy arrays).
+    params_transfer_type:
+        ``"FULL"`` (FLARE's ``TransferType.FULL``); see :class:`~fl.components.script_executor.ScriptExecutor`.
+    server_expected_format:
+        ``"numpy"`` or ``"pytorch"`` (FLARE's ``ExchangeFormat``); fl's server keeps arrays either way.
     """
 
     script: str
     script_args: str = ""
-    framework: str = "pytorch"
+    launch_external_process: bool = False
     command: str | None = None
-    launch_external_process: bool = True
+    framework: str = FrameworkType.PYTORCH
+    params_transfer_type: str = "FULL"
+    server_expected_format: str = "numpy"
 
     def __post_init__(self) -> None:
-        if self.framework not in ("pytorch", "numpy"):
-            raise JobConfigError(f"ScriptRunner framework must be 'pytorch' or 'numpy', got {self.framework!r}")
+        from fl.components.script_executor import EXCHANGE_FORMATS
+
+        # FLARE's constants may be str enums: their values are what the config holds.
+        self.framework = getattr(self.framework, "value", self.framework)
+        self.params_transfer_type = getattr(self.params_transfer_type, "value", self.params_transfer_type)
+        self.server_expected_format = getattr(self.server_expected_format, "value", self.server_expected_format)
+        if self.framework not in EXCHANGE_FORMATS:
+            raise JobConfigError(
+                f"ScriptRunner framework must be one of FrameworkType.PYTORCH, NUMPY, RAW "
+                f"({', '.join(EXCHANGE_FORMATS)}), got {self.framework!r}"
+            )
+        if self.command == FLARE_DEFAULT_COMMAND:
+            self.command = None
+        try:
+            ScriptExecutor(
+                task_script_path=self.script,
+                params_transfer_type=self.params_transfer_type,
+                server_expected_format=self.server_expected_format,
+            )
+        except ValueError as exc:
+            raise JobConfigError(f"ScriptRunner: {exc}") from None
 
 
 @dataclass
@@ -255,9 +294,21 @@ class FedJob:
         Sites that must be connected for the job to start.
     key_metric:
         Metric the best-model selector compares (``None``: no selector).
+    mandatory_clients:
+        FLARE's sites-the-job-cannot-start-without; fl does not enforce it yet, so a non-empty list
+        is refused rather than ignored (use ``min_clients``, or name the sites in the deploy map).
+    meta_props:
+        Extra meta.json entries (FLARE's argument).
     """
 
-    def __init__(self, name: str = "fed_job", min_clients: int = 1, key_metric: str | None = "accuracy") -> None:
+    def __init__(
+        self,
+        name: str = "fed_job",
+        min_clients: int = 1,
+        mandatory_clients: list[str] | None = None,
+        key_metric: str | None = "accuracy",
+        meta_props: dict[str, Any] | None = None,
+    ) -> None:
         if not SITE_NAME.match(name):
             raise JobConfigError(f"job name {name!r}: use letters, digits, '_', '.', '-' (at most 63)")
         if min_clients < 1:
@@ -265,6 +316,12 @@ class FedJob:
         self.name = name
         self.min_clients = min_clients
         self.key_metric = key_metric
+        if mandatory_clients:
+            raise JobConfigError(
+                f"mandatory_clients={mandatory_clients!r}: fl does not enforce mandatory sites yet; "
+                "use min_clients (every site in the job's deploy map must take part in each round it is sent)"
+            )
+        self.meta_props = dict(_jsonable(meta_props or {}, "meta_props"))
         self._apps: dict[str, _App] = {}
         self._base = Path.cwd()
 
@@ -300,10 +357,14 @@ class FedJob:
 
         Accepts a workflow (e.g. FedAvg), a torch ``nn.Module`` or :class:`PTModel` (server: the
         initial model, with persistor and model locator), a :class:`ScriptRunner` (sites), any fl
-        component, or a path to a file or folder of code to ship.
+        component, or a path to a file or folder of code to ship. ``tasks`` (FLARE's keyword for
+        executors) names the tasks a ScriptRunner runs, default all.
         """
+        tasks = kwargs.pop("tasks", None)
         if kwargs:
-            raise JobConfigError(f"unexpected arguments to FedJob.to: {', '.join(kwargs)}")
+            raise JobConfigError(f"unexpected arguments to FedJob.to: {', '.join(kwargs)} (accepted: id, tasks)")
+        if tasks is not None and not isinstance(obj, ScriptRunner):
+            raise JobConfigError(f"FedJob.to(tasks=...) applies to a ScriptRunner, not a {type(obj).__name__}")
         app = self._app(target)
         if isinstance(obj, str | os.PathLike):
             path = (self._base / obj).resolve()
@@ -320,7 +381,7 @@ class FedJob:
         if isinstance(obj, ScriptRunner):
             if target == SERVER:
                 raise JobConfigError("a ScriptRunner runs on sites: job.to(runner, 'site-1') or job.to_clients(runner)")
-            return self._add_script(app, obj)
+            return self._add_script(app, obj, tasks)
         if isinstance(obj, PTModel) or _is_torch_module(obj):
             model, extra = (obj.model, dict(obj.persistor_args)) if isinstance(obj, PTModel) else (obj, {})
             if target != SERVER:
@@ -359,14 +420,14 @@ class FedJob:
         app.checkpoints[in_job] = local
         persistor_args["source_ckpt_file_full_name"] = in_job
 
-    def to_server(self, obj: Any, id: str | None = None) -> str:
-        return self.to(obj, SERVER, id)
+    def to_server(self, obj: Any, id: str | None = None, **kwargs: Any) -> str:
+        return self.to(obj, SERVER, id, **kwargs)
 
-    def to_clients(self, obj: Any, id: str | None = None) -> str:
+    def to_clients(self, obj: Any, id: str | None = None, **kwargs: Any) -> str:
         """Add ``obj`` to every site (the "@ALL" app)."""
-        return self.to(obj, ALL_SITES, id)
+        return self.to(obj, ALL_SITES, id, **kwargs)
 
-    def _add_script(self, app: _App, runner: ScriptRunner) -> str:
+    def _add_script(self, app: _App, runner: ScriptRunner, tasks: list[str] | None = None) -> str:
         script = (self._base / runner.script).resolve()
         if not script.is_file():
             raise JobConfigError(f"ScriptRunner: script {runner.script!r} not found (from {self._base})")
@@ -383,14 +444,18 @@ class FedJob:
         app.code.update(code)
         if app.executors:
             raise JobConfigError("a site runs one training script per job; this site already has one")
+        settings: dict[str, Any] = {"command": runner.command} if runner.command else {}
         executor = ScriptExecutor(
             task_script_path=script.relative_to(root).as_posix() if rel_dir != Path(".") else script.name,
             task_script_args=runner.script_args,
             params_exchange_format=runner.framework,
-            **({"command": runner.command} if runner.command else {}),
+            server_expected_format=runner.server_expected_format,
+            **settings,
         )
+        if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks)):
+            raise JobConfigError(f"FedJob.to(tasks=...): a list of task names, got {tasks!r}")
         config = _component_config(executor, "executor")
-        app.executors.append({"tasks": ["*"], "executor": {"path": config["path"], "args": config["args"]}})
+        app.executors.append({"tasks": tasks or ["*"], "executor": {"path": config["path"], "args": config["args"]}})
         if "event_to_fed" not in app.ids():
             convert = ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed.")
             app.components.append(_component_config(convert, "event_to_fed"))
@@ -452,7 +517,13 @@ class FedJob:
                     dest = tmp / folder / "custom" / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(source, dest)
-            meta = {"name": self.name, "resource_spec": {}, "min_clients": self.min_clients, "deploy_map": deploy_map}
+            meta = {
+                **self.meta_props,
+                "name": self.name,
+                "resource_spec": {},
+                "min_clients": self.min_clients,
+                "deploy_map": deploy_map,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             if target.exists():
                 shutil.rmtree(target)

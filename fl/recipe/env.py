@@ -7,18 +7,18 @@ waiting for the job to end) and ``wait()``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl.job.fed_job import FedJob, JobConfigError
+from fl.process import popen_bound_to_parent
+from fl.pythonpath import module_command
 
 if TYPE_CHECKING:
     from fl.admin import AdminClient
@@ -28,7 +28,6 @@ __all__ = ["PocEnv", "ProdEnv", "Run", "SimEnv"]
 TERMINAL = ("finished", "failed", "aborted")
 #: Seconds a POC daemon has to start listening or registering before the run gives up.
 POC_START_TIMEOUT_S = 120.0
-PR_SET_PDEATHSIG = 1
 
 
 class Run:
@@ -177,19 +176,12 @@ class ProdEnv:
         return _AdminRun(self._client, job_id, self.results_dir)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel sends SIGTERM when the process that started it ends."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class PocEnv:
     """A proof of concept on this machine: TLS provisioned in ``workspace``, ``fl server`` and one ``fl site``
     per client as separate daemons on 127.0.0.1.
 
-    They end when the run ends (``get_result``/``wait`` saw the job end, or :meth:`stop`), and the
-    kernel ends them when the thread that started them does (``PR_SET_PDEATHSIG``): call
-    ``execute`` from a thread that outlives the run (the main thread does).
+    They end when the run ends (``get_result``/``wait`` saw the job end, or :meth:`stop`), and
+    with this process however it ends (:func:`fl.process.popen_bound_to_parent`, SIGTERM).
     """
 
     def __init__(
@@ -270,13 +262,13 @@ class PocEnv:
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fl", *args],
+            proc = popen_bound_to_parent(
+                module_command("fl", *args),
+                death_signal=signal.SIGTERM,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         self._procs.append(proc)
         return log_path

@@ -153,7 +153,7 @@ def test_select_multikrum_refuses_more_than_there_are(tmp_path):
 def test_an_update_of_another_layout_is_refused_and_nothing_is_written(tmp_path):
     paths, _, layout = fake_updates(tmp_path, 3)
     write_tensors(paths[1], {"w": np.zeros((7, 4), np.float32), "b": np.zeros(9, np.float32)})
-    with pytest.raises(LayoutError, match="u1.safetensors"):
+    with pytest.raises(LayoutError, match=r"u1\.safetensors"):
         coordinate_median(paths, layout, tmp_path / "out.safetensors")
     assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
 

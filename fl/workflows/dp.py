@@ -15,6 +15,9 @@ Adaptive Clipping"), in fl's streaming form:
   weight and escape the noise calibrated to ``C / n``.
 * :func:`add_gaussian_noise` writes the average plus N(0, std^2) on every float element, std =
   ``noise_multiplier * C / n`` (n the updates averaged), streamed file to file.
+* :func:`private_average` does one round over update files (clip, fold, noise, adapt); an engine
+  can do the same as results arrive: the round's clipping norm is fixed, so each update's weight is
+  known once its norm is (:meth:`ClippedRound.add`), and only the base's weight waits for the close.
 * :func:`job_epsilon` is the job's (epsilon, delta) after its rounds: Google's ``dp-accounting`` RDP
   accountant when installed (``pip install fl[dp]``), else the RDP of the Gaussian mechanism
   (Mironov 2017, Prop. 7: ``alpha / (2 z^2)`` per round) with the conversion of Balle et al. 2020
@@ -29,14 +32,14 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fl.tensors import Layout, check_finite, iter_blocks, open_tensors
 from fl.tensors.io import as_byte_view, write_layout
-from fl.workflows.aggregation import _acc_dtype, _from_acc, _to_acc
+from fl.workflows.aggregation import ParamsType, WeightedAverage, _acc_dtype, _from_acc, _to_acc
 
 __all__ = [
     "AdaptiveClipping",
@@ -47,6 +50,7 @@ __all__ = [
     "delta_norm",
     "job_epsilon",
     "log_privacy",
+    "private_average",
     "rdp_gaussian_epsilon",
 ]
 
@@ -104,20 +108,36 @@ def clip_factor(norm: float, clipping_norm: float) -> float:
     return 1.0 if norm <= clipping_norm else clipping_norm / norm
 
 
-@dataclass(frozen=True)
 class ClippedRound:
-    """One round's clipping: per update its factor and fold weight, and the base model's fold weight."""
+    """One round's clipping, built as results arrive: per update its factor (= fold weight), and the base's weight.
 
-    clipping_norm: float
-    factors: tuple[float, ...]
-    base_weight: float
-    #: updates whose norm was within the clipping norm (the bit Andrew et al.'s quantile counts)
-    unclipped: int
+    The clipping norm is fixed for the round, so each update can be folded as soon as its norm is
+    known (:meth:`add`); the base model is folded with :attr:`base_weight` when the round closes.
+    """
+
+    def __init__(self, clipping_norm: float) -> None:
+        self.clipping_norm = clipping_norm
+        self.factors: list[float] = []
+        #: updates whose norm was within the clipping norm (the bit Andrew et al.'s quantile counts)
+        self.unclipped = 0
+
+    def add(self, norm: float) -> float:
+        """Clip one more update of delta L2 ``norm``; returns its fold weight ``min(1, C / norm)``."""
+        _positive("an update's norm", norm, zero_ok=True)
+        factor = clip_factor(norm, self.clipping_norm)
+        self.factors.append(factor)
+        self.unclipped += norm <= self.clipping_norm
+        return factor
 
     @property
     def update_weights(self) -> tuple[float, ...]:
-        """Fold weights for the updates (the factors; uniform averaging)."""
-        return self.factors
+        """Fold weights for the updates, in the order added (uniform averaging of the clipped updates)."""
+        return tuple(self.factors)
+
+    @property
+    def base_weight(self) -> float:
+        """Fold weight of the base model: ``sum(1 - f_i)`` (0 when nothing was clipped)."""
+        return math.fsum(1.0 - f for f in self.factors)
 
 
 class FixedClipping:
@@ -129,19 +149,21 @@ class FixedClipping:
         #: the multiplier of the noise added to the model (adaptive clipping spends part on the count)
         self.model_noise_multiplier = self.noise_multiplier
 
+    def start_round(self) -> ClippedRound:
+        """A round's clipping at the current norm; add each update's norm as it arrives."""
+        return ClippedRound(self.clipping_norm)
+
     def clip(self, norms: Sequence[float]) -> ClippedRound:
         """Fold weights that average the updates of these delta ``norms`` clipped to the current norm."""
-        if not norms:
-            raise ValueError("differential privacy: no updates to clip")
+        clipped = self.start_round()
         for norm in norms:
-            _positive("an update's norm", norm, zero_ok=True)
-        factors = tuple(clip_factor(n, self.clipping_norm) for n in norms)
-        base_weight = math.fsum(1.0 - f for f in factors)
-        unclipped = sum(1 for n in norms if n <= self.clipping_norm)
-        return ClippedRound(self.clipping_norm, factors, base_weight, unclipped)
+            clipped.add(norm)
+        return clipped
 
     def noise_std(self, clipped: ClippedRound) -> float:
         """Standard deviation of the noise on the average of ``clipped``'s updates (sensitivity C / n)."""
+        if not clipped.factors:
+            raise ValueError("differential privacy: no updates were clipped this round")
         return self.model_noise_multiplier * clipped.clipping_norm / len(clipped.factors)
 
     def end_round(self, clipped: ClippedRound, rng: np.random.Generator | None = None) -> None:
@@ -193,6 +215,8 @@ class AdaptiveClipping(FixedClipping):
 
     def end_round(self, clipped: ClippedRound, rng: np.random.Generator | None = None) -> None:
         """Move the clipping norm toward the target quantile, from the noised count of unclipped updates."""
+        if not clipped.factors:
+            raise ValueError("differential privacy: no updates were clipped this round")
         rng = rng or np.random.default_rng()
         noised = clipped.unclipped + (rng.normal(0.0, self.clipped_count_stddev) if self.clipped_count_stddev else 0.0)
         fraction = noised / len(clipped.factors)
@@ -231,6 +255,41 @@ def add_gaussian_noise(
     with f:
         out = Layout(layout.tensors, dict(metadata if metadata is not None else layout.metadata))
         return write_layout(dst, out, _noised_pieces(f, layout, offset, std, rng), digest=digest)
+
+
+def private_average(
+    clipping: FixedClipping,
+    paths: Sequence[PathLike],
+    layout: Layout,
+    base_path: PathLike,
+    out_path: PathLike,
+    *,
+    params_type: str = ParamsType.FULL,
+    rng: np.random.Generator | None = None,
+    metadata: Mapping[str, str] | None = None,
+    digest: Any = None,
+) -> ClippedRound:
+    """One DP round over update files: clip, average uniformly, add noise to ``out_path``, adapt the norm.
+
+    The round engine may do the same as results arrive (``start_round``, ``add`` each norm and fold
+    with the weight it returns, fold the base, then :func:`add_gaussian_noise` and ``end_round``).
+    """
+    rng = rng or np.random.default_rng()
+    clipped = clipping.start_round()
+    average = WeightedAverage(layout)
+    for path in paths:
+        norm = delta_norm(path, layout, None if params_type == ParamsType.DIFF else base_path)
+        average.add_file(path, clipped.add(norm), params_type=params_type, base_path=base_path)
+    if clipped.base_weight > 0:
+        average.add_file(base_path, clipped.base_weight)
+    unnoised = Path(out_path).with_name(f".{Path(out_path).name}.unnoised")  # never the result: removed below
+    try:
+        average.write_result(unnoised)
+        add_gaussian_noise(unnoised, out_path, clipping.noise_std(clipped), rng=rng, metadata=metadata, digest=digest)
+    finally:
+        unnoised.unlink(missing_ok=True)
+    clipping.end_round(clipped, rng)
+    return clipped
 
 
 def rdp_gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -17,6 +17,7 @@ from fl.workflows.dp import (
     add_gaussian_noise,
     delta_norm,
     job_epsilon,
+    private_average,
     rdp_gaussian_epsilon,
 )
 
@@ -167,3 +168,40 @@ def test_job_epsilon_with_the_library_agrees_at_full_sampling():
     assert "dp-accounting" in how
     assert eps == pytest.approx(rdp_gaussian_epsilon(1.1, 50, 1e-5), rel=1e-6)
     assert job_epsilon(1.1, 50, 1e-5, sample_rate=0.1)[0] < eps  # sampling amplifies privacy
+
+
+def clipped_reference(base, updates, clipping_norm):
+    """numpy: base + mean_i(delta_i * min(1, C / ||delta_i||)) over the float tensors."""
+    deltas = []
+    for u in updates:
+        delta = {k: u[k].astype(np.float64) - base[k] for k in ("w", "b")}
+        norm = np.linalg.norm(np.concatenate([d.ravel() for d in delta.values()]))
+        deltas.append({k: d * min(1.0, clipping_norm / norm) for k, d in delta.items()})
+    return {k: base[k] + np.mean([d[k] for d in deltas], axis=0) for k in ("w", "b")}
+
+
+def test_private_average_without_noise_is_the_clipped_average(round_files, tmp_path):
+    base, updates, paths, base_path, layout = round_files
+    clipping = FixedClipping(noise_multiplier=0.0, clipping_norm=1.0)
+    clipped = private_average(clipping, paths, layout, base_path, tmp_path / "avg.safetensors")
+    got = load_numpy(tmp_path / "avg.safetensors")
+    expected = clipped_reference(base, updates, 1.0)
+    for k in ("w", "b"):
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert len(clipped.factors) == 3 and not list(tmp_path.glob(".avg*"))
+
+
+def test_private_average_adds_noise_of_the_stated_std_and_adapts_the_norm(round_files, tmp_path):
+    base, updates, paths, base_path, layout = round_files
+    clipping = AdaptiveClipping(
+        noise_multiplier=0.5, num_sampled_clients=3, initial_clipping_norm=1.0, clipped_count_stddev=1.0
+    )
+    noisy = tmp_path / "noisy.safetensors"
+    clipped = private_average(clipping, paths, layout, base_path, noisy, rng=np.random.default_rng(3))
+    std = clipping.model_noise_multiplier * 1.0 / 3
+    expected = clipped_reference(base, updates, 1.0)
+    got = load_numpy(noisy)
+    noise = np.concatenate([(got[k].astype(np.float64) - expected[k]).ravel() for k in ("w", "b")])
+    # 27 samples: the sample std lies within a factor 2 of the true one with overwhelming probability.
+    assert std / 2 < float(noise.std()) < 2 * std
+    assert clipped.clipping_norm == 1.0 and clipping.clipping_norm != 1.0  # adapted for the next round

@@ -1,6 +1,6 @@
 """Task data and task result filters (FLARE's ``task_data_filters`` / ``task_result_filters``)."""
 
-from fl.filters.base import Filter, FilterChain, FilterContext, FilterError, replace_file
+from fl.filters.base import Filter, FilterChain, FilterContext, FilterError, replace_file, server_result_filters
 from fl.filters.builtin import ExcludeVars, PercentilePrivacy
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "FilterError",
     "PercentilePrivacy",
     "replace_file",
+    "server_result_filters",
 ]

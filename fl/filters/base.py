@@ -27,7 +27,7 @@ from typing import Any
 from fl.components.base import Component
 from fl.config import ConfigError, build_component
 
-__all__ = ["Filter", "FilterChain", "FilterContext", "FilterError"]
+__all__ = ["Filter", "FilterChain", "FilterContext", "FilterError", "replace_file", "server_result_filters"]
 
 #: The two config keys, as FLARE's.
 FILTER_KEYS = ("task_data_filters", "task_result_filters")
@@ -140,6 +140,16 @@ class FilterChain:
                     current.unlink(missing_ok=True)
                 current = out
         return current
+
+
+def server_result_filters(config: Mapping[str, Any], *, where: str) -> FilterChain:
+    """The server config's ``task_result_filters``; refuses ``task_data_filters``, which the server does not run."""
+    if config.get("task_data_filters"):
+        raise ConfigError(
+            f"{where}: task_data_filters are not run on the server (a task's model is the global model); "
+            "put them in the sites' config_fed_client.json"
+        )
+    return FilterChain.from_config(config, "task_result_filters", where=where)
 
 
 def replace_file(filtered: Path, target: Path) -> None:

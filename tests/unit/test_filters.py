@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from fl.config import ConfigError
 from fl.filters import ExcludeVars, Filter, FilterChain, FilterContext, FilterError, PercentilePrivacy
-from fl.filters.base import _Rule
+from fl.filters.base import _Rule, server_result_filters
+from fl.server.jobstore import JobError, read_job
 from fl.tensors import load_numpy, write_tensors
 
 
@@ -193,3 +196,39 @@ def test_bad_filter_configs_are_refused_with_where_they_are(config, message):
 def test_no_filters_is_an_empty_chain():
     chain = FilterChain.from_config({"task_result_filters": []}, "task_result_filters", where="x")
     assert not chain and chain.for_task("train") == []
+
+
+def _server_job(folder, **server_keys):
+    (folder / "app_server/config").mkdir(parents=True)
+    (folder / "app_site/config").mkdir(parents=True)
+    (folder / "app_site/config/config_fed_client.json").write_text(json.dumps({"format_version": 2}))
+    deploy_map = {"app_server": ["server"], "app_site": ["@ALL"]}
+    (folder / "meta.json").write_text(json.dumps({"name": "j", "deploy_map": deploy_map}))
+    server = {
+        "format_version": 2,
+        "workflows": [{"id": "w", "path": "fl.workflows.fedavg.FedAvg", "args": {"num_rounds": 1}}],
+        **server_keys,
+    }
+    (folder / "app_server/config/config_fed_server.json").write_text(json.dumps(server))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("server_keys", "message"),
+    [
+        (chain_config({"path": "fl.filters.ExcludeVars", "args": {"exclude_vars": 3}}), "exclude_vars must be"),
+        (chain_config({"path": "fl.filters.PercentilePrivacy", "args": {"percentil": 3}}), "accepted arguments"),
+        ({"task_data_filters": [{"tasks": ["*"], "filters": []}]}, "not run on the server"),
+    ],
+)
+def test_server_filters_are_checked_at_submit(tmp_path, server_keys, message):
+    with pytest.raises(JobError, match=message):
+        read_job(_server_job(tmp_path / "job", **server_keys))
+
+
+def test_a_server_job_with_good_filters_is_accepted(tmp_path):
+    folder = _server_job(tmp_path / "job", **chain_config({"path": "fl.filters.ExcludeVars", "args": {}}))
+    assert read_job(folder).num_rounds == 1
+    assert server_result_filters(
+        json.loads((folder / "app_server/config/config_fed_server.json").read_text()), where="x"
+    )

@@ -18,17 +18,26 @@ from tests.integration.conftest import FIXTURES, run_dir
 pytestmark = pytest.mark.timeout(600)
 
 
-def export_two_part_job(monkeypatch: pytest.MonkeyPatch, out: Path) -> Path:
-    """2 sites running plus_one.py for 2 rounds over a model of ``weight`` and ``bias``; returns the job folder."""
+def export_two_part_job(
+    monkeypatch: pytest.MonkeyPatch,
+    out: Path,
+    *,
+    sites: tuple[str, ...] | list[str] = ("site-1", "site-2"),
+    rounds: int = 2,
+    min_clients: int | None = None,
+) -> Path:
+    """Sites running plus_one.py over a model of ``weight`` and ``bias`` (zeros); returns the job folder."""
     with monkeypatch.context() as m:
         m.chdir(FIXTURES)
         m.syspath_prepend(str(FIXTURES))
         from src.models import TwoPartModel
 
-        job = FedJob(name="filters", min_clients=2)
-        job.to(FedAvg(num_clients=2, num_rounds=2, round_timeout=120.0), "server")
+        job = FedJob(name="filters", min_clients=min_clients or len(sites))
+        job.to(
+            FedAvg(num_clients=len(sites), num_rounds=rounds, min_clients=min_clients, round_timeout=120.0), "server"
+        )
         job.to(TwoPartModel(16), "server")
-        for site in ("site-1", "site-2"):
+        for site in sites:
             job.to(ScriptRunner(script="src/plus_one.py", framework="numpy"), site)
         folder = job.export_job(out)
     for name in ("src.models", "src"):

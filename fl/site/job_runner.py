@@ -80,6 +80,8 @@ class JobRunner:
         self._gate_held = False
         self.data_filters = FilterChain("task_data_filters")
         self.result_filters = FilterChain("task_result_filters")
+        #: set once the job's config (its filters) is read, or its setup failed: tasks wait for it
+        self._configured = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"fl-job-{self.job_id[:8]}", daemon=True)
 
     # ------------------------------------------------------------------ control from the agent
@@ -121,6 +123,7 @@ class JobRunner:
                     stop=self.stop_event,
                 )
                 self._log_transfer("model downloaded", task.model.size, started, task)
+                self._configured.wait()  # a task may come while the app is still being unpacked
                 self._filter(self.data_filters, task, path, task.params_type or "FULL", None, {})
         except TransferFailed as exc:
             self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra=_tag(task))
@@ -136,7 +139,10 @@ class JobRunner:
 
     def _run(self) -> None:
         try:
-            self._setup()
+            try:
+                self._setup()
+            finally:
+                self._configured.set()
             self._launch()
         except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:
             self._fail(f"could not start the job: {exc}")

@@ -162,3 +162,20 @@ def test_no_updates_is_an_error(tmp_path):
     layout = Layout.build([describe("w", np.zeros(2, np.float32))])
     with pytest.raises(ValueError, match="no updates"):
         coordinate_median([], layout, tmp_path / "out.safetensors")
+
+
+def test_median_keeps_16_bit_dtypes(tmp_path):
+    import torch
+
+    values = [torch.tensor([1.0, 8.0, -2.0]) * (i + 1) for i in range(3)]
+    paths = []
+    for i, v in enumerate(values):
+        paths.append(tmp_path / f"h{i}.safetensors")
+        write_tensors(paths[-1], {"h": v.half(), "bf": v.bfloat16()})
+    layout = Layout.build([describe("h", values[0].half()), describe("bf", values[0].bfloat16())])
+    coordinate_median(paths, layout, tmp_path / "out.safetensors")
+    out = load_numpy(tmp_path / "out.safetensors")
+    expected = torch.stack(values).median(dim=0).values  # 3 values: the middle one, exact in 16 bits
+    np.testing.assert_array_equal(out["h"], expected.half().numpy())
+    bf = torch.from_numpy(out["bf"].astype(np.int16)).view(torch.bfloat16)
+    assert torch.equal(bf, expected.bfloat16())

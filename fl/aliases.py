@@ -81,6 +81,11 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.recipe.poc_env.PocEnv": "fl.recipe.env.PocEnv",
     "nvflare.recipe.prod_env.ProdEnv": "fl.recipe.env.ProdEnv",
     "nvflare.recipe.run.Run": "fl.recipe.env.Run",
+    # Filters.
+    "nvflare.app_common.filters.exclude_vars.ExcludeVars": "fl.filters.builtin.ExcludeVars",
+    "nvflare.app_common.filters.ExcludeVars": "fl.filters.builtin.ExcludeVars",
+    "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy": "fl.filters.builtin.PercentilePrivacy",
+    "nvflare.app_common.filters.PercentilePrivacy": "fl.filters.builtin.PercentilePrivacy",
 }
 
 

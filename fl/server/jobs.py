@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fl.config import HostPolicy, build_component
+from fl.filters import server_result_filters
 from fl.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
@@ -325,6 +326,7 @@ class JobRun:
             if cid in self.components:
                 raise JobError(f"{where}: two components have the id {cid!r}")
             self.components[cid] = obj
+        self.communicator.result_filters = server_result_filters(self.spec.server_config, where=where)
         for entry in self.spec.server_config["workflows"]:
             cid, obj = build_component(entry, where=where)
             if not isinstance(obj, Controller):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fl.config import ClassRef, ConfigError, HostPolicy, build_component, check_config, load_config
+from fl.filters import server_result_filters
 
 __all__ = [
     "MAX_JOB_BYTES",
@@ -211,6 +212,7 @@ def _check_server_components(
     components = config.get("components", [])
     if not isinstance(components, list):
         raise ConfigError(f"{where}: 'components' must be a list")
+    server_result_filters(config, where=where)  # bad filter arguments are refused at submit
     job_code = {r.component: r for r in refs if r.job_code}
     num_rounds = 0
     for entry in [*workflows, *components]:

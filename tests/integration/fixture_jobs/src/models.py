@@ -11,3 +11,12 @@ class FlatModel(nn.Module):
         super().__init__()
         self.numel = numel
         self.weight = nn.Parameter(torch.zeros(numel))
+
+
+class TwoPartModel(nn.Module):
+    """Two float32 parameters of zeros, ``weight`` and ``bias``: for tests that treat tensors differently."""
+
+    def __init__(self, numel: int = 16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(numel))
+        self.bias = nn.Parameter(torch.zeros(4))

@@ -46,6 +46,7 @@ __all__ = [
     "capped_weights",
     "weighted_average",
     "weighted_metrics",
+    "write_arrays",
 ]
 
 Block = tuple[int, np.ndarray]  # (first element index, 1-D elements)
@@ -285,24 +286,38 @@ class WeightedAverage:
 
         ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
         """
-        arrays = self.finalize()
-        layout = Layout(self.layout.tensors, dict(metadata or {}))
-        with atomic_path(path) as tmp, open(tmp, "wb") as out:
-            header = layout.header_bytes
-            pieces: Iterator[bytes | memoryview] = itertools.chain(
-                (struct.pack("<Q", len(header)), header),
-                (
-                    view[start : start + BLOCK_BYTES]
-                    for spec in layout.tensors
-                    for view in (as_byte_view(arrays[spec.name]),)
-                    for start in range(0, len(view), BLOCK_BYTES)
-                ),
-            )
-            for piece in pieces:
-                out.write(piece)
-                if digest is not None:
-                    digest.update(piece)
-        return layout
+        return write_arrays(path, self.layout, self.finalize(), metadata, digest=digest)
+
+
+def write_arrays(
+    path: str | os.PathLike[str],
+    layout: Layout,
+    arrays: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    digest: Any = None,
+) -> Layout:
+    """Write ``arrays`` (in ``layout``'s dtypes, BF16 as raw uint16) as safetensors, atomically, block by block.
+
+    ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
+    """
+    written = Layout(layout.tensors, dict(metadata or {}))
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        header = written.header_bytes
+        pieces: Iterator[bytes | memoryview] = itertools.chain(
+            (struct.pack("<Q", len(header)), header),
+            (
+                view[start : start + BLOCK_BYTES]
+                for spec in written.tensors
+                for view in (as_byte_view(arrays[spec.name]),)
+                for start in range(0, len(view), BLOCK_BYTES)
+            ),
+        )
+        for piece in pieces:
+            out.write(piece)
+            if digest is not None:
+                digest.update(piece)
+    return written
 
 
 def weighted_average(updates: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, np.ndarray]:

@@ -48,6 +48,7 @@ __all__ = [
 #: NVIDIA FLARE component paths and the fl classes that do the same job.
 NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_common.workflows.fedavg.FedAvg": "fl.workflows.fedavg.FedAvg",
+    "nvflare.app_opt.pt.fedopt_ctl.FedOpt": "fl.workflows.fedopt.FedOpt",
     "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator": (
         "fl.components.validation_json.ValidationJsonGenerator"
     ),

@@ -20,6 +20,7 @@ and documents that it holds one update per site.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 from pathlib import Path
@@ -54,6 +55,20 @@ class RoundEngine(Controller):
 
     #: Whether results are folded into the average as they arrive (memory: one model, any number of sites).
     streams: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass whose ``__init__`` forwards ``**kwargs`` shows its parent's arguments as its own.
+
+        So the Job API exports, and config checks accept, exactly the arguments it takes (no "kwargs").
+        """
+        super().__init_subclass__(**kwargs)
+        own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            return
+        named = [p for p in own if p.kind is not p.VAR_KEYWORD]
+        names = {p.name for p in named}
+        inherited = [p for p in inspect.signature(cls.__mro__[1]).parameters.values() if p.name not in names]
+        setattr(cls, "__signature__", inspect.Signature(named + inherited))  # noqa: B010 - read by inspect
 
     def __init__(
         self,
@@ -159,8 +174,8 @@ class RoundEngine(Controller):
             ctx.log.info("resuming at %s from %s", round_label(start, self.num_rounds), model_path.name)
         else:
             model_path = persistor.load_initial(ctx)
-        if state.get("strategy_file"):
-            self.load_strategy_state(load_numpy(ctx.run_dir / "models" / state["strategy_file"]))
+        strategy_file = ctx.run_dir / "models" / state["strategy_file"] if state.get("strategy_file") else None
+        self.load_strategy_state(load_numpy(strategy_file) if strategy_file else {})
         layout = read_layout(model_path)
         averager = WeightedAverage(layout)
         reported_metrics = bool(state.get("sites_report_metrics", False))
@@ -173,7 +188,9 @@ class RoundEngine(Controller):
             # After a restart the .pt may lag the resumed model by a round: write it again.
             persistor.save_global(ctx, model_path, round=start - 1)
         try:
-            self._rounds(ctx, persistor, start, model_path, layout, averager, checkpoint, reported_metrics)
+            self._rounds(
+                ctx, persistor, start, (model_path, strategy_file), layout, averager, checkpoint, reported_metrics
+            )
         finally:
             checkpoint.wait()
         ctx.set_progress(round=self.num_rounds, num_rounds=self.num_rounds, phase="done")
@@ -183,14 +200,15 @@ class RoundEngine(Controller):
         ctx: JobContext,
         persistor: Any,
         start: int,
-        model_path: Path,
+        files: tuple[Path, Path | None],
         layout: Layout,
         averager: WeightedAverage,
         checkpoint: Background,
         reported_metrics: bool,
     ) -> None:
+        """Rounds ``start``.. from ``files``: the global model and the strategy's saved state (if any)."""
         model_checksum: str | None = None
-        strategy_file: Path | None = None
+        model_path, strategy_file = files
 
         for rnd in range(start, self.num_rounds):
             ctx.set_progress(round=rnd, num_rounds=self.num_rounds, phase="training")

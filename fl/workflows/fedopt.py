@@ -77,9 +77,10 @@ class ServerOptimizer(RoundEngine):
         for start, block in global_blocks:
             end = start + block.size
             base = _to_acc(spec, block)
-            delta = _to_acc(spec, flat[start:end]) - base
-            new = base + self.step(rnd, delta, {k: m[start:end] for k, m in moments.items()})
-            out = _from_acc(spec, new)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite step is refused just below
+                delta = _to_acc(spec, flat[start:end]) - base
+                new = base + self.step(rnd, delta, {k: m[start:end] for k, m in moments.items()})
+                out = _from_acc(spec, new)
             try:
                 check_finite(spec, out)
             except LayoutError as exc:

@@ -49,6 +49,7 @@ __all__ = [
 NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_common.workflows.fedavg.FedAvg": "fl.workflows.fedavg.FedAvg",
     "nvflare.app_opt.pt.fedopt_ctl.FedOpt": "fl.workflows.fedopt.FedOpt",
+    "nvflare.app_common.workflows.cyclic.Cyclic": "fl.workflows.cyclic.Cyclic",
     "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator": (
         "fl.components.validation_json.ValidationJsonGenerator"
     ),

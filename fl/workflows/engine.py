@@ -213,35 +213,26 @@ class RoundEngine(Controller):
         for rnd in range(start, self.num_rounds):
             ctx.set_progress(round=rnd, num_rounds=self.num_rounds, phase="training")
             ctx.fire("round_started", round=rnd, num_rounds=self.num_rounds)
-            averager.reset()
-            results = self._train_round(ctx, rnd, model_path, model_checksum, layout, averager)
-            site_metrics = {r.site: r.metrics for r in results if r.metrics}
-            reported_metrics = reported_metrics or bool(site_metrics)
+            legs = self.legs(rnd, self._targets(ctx, rnd))
+            results: list[TaskResult] = []
+            leg_path, new_path = model_path, ctx.run_dir / "models" / f"global-r{rnd + 1:04d}.safetensors"
+            for leg, targets in enumerate(legs):
+                averager.reset()
+                leg_results = self._train_round(ctx, rnd, (leg_path, model_checksum), layout, averager, targets)
+                if leg == 0:  # the sites of the first leg received (and scored) the round's starting model
+                    reported_metrics = self._report_scores(ctx, rnd, model_path, leg_results) or reported_metrics
+                results += leg_results
+                out_path = (
+                    new_path
+                    if leg == len(legs) - 1
+                    else new_path.with_name(f"{new_path.stem}-leg{leg + 1}.safetensors")
+                )
+                arrays, model_checksum = self._write_global(ctx, rnd, averager, leg_path, out_path, layout, checkpoint)
+                if leg_path != model_path:
+                    remove_old_model(leg_path)
+                leg_path = out_path
             weights = {r.site: self._weight(r) for r in results}
             metrics = weighted_metrics((r.metrics, weights[r.site]) for r in results)
-            if site_metrics:
-                ctx.fire(
-                    "model_evaluated",
-                    model_version=rnd,
-                    model_path=model_path,
-                    round=rnd,
-                    num_rounds=self.num_rounds,
-                    site_metrics=site_metrics,
-                    site_weights=weights,
-                    metrics=metrics,
-                )
-            new_path = ctx.run_dir / "models" / f"global-r{rnd + 1:04d}.safetensors"
-            digest = Checksum()
-            # The last .pt checkpoint read the averager's memory; the folds waited for it, so must we.
-            checkpoint.wait()
-            try:
-                arrays = self.update_global(rnd, averager.finalize(), model_path, layout)
-                write_arrays(new_path, layout, arrays, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
-            except NonFiniteAverage as exc:
-                raise RoundFailed(
-                    f"round {rnd + 1}: {exc}; it was not written, the global model stays {model_path.name}"
-                ) from None
-            model_checksum = digest.hexdigest()
             # The .pt checkpoint is written while the next round's downloads and training go on;
             # it reads the averager's memory, so the next round's first fold waits for it.
             checkpoint.start(persistor.save_global, ctx, new_path, round=rnd, arrays=arrays)
@@ -269,6 +260,53 @@ class RoundEngine(Controller):
         elif self.final_validation:
             ctx.log.info("no final validation: the sites sent no metrics with their results")
 
+    def legs(self, rnd: int, targets: list[str]) -> list[list[str]]:
+        """Round ``rnd``'s legs: site groups trained one after another, each on the model the last one made.
+
+        One leg of all ``targets`` by default (the sites train in parallel on the same model).
+        """
+        return [targets]
+
+    def _report_scores(self, ctx: JobContext, rnd: int, model_path: Path, results: list[TaskResult]) -> bool:
+        """Fire ``model_evaluated`` with the metrics sites sent about ``model_path``; True if any did."""
+        site_metrics = {r.site: r.metrics for r in results if r.metrics}
+        if site_metrics:
+            weights = {r.site: self._weight(r) for r in results}
+            ctx.fire(
+                "model_evaluated",
+                model_version=rnd,
+                model_path=model_path,
+                round=rnd,
+                num_rounds=self.num_rounds,
+                site_metrics=site_metrics,
+                site_weights=weights,
+                metrics=weighted_metrics((r.metrics, weights[r.site]) for r in results),
+            )
+        return bool(site_metrics)
+
+    def _write_global(
+        self,
+        ctx: JobContext,
+        rnd: int,
+        averager: WeightedAverage,
+        model_path: Path,
+        new_path: Path,
+        layout: Layout,
+        checkpoint: Background,
+    ) -> tuple[Arrays, str]:
+        """Write the strategy's new global model (from the average) to ``new_path``; its arrays and checksum."""
+        digest = Checksum()
+        # The last .pt checkpoint read the averager's memory; the folds waited for it, so must we.
+        checkpoint.wait()
+        try:
+            arrays = self.update_global(rnd, averager.finalize(), model_path, layout)
+            write_arrays(new_path, layout, arrays, {"round": str(rnd), "job_id": ctx.job_id}, digest=digest)
+        except NonFiniteAverage as exc:
+            raise RoundFailed(
+                f"round {rnd + 1}: {exc}; it was not written, the global model stays {model_path.name}"
+            ) from None
+        return arrays, digest.hexdigest()
+
     def _save_strategy_state(self, ctx: JobContext, rnd: int) -> Path | None:
         """Write the algorithm's resumable tensors for the state after round ``rnd`` (None if it keeps none)."""
         arrays = self.strategy_state()
@@ -289,11 +327,13 @@ class RoundEngine(Controller):
         self,
         ctx: JobContext,
         rnd: int,
-        model_path: Path,
-        model_checksum: str | None,
+        model: tuple[Path, str | None],
         layout: Layout,
         averager: WeightedAverage,
+        targets: list[str],
     ) -> list[TaskResult]:
+        """Send round ``rnd``'s train task with ``model`` (path, checksum) to ``targets``; fold what comes back."""
+        model_path, model_checksum = model
         spool = None if self.max_site_share is None else Spool(ctx.run_dir / "models" / "spool", self.max_site_share)
 
         def on_result(result: TaskResult) -> None:
@@ -319,8 +359,8 @@ class RoundEngine(Controller):
         with spool or contextlib.nullcontext():
             results = ctx.communicator.broadcast_and_wait(
                 task,
-                self._targets(ctx, rnd),
-                min_responses=self.min_clients,
+                targets,
+                min_responses=min(self.min_clients, len(targets)),
                 timeout=self.round_timeout,
                 on_result=on_result,
             )

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fl.simulator import simulate
+from fl.workflows.cyclic import Cyclic
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from tests.integration.conftest import run_dir
@@ -48,3 +49,10 @@ def test_algorithm_runs_a_job_to_completion_in_the_simulator(name, make_job, tmp
     final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]["weight"]
     np.testing.assert_allclose(final.numpy(), np.full(16, expected(step)), rtol=1e-6)
     assert (folder / "models" / f"strategy-r{ROUNDS:04d}.safetensors").exists()  # the moments, resumable
+
+
+def test_cyclic_runs_a_job_to_completion_in_the_simulator(make_job, tmp_path):
+    job = make_job(rounds=ROUNDS, workflow=Cyclic(order="random", **ARGS))
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    final = torch.load(run_dir(tmp_path / "ws") / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    assert torch.equal(final, torch.full((16,), 2.0 * ROUNDS))  # each of 2 sites adds 1, in turn, every round

@@ -14,11 +14,12 @@ import pytest
 
 from fl.tensors import load_numpy
 from fl.workflows.base import RoundFailed
+from fl.workflows.cyclic import Cyclic
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedavg import FedAvg
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from tests.unit.test_fedavg import Context, FakePersistor
-from tests.unit.test_fedopt import SITES, initial, make_site
+from tests.unit.test_fedopt import SITES, initial, make_site, site_update
 
 ALGORITHMS: dict[str, Callable[[], RoundEngine]] = {
     "FedAvg": lambda: FedAvg(num_clients=3, num_rounds=3),
@@ -27,6 +28,7 @@ ALGORITHMS: dict[str, Callable[[], RoundEngine]] = {
     "FedYogi": lambda: FedYogi(num_clients=3, num_rounds=3),
     "FedAdagrad": lambda: FedAdagrad(num_clients=3, num_rounds=3),
     "FedOpt": lambda: FedOpt(num_clients=3, num_rounds=3),
+    "Cyclic": lambda: Cyclic(num_clients=3, num_rounds=3),
 }
 
 
@@ -94,3 +96,40 @@ def test_fedavg_keeps_no_strategy_state(tmp_path):
     FedAvg(num_clients=3, num_rounds=2).run(ctx)
     assert ctx.state == {"next_round": 2, "model_file": "global-r0002.safetensors", "sites_report_metrics": False}
     assert not list((tmp_path / "models").glob("strategy-*"))
+
+
+def cyclic_reference(order: list[str], rounds: int) -> dict[str, np.ndarray]:
+    """The model handed from site to site in ``order``, ``rounds`` times (float32 between sites, as on the wire)."""
+    out = {}
+    for key, value in initial().items():
+        x = value
+        for rnd in range(rounds):
+            for site in order:
+                x = site_update(site, rnd, x.astype(np.float64)).astype(np.float32)
+        out[key] = x
+    return out
+
+
+def test_cyclic_passes_the_model_from_site_to_site_in_a_fixed_order(tmp_path):
+    ctx = Context(tmp_path, sites(), {"persistor": FakePersistor(initial())})
+    Cyclic(num_clients=3, num_rounds=2).run(ctx)
+    assert [t[2] for t in ctx.communicator.tasks if t[0] == "train"] == [["a"], ["b"], ["c"]] * 2
+    assert ctx.state is not None
+    got = load_numpy(tmp_path / "models" / ctx.state["model_file"])
+    for key, want in cyclic_reference(["a", "b", "c"], 2).items():
+        np.testing.assert_array_equal(got[key], want)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["global-r0002.safetensors"]  # legs dropped
+
+
+def test_cyclic_random_order_visits_every_site_once_a_round(tmp_path):
+    ctx = Context(tmp_path, sites(), {"persistor": FakePersistor(initial())})
+    Cyclic(num_clients=3, num_rounds=4, order="random").run(ctx)
+    trains = [t[2][0] for t in ctx.communicator.tasks if t[0] == "train"]
+    assert [sorted(trains[i : i + 3]) for i in range(0, 12, 3)] == [["a", "b", "c"]] * 4
+
+
+def test_cyclic_refuses_what_does_not_apply():
+    with pytest.raises(ValueError, match="Cyclic: order must be one of fixed, random, got 'backwards'"):
+        Cyclic(order="backwards")
+    with pytest.raises(ValueError, match="Cyclic: max_site_share does not apply"):
+        Cyclic(max_site_share=0.5)

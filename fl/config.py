@@ -66,6 +66,10 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent": (
         "fl.components.convert_to_fed_event.ConvertToFedEvent"
     ),
+    "nvflare.app_common.filters.exclude_vars.ExcludeVars": "fl.filters.builtin.ExcludeVars",
+    "nvflare.app_common.filters.ExcludeVars": "fl.filters.builtin.ExcludeVars",
+    "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy": "fl.filters.builtin.PercentilePrivacy",
+    "nvflare.app_common.filters.PercentilePrivacy": "fl.filters.builtin.PercentilePrivacy",
 }
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fl.config import HostPolicy, build_component
+from fl.filters import FilterChain
 from fl.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from fl.log import adapter
 from fl.memory import release_memory
@@ -301,6 +302,9 @@ class JobRun:
             if cid in self.components:
                 raise JobError(f"{where}: two components have the id {cid!r}")
             self.components[cid] = obj
+        self.communicator.result_filters = FilterChain.from_config(
+            self.spec.server_config, "task_result_filters", where=where
+        )
         for entry in self.spec.server_config["workflows"]:
             cid, obj = build_component(entry, where=where)
             if not isinstance(obj, Controller):

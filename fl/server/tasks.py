@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl.filters import FilterChain, FilterContext, replace_file
 from fl.log import ContextAdapter
 from fl.proto import federation_pb2 as pb
 from fl.rounds import log_round, task_label
@@ -83,6 +84,8 @@ class PendingTask:
     round: _Round
     message: pb.Task | None = None  # the directive as sent, for sending again
     busy: bool = False  # a result is being processed
+    #: the job's server-side task_result_filters, run on a result before ``on_result``
+    result_filters: FilterChain | None = None
 
 
 class TaskBroker:
@@ -174,6 +177,9 @@ class TaskBroker:
                 params_path = upload.path
             elif task.spec.expect_params:
                 raise ValueError(f"a {task.spec.name} result must carry params")
+            if params_path is not None and task.result_filters:
+                context = FilterContext(site, task.spec.name, "task_result", params_type, task.spec.model_path, meta)
+                replace_file(task.result_filters.apply(params_path, context), params_path)
             result = TaskResult(site, task.task_id, meta, metrics, params_type, params_path)
             if task.on_result is not None:
                 task.on_result(result)
@@ -247,6 +253,8 @@ class JobCommunicator:
         self.progress = progress
         self.status_interval = status_interval
         self.describe_site = describe_site
+        #: the job's server-side task_result_filters (set by the job from config_fed_server.json)
+        self.result_filters: FilterChain | None = None
 
     def broadcast_and_wait(
         self,
@@ -303,7 +311,12 @@ class JobCommunicator:
         blob = None
         if task.model_path is not None:
             blob = self.broker.blobs.add(task.model_path, sites=frozenset(targets), checksum=task.model_checksum)
-        pending = [PendingTask(self.job_id, secrets.token_hex(10), site, task, on_result, rnd) for site in targets]
+        pending = [
+            PendingTask(
+                self.job_id, secrets.token_hex(10), site, task, on_result, rnd, result_filters=self.result_filters
+            )
+            for site in targets
+        ]
         for p in pending:
             self.broker.add(p)
         for p in pending:

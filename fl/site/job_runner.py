@@ -27,6 +27,7 @@ from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
+from fl.filters import FilterChain, FilterContext, FilterError, replace_file
 from fl.proto import federation_pb2 as pb
 from fl.pythonpath import script_command
 from fl.rounds import log_round
@@ -77,6 +78,8 @@ class JobRunner:
         self._outbox_lock = threading.Lock()
         self._failed_reported = False
         self._gate_held = False
+        self.data_filters = FilterChain("task_data_filters")
+        self.result_filters = FilterChain("task_result_filters")
         self.thread = threading.Thread(target=self._run, name=f"fl-job-{self.job_id[:8]}", daemon=True)
 
     # ------------------------------------------------------------------ control from the agent
@@ -118,9 +121,16 @@ class JobRunner:
                     stop=self.stop_event,
                 )
                 self._log_transfer("model downloaded", task.model.size, started, task)
+                self._filter(self.data_filters, task, path, task.params_type or "FULL", None, {})
         except TransferFailed as exc:
             self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra=_tag(task))
             self._submit_error(task, f"model download failed: {exc}")
+            return
+        except FilterError as exc:
+            self.log.error("task %s refused: %s", task.name, exc, extra=_tag(task))
+            self._submit_error(task, str(exc))
+            if path is not None:
+                path.unlink(missing_ok=True)
             return
         self.tasks.put((task, path))
 
@@ -176,6 +186,8 @@ class JobRunner:
         _, executor = build_component({"id": "executor", **spec}, where="config_fed_client.json")
         self.executor = executor
         self.forward_metrics = False
+        self.data_filters = FilterChain.from_config(config, "task_data_filters", where="config_fed_client.json")
+        self.result_filters = FilterChain.from_config(config, "task_result_filters", where="config_fed_client.json")
         for entry in config.get("components", []):
             _, component = build_component(entry, where="config_fed_client.json")
             if isinstance(component, ConvertToFedEvent) and component.forwards_analytics:
@@ -324,6 +336,10 @@ class JobRunner:
             if result_path is not None:
                 if result_path.parent.resolve() != self.exchange.resolve():
                     return False, "result file outside the job's exchange folder"
+                base = model_path if model_path.is_file() else None
+                params_type = message.get("params_type") or "FULL"
+                if self._filter(self.result_filters, task, result_path, params_type, base, message.get("meta") or {}):
+                    message = {**message, "checksum": None}  # the script's checksum was of the unfiltered file
                 started = time.monotonic()
                 upload_id = upload_file(
                     self.agent.bulk,
@@ -353,6 +369,9 @@ class JobRunner:
         except TransferFailed as exc:
             accepted, text = False, str(exc)
             self._submit_error(task, f"result upload failed: {exc}")  # so the server need not wait it out
+        except FilterError as exc:
+            accepted, text = False, f"result refused on this site: {exc}"
+            self._submit_error(task, text)
         finally:
             for path in (result_path, model_path):
                 if path is not None:
@@ -365,6 +384,26 @@ class JobRunner:
             self.log.warning("%s result not accepted: %s", task.name, text, extra=extra)
         self.current = None
         return accepted, text
+
+    def _filter(
+        self,
+        chain: FilterChain,
+        task: pb.Task,
+        path: Path,
+        params_type: str,
+        base: Path | None,
+        meta: dict[str, Any],
+    ) -> bool:
+        """Run ``chain``'s filters for ``task`` over ``path`` in place; whether any changed it (FilterError)."""
+        if not chain.for_task(task.name):
+            return False
+        kind = chain.key.removesuffix("_filters")
+        context = FilterContext(self.agent.name, task.name, kind, params_type, base, meta)
+        filtered = chain.apply(path, context)
+        replace_file(filtered, path)
+        if filtered != path:
+            self.log.info("%s: %s applied", task.name, chain.key, extra=_tag(task))
+        return filtered != path
 
     def _log_transfer(self, what: str, size: int, started: float, task: pb.Task) -> None:
         """Large transfers get a line with their size and rate (small ones would be noise)."""

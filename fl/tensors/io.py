@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -28,6 +28,8 @@ __all__ = [
     "load_numpy",
     "load_torch",
     "read_layout",
+    "tensor_pieces",
+    "write_layout",
     "write_tensors",
 ]
 
@@ -118,6 +120,30 @@ def write_tensors(
     ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
     """
     layout = Layout.build((describe(name, value) for name, value in tensors.items()), metadata)
+    return write_layout(path, layout, tensor_pieces(layout, tensors), digest=digest)
+
+
+def tensor_pieces(layout: Layout, tensors: Mapping[str, TensorSource]) -> Iterator[memoryview]:
+    """The bytes of in-memory ``tensors`` in ``layout``'s order, at most BLOCK_BYTES a piece."""
+    for spec in layout.tensors:
+        view = as_byte_view(tensors[spec.name])
+        for start in range(0, len(view), BLOCK_BYTES):
+            yield view[start : start + BLOCK_BYTES]
+
+
+def write_layout(
+    path: str | os.PathLike[str],
+    layout: Layout,
+    pieces: Iterable[bytes | memoryview],
+    *,
+    digest: Any = None,
+) -> Layout:
+    """Write a safetensors file of ``layout`` whose data bytes come from ``pieces``, atomically.
+
+    ``pieces`` are the tensors' raw bytes in layout order (any chunking); they must add up to exactly
+    ``layout.data_bytes``, else nothing is written (:class:`LayoutError`). The one safetensors writer.
+    """
+    written = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
 
         def emit(data: bytes | memoryview) -> None:
@@ -128,10 +154,13 @@ def write_tensors(
         header = layout.header_bytes
         emit(struct.pack("<Q", len(header)))
         emit(header)
-        for spec in layout.tensors:
-            view = as_byte_view(tensors[spec.name])
-            for start in range(0, len(view), BLOCK_BYTES):
-                emit(view[start : start + BLOCK_BYTES])
+        for piece in pieces:
+            written += len(piece)
+            if written > layout.data_bytes:
+                break
+            emit(piece)
+        if written != layout.data_bytes:
+            raise LayoutError(f"{path}: {written} data bytes produced for a layout of {layout.data_bytes}")
     return layout
 
 

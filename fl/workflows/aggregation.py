@@ -15,10 +15,8 @@ for integer tensors (which are rounded back); the result has the dtypes of the g
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import struct
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
@@ -26,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from fl.fsutil import atomic_path
 from fl.tensors import (
     BLOCK_BYTES,
     Layout,
@@ -37,7 +34,7 @@ from fl.tensors import (
     iter_blocks,
     open_tensors,
 )
-from fl.tensors.io import as_byte_view
+from fl.tensors.io import as_byte_view, tensor_pieces, write_layout
 
 __all__ = [
     "NonFiniteAverage",
@@ -302,22 +299,7 @@ def write_arrays(
     ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
     """
     written = Layout(layout.tensors, dict(metadata or {}))
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        header = written.header_bytes
-        pieces: Iterator[bytes | memoryview] = itertools.chain(
-            (struct.pack("<Q", len(header)), header),
-            (
-                view[start : start + BLOCK_BYTES]
-                for spec in written.tensors
-                for view in (as_byte_view(arrays[spec.name]),)
-                for start in range(0, len(view), BLOCK_BYTES)
-            ),
-        )
-        for piece in pieces:
-            out.write(piece)
-            if digest is not None:
-                digest.update(piece)
-    return written
+    return write_layout(path, written, tensor_pieces(written, arrays), digest=digest)
 
 
 def weighted_average(updates: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ from fl.workflows.support import (
     VALIDATE_TASK,
     Background,
     Spool,
+    Spooled,
     read_layout,
     remove_old_model,
     result_weight,
@@ -129,6 +130,13 @@ class RoundEngine(Controller):
     def update_global(self, rnd: int, average: Arrays, model_path: Path, layout: Layout) -> Arrays:
         """Round ``rnd``'s new global arrays from its ``average``; ``model_path`` holds the current global."""
         return average
+
+    def combine(self, updates: list[Spooled], base_path: Path, layout: Layout, averager: WeightedAverage) -> None:
+        """A non-streaming strategy's aggregate of the round's ``updates`` (files), folded into ``averager``.
+
+        Called when the round closes, only if :attr:`streams` is False; ``base_path`` is the model they trained.
+        """
+        raise NotImplementedError(f"{type(self).__name__} streams its results; combine() is not used")
 
     def strategy_state(self) -> Arrays:
         """The algorithm's own tensors to resume with (e.g. server optimizer moments); none by default."""
@@ -334,7 +342,8 @@ class RoundEngine(Controller):
     ) -> list[TaskResult]:
         """Send round ``rnd``'s train task with ``model`` (path, checksum) to ``targets``; fold what comes back."""
         model_path, model_checksum = model
-        spool = None if self.max_site_share is None else Spool(ctx.run_dir / "models" / "spool", self.max_site_share)
+        spooled = self.max_site_share is not None or not self.streams
+        spool = Spool(ctx.run_dir / "models" / "spool", self.max_site_share) if spooled else None
 
         def on_result(result: TaskResult) -> None:
             if result.params_path is None:
@@ -364,8 +373,10 @@ class RoundEngine(Controller):
                 timeout=self.round_timeout,
                 on_result=on_result,
             )
-            if spool is not None:
+            if spool is not None and self.streams:
                 spool.fold(averager, [r.site for r in results], base_path=model_path)
+            elif spool is not None:
+                self.combine(spool.kept([r.site for r in results]), model_path, layout, averager)
         return results
 
     def _validate_final(self, ctx: JobContext, model_path: Path, model_checksum: str | None, layout: Layout) -> None:

@@ -33,17 +33,9 @@ import numpy as np
 from fl.tensors import Layout, LayoutError, TensorSpec, check_finite, iter_blocks, open_tensors
 from fl.workflows.aggregation import NonFiniteAverage, _from_acc, _to_acc
 from fl.workflows.engine import Arrays, RoundEngine
+from fl.workflows.support import check_number
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizer"]
-
-
-def _check_number(owner: str, name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
-    """``value`` as a float if it is a number in [low, high] ((low, high] with ``low_open``); else ValueError."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and (low < value if low_open else low <= value) and value <= high:
-        return float(value)
-    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-    raise ValueError(f"{owner}: {name} must be a number in {bounds}, got {value!r}")
 
 
 class ServerOptimizer(RoundEngine):
@@ -126,10 +118,10 @@ class FedAvgM(ServerOptimizer):
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0, **engine_args: Any) -> None:
         super().__init__(**engine_args)
         owner = type(self).__name__
-        self.server_learning_rate = _check_number(
+        self.server_learning_rate = check_number(
             owner, "server_learning_rate", server_learning_rate, 0, 1e6, low_open=True
         )
-        self.server_momentum = _check_number(owner, "server_momentum", server_momentum, 0, 1)
+        self.server_momentum = check_number(owner, "server_momentum", server_momentum, 0, 1)
         self.moment_names = ("momentum",) if self.server_momentum > 0 else ()
 
     def learning_rate(self, rnd: int) -> float:
@@ -154,11 +146,11 @@ class _Adaptive(ServerOptimizer):
     def _set_hyperparameters(self, *, eta: float, eta_l: float, beta_1: float, beta_2: float, tau: float) -> None:
         """Check and keep the optimizer's hyperparameters (each subclass has its own defaults)."""
         owner = type(self).__name__
-        self.eta = _check_number(owner, "eta", eta, 0, 1e6, low_open=True)
-        self.eta_l = _check_number(owner, "eta_l", eta_l, 0, 1e6, low_open=True)
-        self.beta_1 = _check_number(owner, "beta_1", beta_1, 0, 1)
-        self.beta_2 = _check_number(owner, "beta_2", beta_2, 0, 1)
-        self.tau = _check_number(owner, "tau", tau, 0, 1e6, low_open=True)
+        self.eta = check_number(owner, "eta", eta, 0, 1e6, low_open=True)
+        self.eta_l = check_number(owner, "eta_l", eta_l, 0, 1e6, low_open=True)
+        self.beta_1 = check_number(owner, "beta_1", beta_1, 0, 1)
+        self.beta_2 = check_number(owner, "beta_2", beta_2, 0, 1)
+        self.tau = check_number(owner, "tau", tau, 0, 1e6, low_open=True)
 
     def train_meta(self, rnd: int) -> dict[str, Any]:
         return {"eta_l": self.eta_l}
@@ -272,8 +264,8 @@ class FedOpt(FedAvgM):
             return  # no scheduler: a constant learning rate
         scheduler = lr_scheduler_args or {"path": _COSINE, "args": {"T_max": 3, "eta_min": 0.9}}
         sched_args = self._spec_args("lr_scheduler_args", scheduler, _COSINE, {"T_max", "eta_min"})
-        t_max = _check_number("FedOpt", "lr_scheduler_args T_max", sched_args.get("T_max"), 0, 1e9, low_open=True)
-        eta_min = _check_number("FedOpt", "lr_scheduler_args eta_min", sched_args.get("eta_min", 0.0), 0, 1e6)
+        t_max = check_number("FedOpt", "lr_scheduler_args T_max", sched_args.get("T_max"), 0, 1e9, low_open=True)
+        eta_min = check_number("FedOpt", "lr_scheduler_args eta_min", sched_args.get("eta_min", 0.0), 0, 1e6)
         self.schedule = (t_max, eta_min)
 
     @staticmethod

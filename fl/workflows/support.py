@@ -7,9 +7,11 @@ until it closes (``max_site_share``); :class:`Background` runs one checkpoint at
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,16 @@ from fl.tensors import Layout, open_tensors
 from fl.workflows.aggregation import ParamsType, WeightedAverage, capped_weights
 from fl.workflows.base import TaskResult
 
-__all__ = ["DEFAULT_MAX_WEIGHT", "Background", "Spool", "read_layout", "remove_old_model", "result_weight"]
+__all__ = [
+    "DEFAULT_MAX_WEIGHT",
+    "Background",
+    "Spool",
+    "Spooled",
+    "check_number",
+    "read_layout",
+    "remove_old_model",
+    "result_weight",
+]
 
 TRAIN_TASK = "train"
 VALIDATE_TASK = "validate"
@@ -61,10 +72,20 @@ def read_layout(path: Path) -> Layout:
     return layout
 
 
-class Spool:
-    """A round's updates kept on disk until the round closes, then folded with capped weights."""
+@dataclass(frozen=True)
+class Spooled:
+    """One site's update kept on disk for the round: its file, weight (capped if so configured), params type."""
 
-    def __init__(self, folder: Path, max_share: float) -> None:
+    site: str
+    path: Path
+    weight: float
+    params_type: str
+
+
+class Spool:
+    """A round's updates kept on disk until the round closes (``max_share``: weights capped then)."""
+
+    def __init__(self, folder: Path, max_share: float | None) -> None:
         self.folder = folder
         self.max_share = max_share
         self._kept: dict[str, tuple[Path, float, str]] = {}  # site -> (file, claimed weight, params type)
@@ -86,14 +107,20 @@ class Spool:
         with self._lock:
             self._kept[result.site] = (kept, weight, result.params_type or ParamsType.FULL)
 
-    def fold(self, averager: WeightedAverage, sites: list[str], *, base_path: Path) -> None:
-        """Fold the accepted ``sites``' updates, no site over ``max_share`` of the average."""
+    def kept(self, sites: list[str]) -> list[Spooled]:
+        """The accepted ``sites``' updates, in that order, no site's weight over ``max_share`` of the sum."""
         with self._lock:
-            kept = [self._kept[site] for site in sites]
-        weights = capped_weights([weight for _, weight, _ in kept], self.max_share)
-        for (path, _, params_type), weight in zip(kept, weights, strict=True):
-            averager.add_file(path, weight, params_type=params_type, base_path=base_path)
-            path.unlink()
+            kept = [(site, *self._kept[site]) for site in sites]
+        weights = [weight for _, _, weight, _ in kept]
+        if self.max_share is not None:
+            weights = capped_weights(weights, self.max_share)
+        return [Spooled(site, path, w, kind) for (site, path, _, kind), w in zip(kept, weights, strict=True)]
+
+    def fold(self, averager: WeightedAverage, sites: list[str], *, base_path: Path) -> None:
+        """Fold the accepted ``sites``' updates into ``averager``, dropping each file once folded."""
+        for update in self.kept(sites):
+            averager.add_file(update.path, update.weight, params_type=update.params_type, base_path=base_path)
+            update.path.unlink()
 
 
 class Background:
@@ -129,3 +156,12 @@ def remove_old_model(path: Path) -> None:
     """Drop a superseded global model file (its .pt checkpoints are separate files)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def check_number(owner: str, name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a float if it is a number in [low, high] ((low, high] with ``low_open``); else ValueError."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (low < value if low_open else low <= value) and value <= high:
+        return float(value)
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    raise ValueError(f"{owner}: {name} must be a number in {bounds}, got {value!r}")

@@ -18,6 +18,7 @@ from fl.workflows.cyclic import Cyclic
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedavg import FedAvg
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
+from fl.workflows.robust_strategies import FedMedian, MultiKrum
 from tests.unit.test_fedavg import Context, FakePersistor
 from tests.unit.test_fedopt import SITES, initial, make_site, site_update
 
@@ -29,6 +30,8 @@ ALGORITHMS: dict[str, Callable[[], RoundEngine]] = {
     "FedAdagrad": lambda: FedAdagrad(num_clients=3, num_rounds=3),
     "FedOpt": lambda: FedOpt(num_clients=3, num_rounds=3),
     "Cyclic": lambda: Cyclic(num_clients=3, num_rounds=3),
+    "FedMedian": lambda: FedMedian(num_clients=3, num_rounds=3),
+    "MultiKrum": lambda: MultiKrum(num_clients=3, num_rounds=3, num_nodes_to_select=2),
 }
 
 

@@ -49,7 +49,10 @@ class ServerOptimizer(RoundEngine):
         self._moments: dict[str, dict[str, np.ndarray]] = {}
 
     def step(self, rnd: int, delta: np.ndarray, moments: dict[str, np.ndarray]) -> np.ndarray:
-        """The update to add to the global block, given its pseudo-gradient ``delta``; updates ``moments`` in place."""
+        """The update to add to the global block, given its pseudo-gradient ``delta`` (whose memory it may reuse).
+
+        Updates ``moments`` (this block's slices) in place.
+        """
         raise NotImplementedError
 
     def update_global(self, rnd: int, average: Arrays, model_path: Path, layout: Layout) -> Arrays:
@@ -70,8 +73,9 @@ class ServerOptimizer(RoundEngine):
             end = start + block.size
             base = _to_acc(spec, block)
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite step is refused just below
-                delta = _to_acc(spec, flat[start:end]) - base
-                new = base + self.step(rnd, delta, {k: m[start:end] for k, m in moments.items()})
+                delta = np.subtract(_to_acc(spec, flat[start:end]), base)
+                new = self.step(rnd, delta, {k: m[start:end] for k, m in moments.items()})
+                new += base
                 out = _from_acc(spec, new)
             try:
                 check_finite(spec, out)
@@ -130,12 +134,13 @@ class FedAvgM(ServerOptimizer):
 
     def step(self, rnd: int, delta: np.ndarray, moments: dict[str, np.ndarray]) -> np.ndarray:
         lr = self.learning_rate(rnd)
-        if not self.moment_names:
-            return lr * delta
-        velocity = moments["momentum"]
-        velocity *= self.server_momentum
-        velocity += delta
-        return lr * velocity
+        if self.moment_names:
+            velocity = moments["momentum"]
+            velocity *= self.server_momentum
+            velocity += delta
+            np.copyto(delta, velocity)
+        delta *= lr
+        return delta
 
 
 class _Adaptive(ServerOptimizer):
@@ -156,18 +161,20 @@ class _Adaptive(ServerOptimizer):
         return {"eta_l": self.eta_l}
 
     def second_moment(self, v: np.ndarray, delta_squared: np.ndarray) -> None:
-        """Update ``v`` in place from ``delta**2``."""
+        """Update ``v`` in place from ``delta**2`` (a scratch buffer it may overwrite)."""
         raise NotImplementedError
 
     def step(self, rnd: int, delta: np.ndarray, moments: dict[str, np.ndarray]) -> np.ndarray:
         m, v = moments["m"], moments["v"]
+        scratch = np.multiply(delta, 1.0 - self.beta_1)
         m *= self.beta_1
-        m += (1.0 - self.beta_1) * delta
-        self.second_moment(v, np.square(delta))
-        denominator = np.sqrt(v)
+        m += scratch
+        self.second_moment(v, np.square(delta, out=scratch))
+        denominator = np.sqrt(v, out=scratch)
         denominator += self.tau
-        update: np.ndarray = self.eta * m / denominator
-        return update
+        np.divide(m, denominator, out=delta)
+        delta *= self.eta
+        return delta
 
 
 class FedAdam(_Adaptive):
@@ -188,7 +195,8 @@ class FedAdam(_Adaptive):
 
     def second_moment(self, v: np.ndarray, delta_squared: np.ndarray) -> None:
         v *= self.beta_2
-        v += (1.0 - self.beta_2) * delta_squared
+        delta_squared *= 1.0 - self.beta_2
+        v += delta_squared
 
 
 class FedYogi(_Adaptive):
@@ -208,7 +216,10 @@ class FedYogi(_Adaptive):
         self._set_hyperparameters(eta=eta, eta_l=eta_l, beta_1=beta_1, beta_2=beta_2, tau=tau)
 
     def second_moment(self, v: np.ndarray, delta_squared: np.ndarray) -> None:
-        v -= (1.0 - self.beta_2) * delta_squared * np.sign(v - delta_squared)
+        sign = np.sign(np.subtract(v, delta_squared))
+        delta_squared *= sign
+        delta_squared *= 1.0 - self.beta_2
+        v -= delta_squared
 
 
 class FedAdagrad(_Adaptive):

@@ -24,7 +24,6 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.anchors import common  # noqa: E402
 
-
 #: fl's server-side algorithms the fl side can run (--workflow; the anchors run FedAvg).
 WORKFLOWS = {
     "FedAvg": "fl.workflows.fedavg.FedAvg",

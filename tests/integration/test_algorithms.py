@@ -18,6 +18,7 @@ from fl.simulator import simulate
 from fl.workflows.cyclic import Cyclic
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
+from fl.workflows.robust_strategies import FedMedian
 from tests.integration.conftest import run_dir
 from tests.unit.test_fedopt import Reference, adam_like, momentum
 
@@ -56,3 +57,12 @@ def test_cyclic_runs_a_job_to_completion_in_the_simulator(make_job, tmp_path):
     assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
     final = torch.load(run_dir(tmp_path / "ws") / "FL_global_model.pt", weights_only=True)["model"]["weight"]
     assert torch.equal(final, torch.full((16,), 2.0 * ROUNDS))  # each of 2 sites adds 1, in turn, every round
+
+
+def test_fedmedian_runs_a_job_to_completion_in_the_simulator(make_job, tmp_path):
+    job = make_job(rounds=ROUNDS, workflow=FedMedian(**ARGS))
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    folder = run_dir(tmp_path / "ws")
+    final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    assert torch.equal(final, torch.full((16,), float(ROUNDS)))  # the median of two "model + 1" updates
+    assert not (folder / "models" / "spool").exists()  # the round's update files are gone

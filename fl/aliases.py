@@ -81,6 +81,9 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.recipe.poc_env.PocEnv": "fl.recipe.env.PocEnv",
     "nvflare.recipe.prod_env.ProdEnv": "fl.recipe.env.ProdEnv",
     "nvflare.recipe.run.Run": "fl.recipe.env.Run",
+    # Algorithms.
+    "nvflare.app_opt.pt.fedopt_ctl.FedOpt": "fl.workflows.fedopt.FedOpt",
+    "nvflare.app_common.workflows.cyclic.Cyclic": "fl.workflows.cyclic.Cyclic",
     # Filters.
     "nvflare.app_common.filters.exclude_vars.ExcludeVars": "fl.filters.builtin.ExcludeVars",
     "nvflare.app_common.filters.ExcludeVars": "fl.filters.builtin.ExcludeVars",

@@ -24,6 +24,15 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.anchors import common  # noqa: E402
 
+#: fl's server-side algorithms the fl side can run (--workflow; the anchors run FedAvg).
+WORKFLOWS = {
+    "FedAvg": "fl.workflows.fedavg.FedAvg",
+    "FedAvgM": "fl.workflows.fedopt.FedAvgM",
+    "FedAdam": "fl.workflows.fedopt.FedAdam",
+    "FedYogi": "fl.workflows.fedopt.FedYogi",
+    "FedAdagrad": "fl.workflows.fedopt.FedAdagrad",
+}
+
 
 def _is_server(cmdline: Sequence[str]) -> bool:
     # The simulator process hosts the server (and the site agents, which hold no models).
@@ -34,8 +43,8 @@ def export(scenario: str, args: Any, workdir: Path) -> Path:
     """Build the job with the Job API and export it (in the driver, outside the measured tree,
     as a user exports a job before submitting it)."""
     from bench.anchors import pt
+    from fl.config import resolve_class
     from fl.job import FedJob, ScriptRunner
-    from fl.workflows.fedavg import FedAvg
 
     cwd = os.getcwd()
     os.chdir(HERE)
@@ -53,7 +62,8 @@ def export(scenario: str, args: Any, workdir: Path) -> Path:
                 f"--batch-size {args.batch_size} --lr {args.lr} --momentum {args.momentum}"
             )
         job = FedJob(name="bench", min_clients=args.sites, key_metric=None)
-        job.to(FedAvg(num_clients=args.sites, num_rounds=args.rounds), "server")
+        workflow = resolve_class(WORKFLOWS[args.workflow])
+        job.to(workflow(num_clients=args.sites, num_rounds=args.rounds), "server")
         job.to(model, "server")
         job.to_clients(ScriptRunner(script="client.py", script_args=script_args))
         job.to_clients(str(REPO_ROOT / "bench" / "anchors"))  # the shared model/data code, as the anchors have it
@@ -92,6 +102,7 @@ def _post(scenario: str, args: Any) -> Any:
 
 def main(scenario: str, argv: list[str] | None = None) -> int:
     ap = common.base_parser(f"fl: the {scenario} scenario", scenario)
+    ap.add_argument("--workflow", choices=sorted(WORKFLOWS), default="FedAvg", help="fl's server-side algorithm")
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
     if args.inner:

@@ -29,7 +29,11 @@ def record_init_args(obj: Any, cls: type, args: tuple[Any, ...], kwargs: dict[st
         bound = inspect.signature(cls).bind_partial(*args, **kwargs)
     except TypeError:
         return  # __init__ raises the real error
-    obj._init_args = dict(bound.arguments)
+    arguments = dict(bound.arguments)
+    for name, param in inspect.signature(cls).parameters.items():
+        if param.kind is param.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))  # exported as the keyword arguments they are
+    obj._init_args = arguments
 
 
 class Component:

@@ -43,6 +43,7 @@ __all__ = [
     "capped_weights",
     "weighted_average",
     "weighted_metrics",
+    "write_arrays",
 ]
 
 Block = tuple[int, np.ndarray]  # (first element index, 1-D elements)
@@ -314,9 +315,23 @@ class WeightedAverage:
 
         ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
         """
-        arrays = self.finalize()
-        layout = Layout(self.layout.tensors, dict(metadata or {}))
-        return write_layout(path, layout, tensor_pieces(layout, arrays), digest=digest)
+        return write_arrays(path, self.layout, self.finalize(), metadata, digest=digest)
+
+
+def write_arrays(
+    path: str | os.PathLike[str],
+    layout: Layout,
+    arrays: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    digest: Any = None,
+) -> Layout:
+    """Write ``arrays`` (in ``layout``'s dtypes, BF16 as raw uint16) as safetensors, atomically, block by block.
+
+    ``digest`` (e.g. a :class:`fl.checksum.Checksum`), if given, is updated with every byte written.
+    """
+    written = Layout(layout.tensors, dict(metadata or {}))
+    return write_layout(path, written, tensor_pieces(written, arrays), digest=digest)
 
 
 def weighted_average(updates: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fl.job import FedJob, ScriptRunner
+from fl.workflows.base import Controller
 from fl.workflows.fedavg import FedAvg
 
 FIXTURES = Path(__file__).parent / "fixture_jobs"
@@ -30,12 +31,15 @@ def make_job(monkeypatch) -> Iterator[Callable[..., FedJob]]:
         script_args: dict[str, str] | None = None,
         framework: str = "numpy",
         round_timeout: float = 120.0,
+        workflow: Controller | None = None,
     ) -> FedJob:
         from src.models import FlatModel
 
         job = FedJob(name=name, min_clients=min_clients or sites)
         job.to(
-            FedAvg(num_clients=sites, num_rounds=rounds, min_clients=min_clients, round_timeout=round_timeout), "server"
+            workflow
+            or FedAvg(num_clients=sites, num_rounds=rounds, min_clients=min_clients, round_timeout=round_timeout),
+            "server",
         )
         job.to(FlatModel(numel), "server")
         for i in range(sites):

@@ -1,0 +1,68 @@
+"""Each server-side algorithm runs a small job to completion in the simulator (real server, agents, scripts).
+
+The fixture job's sites return the model they received plus one, so every round's pseudo-gradient
+is 1 everywhere and the final model follows the optimizer's numpy reference exactly (within
+float32 rounding: rtol 1e-6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from fl.simulator import simulate
+from fl.workflows.cyclic import Cyclic
+from fl.workflows.engine import RoundEngine
+from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
+from fl.workflows.robust_strategies import FedMedian
+from tests.integration.conftest import run_dir
+from tests.unit.test_fedopt import Reference, adam_like, momentum
+
+ROUNDS = 3
+ARGS = {"num_clients": 2, "num_rounds": ROUNDS, "round_timeout": 120.0}
+CASES: dict[str, tuple[Callable[[], RoundEngine], Reference]] = {
+    "FedAvgM": (lambda: FedAvgM(server_momentum=0.5, **ARGS), momentum(lambda r: 1.0, 0.5)),
+    "FedAdam": (lambda: FedAdam(**ARGS), adam_like(0.1, 0.9, 0.99, 1e-9, "adam")),
+    "FedYogi": (lambda: FedYogi(**ARGS), adam_like(1e-2, 0.9, 0.99, 1e-3, "yogi")),
+    "FedAdagrad": (lambda: FedAdagrad(**ARGS), adam_like(0.1, 0.0, 0.0, 1e-9, "adagrad")),
+    "FedOpt": (lambda: FedOpt(**ARGS), momentum(lambda r: 0.9 + 0.1 * (1 + math.cos(math.pi * r / 3)) / 2, 0.6)),
+}
+
+
+def expected(step: Reference) -> float:
+    """The final value of every weight: sites add 1, so each round's delta is 1."""
+    x, moments = np.zeros(1), {"m": np.zeros(1), "v": np.zeros(1)}
+    for rnd in range(ROUNDS):
+        x = x + step(rnd, np.ones(1), moments)
+    return float(x[0])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_algorithm_runs_a_job_to_completion_in_the_simulator(name, make_job, tmp_path):
+    make, step = CASES[name]
+    job = make_job(rounds=ROUNDS, workflow=make())
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    folder = run_dir(tmp_path / "ws")
+    final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    np.testing.assert_allclose(final.numpy(), np.full(16, expected(step)), rtol=1e-6)
+    assert (folder / "models" / f"strategy-r{ROUNDS:04d}.safetensors").exists()  # the moments, resumable
+
+
+def test_cyclic_runs_a_job_to_completion_in_the_simulator(make_job, tmp_path):
+    job = make_job(rounds=ROUNDS, workflow=Cyclic(order="random", **ARGS))
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    final = torch.load(run_dir(tmp_path / "ws") / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    assert torch.equal(final, torch.full((16,), 2.0 * ROUNDS))  # each of 2 sites adds 1, in turn, every round
+
+
+def test_fedmedian_runs_a_job_to_completion_in_the_simulator(make_job, tmp_path):
+    job = make_job(rounds=ROUNDS, workflow=FedMedian(**ARGS))
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    folder = run_dir(tmp_path / "ws")
+    final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    assert torch.equal(final, torch.full((16,), float(ROUNDS)))  # the median of two "model + 1" updates
+    assert not (folder / "models" / "spool").exists()  # the round's update files are gone

@@ -8,12 +8,14 @@ run.get_status(), run.get_result()
 """
 
 from fl.recipe.env import PocEnv, ProdEnv, Run, SimEnv
-from fl.recipe.fedavg import FedAvgRecipe, FedProxRecipe, NumpyFedAvgRecipe
+from fl.recipe.fedavg import CyclicRecipe, FedAvgRecipe, FedOptRecipe, FedProxRecipe, NumpyFedAvgRecipe
 from fl.recipe.spec import Recipe
 from fl.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
 __all__ = [
+    "CyclicRecipe",
     "FedAvgRecipe",
+    "FedOptRecipe",
     "FedProxRecipe",
     "NumpyFedAvgRecipe",
     "PocEnv",

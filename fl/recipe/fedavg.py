@@ -1,4 +1,5 @@
-"""FedAvg recipes with FLARE's arguments: ``FedAvgRecipe`` (PyTorch), ``FedProxRecipe``, ``NumpyFedAvgRecipe``.
+"""FedAvg-shaped recipes with FLARE's arguments: ``FedAvgRecipe`` (PyTorch), ``FedProxRecipe``,
+``NumpyFedAvgRecipe``, ``FedOptRecipe`` and ``CyclicRecipe`` (each differs only in its server workflow).
 
 Each builds a :class:`~fl.job.fed_job.FedJob` (the Job API does the work): FedAvg on the server, the
 initial model (an instance, or FLARE's ``{"class_path", "args"}`` dict) with its persistor, and a
@@ -14,7 +15,7 @@ from typing import Any
 from fl.job.fed_job import FedJob, JobConfigError, PTModel, ScriptRunner
 from fl.recipe.spec import Recipe
 
-__all__ = ["FedAvgRecipe", "FedProxRecipe", "NumpyFedAvgRecipe"]
+__all__ = ["CyclicRecipe", "FedAvgRecipe", "FedOptRecipe", "FedProxRecipe", "NumpyFedAvgRecipe"]
 
 #: What ``per_site_config[site]`` may set for that site's script.
 SITE_KEYS = frozenset({"train_script", "train_args", "launch_external_process", "command"})
@@ -66,9 +67,7 @@ class FedAvgRecipe(Recipe):
                 "training memory when its script's process ends with the job"
             )
         job = FedJob(name=name, min_clients=min_clients, key_metric=key_metric)
-        from fl.workflows.fedavg import FedAvg
-
-        job.to(FedAvg(num_clients=min_clients, num_rounds=num_rounds), "server")
+        job.to(self._workflow(min_clients=min_clients, num_rounds=num_rounds), "server")
         self._add_model(job, model, initial_ckpt)
         runner_args = {
             "train_script": train_script,
@@ -101,6 +100,12 @@ class FedAvgRecipe(Recipe):
             else:
                 job.to(runner, site)
         super().__init__(job)
+
+    def _workflow(self, *, min_clients: int, num_rounds: int) -> Any:
+        """The server workflow this recipe runs."""
+        from fl.workflows.fedavg import FedAvg
+
+        return FedAvg(num_clients=min_clients, num_rounds=num_rounds)
 
     def _add_model(self, job: FedJob, model: Any, initial_ckpt: str | None) -> None:
         """The initial model and its persistor on the server."""
@@ -145,3 +150,70 @@ class NumpyFedAvgRecipe(FedAvgRecipe):
                     "NumpyFedAvgRecipe: this fl has no NumPy persistor (fl.components.np_persistor) yet"
                 ) from None
             raise
+
+
+class FedOptRecipe(FedAvgRecipe):
+    """FLARE's ``FedOptRecipe``: FedAvg's rounds with a server optimizer (FLARE's SGD with momentum and
+    cosine schedule: :class:`fl.workflows.fedopt.FedOpt`); ``"{num_rounds}"`` in ``lr_scheduler_args``
+    is replaced by the number of rounds, as FLARE does.
+
+    ``server_memory_gc_rounds`` and ``enable_tensor_disk_offload`` are accepted and have nothing to do:
+    fl's server folds updates from disk in bounded memory and hands memory back at each job's end.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "fedopt",
+        source_model: str = "model",
+        optimizer_args: Mapping[str, Any] | None = None,
+        lr_scheduler_args: Mapping[str, Any] | None = None,
+        device: str | None = None,
+        server_memory_gc_rounds: int = 1,
+        enable_tensor_disk_offload: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._source_model, self._device = source_model, device
+        self._optimizer_args = _flare_spec(optimizer_args)
+        self._lr_scheduler_args = _flare_spec(lr_scheduler_args)
+        super().__init__(name=name, **kwargs)
+
+    def _workflow(self, *, min_clients: int, num_rounds: int) -> Any:
+        from fl.workflows.fedopt import FedOpt
+
+        scheduler = self._lr_scheduler_args
+        if scheduler is not None and isinstance(scheduler.get("args"), Mapping):
+            scheduler = {
+                **scheduler,
+                "args": {k: num_rounds if v == "{num_rounds}" else v for k, v in scheduler["args"].items()},
+            }
+        return FedOpt(
+            num_clients=min_clients,
+            num_rounds=num_rounds,
+            source_model=self._source_model,
+            optimizer_args=self._optimizer_args,
+            lr_scheduler_args=scheduler,
+            device=self._device,
+        )
+
+
+def _flare_spec(spec: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """FLARE's optimizer/scheduler spec as fl's ``{"path", "args"}`` (``class_path`` and ``config_type`` dropped)."""
+    if spec is None:
+        return None
+    out = {k: v for k, v in spec.items() if k != "config_type"}  # FLARE's "data, not an object": always so here
+    if "class_path" in out:
+        out["path"] = out.pop("class_path")
+    return out
+
+
+class CyclicRecipe(FedAvgRecipe):
+    """FLARE's ``CyclicRecipe``: the model passes from site to site (:class:`fl.workflows.cyclic.Cyclic`)."""
+
+    def __init__(self, *, name: str = "cyclic", min_clients: int = 2, **kwargs: Any) -> None:
+        super().__init__(name=name, min_clients=min_clients, **kwargs)
+
+    def _workflow(self, *, min_clients: int, num_rounds: int) -> Any:
+        from fl.workflows.cyclic import Cyclic
+
+        return Cyclic(num_clients=min_clients, num_rounds=num_rounds)

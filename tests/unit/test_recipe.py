@@ -10,8 +10,16 @@ import pytest
 
 from fl.config import instantiate
 from fl.job import FedAvgJob, FedJob, FrameworkType, JobConfigError, ScriptRunner
-from fl.recipe import FedAvgRecipe, FedProxRecipe, SimEnv, add_cross_site_evaluation, add_experiment_tracking
-from fl.recipe.pending import CyclicRecipe, FedEvalRecipe, FedOptRecipe, ScaffoldRecipe
+from fl.recipe import (
+    CyclicRecipe,
+    FedAvgRecipe,
+    FedOptRecipe,
+    FedProxRecipe,
+    SimEnv,
+    add_cross_site_evaluation,
+    add_experiment_tracking,
+)
+from fl.recipe.pending import FedEvalRecipe, ScaffoldRecipe
 from fl.workflows.fedavg import FedAvg
 
 NET = """
@@ -63,11 +71,11 @@ def test_fedavg_recipe_exports_fedavg_the_model_and_the_script_for_all_sites(cod
 
 
 def test_a_model_given_as_class_path_dict_is_shipped_as_written(code):
-    recipe = _recipe(model={"class_path": "net.Net", "args": {"width": 6}}, initial_ckpt="ckpt/start.pt")
+    recipe = _recipe(model={"class_path": "net.Net", "args": {"width": 6}}, initial_ckpt="ckpt/start.safetensors")
     server = _configs(recipe.export(code / "out"))["app_server"]
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     assert persistor["args"]["model"] == {"path": "net.Net", "args": {"width": 6}}
-    assert persistor["args"]["source_ckpt_file_full_name"] == "ckpt/start.pt"
+    assert persistor["args"]["source_ckpt_file_full_name"] == "ckpt/start.safetensors"
 
 
 def test_per_site_config_gives_each_site_its_own_script_arguments(code):
@@ -99,11 +107,46 @@ def test_fedprox_recipe_is_fedavg_on_the_server(code):
 
 @pytest.mark.parametrize(
     ("recipe", "algorithm"),
-    [(ScaffoldRecipe, "SCAFFOLD"), (FedOptRecipe, "FedOpt"), (CyclicRecipe, "cyclic"), (FedEvalRecipe, "cross-site")],
+    [(ScaffoldRecipe, "SCAFFOLD"), (FedEvalRecipe, "cross-site")],
 )
 def test_recipes_of_missing_algorithms_name_what_is_missing(recipe, algorithm):
     with pytest.raises(NotImplementedError, match=f"fl has no {algorithm}"):
         recipe(min_clients=2, train_script="train.py")
+
+
+def test_fedopt_recipe_takes_flares_example_arguments_and_exports_fedopt(code):
+    """FLARE's documented FedOptRecipe example: "{num_rounds}" in the scheduler becomes the round count."""
+    from net import Net
+
+    recipe = FedOptRecipe(
+        name="my_fedopt_job",
+        model=Net(),
+        min_clients=2,
+        num_rounds=10,
+        train_script="train.py",
+        device="cpu",
+        source_model="model",
+        optimizer_args={"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.6}, "config_type": "dict"},
+        lr_scheduler_args={
+            "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "args": {"T_max": "{num_rounds}", "eta_min": 0.9},
+            "config_type": "dict",
+        },
+    )
+    workflow = _configs(recipe.export(code / "out"))["app_server"]["workflows"][0]
+    assert workflow["path"] == "fl.workflows.fedopt.FedOpt"
+    assert workflow["args"]["lr_scheduler_args"]["args"] == {"T_max": 10, "eta_min": 0.9}
+    built = instantiate(workflow)
+    assert (built.num_rounds, built.schedule) == (10, (10, 0.9))
+
+
+def test_cyclic_recipe_exports_cyclic(code):
+    from net import Net
+
+    recipe = CyclicRecipe(model=Net(), num_rounds=3, train_script="train.py")
+    workflow = _configs(recipe.export(code / "out"))["app_server"]["workflows"][0]
+    assert workflow["path"] == "fl.workflows.cyclic.Cyclic"
+    assert (recipe.name, instantiate(workflow).num_rounds) == ("cyclic", 3)
 
 
 def test_experiment_tracking_and_cross_site_evaluation(code):

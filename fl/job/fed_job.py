@@ -319,6 +319,8 @@ class FedJob:
             if target == SERVER:
                 raise JobConfigError("a ScriptRunner runs on sites: job.to(runner, 'site-1') or job.to_clients(runner)")
             return self._add_script(app, obj)
+        if _is_numpy_array(obj):
+            return self._add_numpy_model(app, target, obj, id)
         if isinstance(obj, PTModel) or _is_torch_module(obj):
             model, extra = (obj.model, obj.persistor_args) if isinstance(obj, PTModel) else (obj, {})
             if target != SERVER:
@@ -339,6 +341,18 @@ class FedJob:
             app.components.append(_component_config(obj, cid))
             return cid
         raise JobConfigError(f"FedJob.to: don't know how to add a {type(obj).__name__}")
+
+    def _add_numpy_model(self, app: _App, target: str, array: Any, id: str | None) -> str:
+        """An ndarray initial model: the NumPy persistor holds it in the config (FLARE casts to float32)."""
+        from fl.components.np_persistor import NPModelPersistor
+
+        if target != SERVER:
+            raise JobConfigError("the initial model goes to the server: job.to(array, 'server')")
+        dtype = array.dtype.name if array.dtype.kind == "f" else "float32"
+        persistor = NPModelPersistor(model=array.tolist(), dtype=dtype)
+        pid = self._unique_id(app, id or "persistor")
+        app.components.append(_component_config(persistor, pid))
+        return pid
 
     def to_server(self, obj: Any, id: str | None = None) -> str:
         return self.to(obj, SERVER, id)
@@ -488,6 +502,12 @@ def _write_initial_weights(app_dir: Path, model_config: dict[str, Any], module: 
     state = module.state_dict()
     path = initial_weights_path(app_dir, model_config)
     write_tensors(path, state, {"fl.model": model_fingerprint(model_config)})
+
+
+def _is_numpy_array(obj: Any) -> bool:
+    import numpy as np
+
+    return isinstance(obj, np.ndarray)
 
 
 def _is_torch_module(obj: Any) -> bool:

@@ -52,6 +52,7 @@ class ClientAPI:
         self._info: dict[str, Any] = {}
         self._task: dict[str, Any] | None = None
         self._task_consumed = False
+        self._model: FLModel | None = None  # the current task's model, once received
         self._ended = False
         self._rank = 0
 
@@ -108,10 +109,12 @@ class ClientAPI:
         if op == "task":
             self._task = reply["task"]
             self._task_consumed = False
+            self._model = None
             return True
         if op == "end":
             self._ended = True
             self._task = None
+            self._model = None
             return False
         if op == "timeout":
             return False
@@ -124,7 +127,11 @@ class ClientAPI:
         return self._next_task(None)
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
-        """The current task's model; None once the job has ended (or on timeout)."""
+        """The current task's model; None once the job has ended, or when no task came within ``timeout`` s."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < math.inf
+        ):
+            raise ValueError(f"fl.client.receive(): timeout must be None or seconds >= 0, got {timeout!r}")
         if (self._task is None or self._task_consumed) and not self._next_task(timeout):
             return None
         assert self._task is not None
@@ -138,13 +145,24 @@ class ClientAPI:
         meta.setdefault(FLMetaKey.TOTAL_ROUNDS, task["num_rounds"])
         meta.setdefault(FLMetaKey.JOB_ID, self._info.get("job_id"))
         meta.setdefault(FLMetaKey.SITE_NAME, self._info.get("site_name"))
-        return FLModel(
+        self._model = FLModel(
             params_type=task.get("params_type") or ParamsType.FULL,
             params=params,
             current_round=task["round"],
             total_rounds=task["num_rounds"],
             meta=meta,
         )
+        return self._model
+
+    def current_model(self, timeout: float | None = None) -> FLModel | None:
+        """The model of the task not yet answered (received once, as FLARE's cached receive); else the next.
+
+        What the Lightning callback loads before validate and fit, whether or not the script called
+        ``receive()`` itself.
+        """
+        if self._task is not None and self._task_consumed and self._model is not None:
+            return self._model
+        return self.receive(timeout)
 
     def _load(self, path: str) -> Any:
         from fl.tensors import load_numpy, load_torch
@@ -183,6 +201,7 @@ class ClientAPI:
             raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
         if clear_cache:
             self._task = None
+            self._model = None
         if not reply.get("accepted", False):
             warnings.warn(f"fl: the server did not accept this result: {reply.get('message')}", stacklevel=3)
             return False

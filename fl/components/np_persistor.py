@@ -132,7 +132,8 @@ def _save_npy(model_path: Path, target: Path) -> None:
     params = load_numpy(model_path)
     if list(params) != [NPConstants.NUMPY_KEY]:
         raise ValueError(
-            f"NPModelPersistor: the model has tensors {sorted(params)}; a NumPy model has one, {NPConstants.NUMPY_KEY!r}"
+            f"NPModelPersistor: the model has tensors {sorted(params)}; "
+            f"a NumPy model has one, {NPConstants.NUMPY_KEY!r}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp, open(tmp, "wb") as f:

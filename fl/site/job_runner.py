@@ -279,7 +279,8 @@ class JobRunner:
     def _next_task(self, timeout: float | None) -> dict[str, Any]:
         self._release_gate()
         try:
-            item = self.tasks.get(timeout=timeout) if timeout else self.tasks.get()
+            waits = isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 <= timeout < float("inf")
+            item = self.tasks.get(timeout=timeout) if waits else self.tasks.get()
         except queue.Empty:
             return {"op": "timeout"}
         if isinstance(item, _Ended):

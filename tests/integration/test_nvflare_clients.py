@@ -104,3 +104,39 @@ def test_nvflare_hello_numpy_client_ends_with_the_exact_array(tmp_path, monkeypa
     np.testing.assert_array_equal(final, expected)
     assert (run / "models" / "best_server.npy").is_file()
     assert (run / "tb_events" / "site-1").is_dir()
+
+
+@pytest.mark.timeout(900)
+def test_nvflare_hello_lightning_client_trains_through_patch(tmp_path, monkeypatch):
+    pytest.importorskip("pytorch_lightning", reason="the test extra installs pytorch-lightning")
+    pytest.importorskip("torchmetrics", reason="hello-lightning's model uses torchmetrics")
+    import torch
+
+    _port_example(tmp_path, HELLO_LIGHTNING)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from model import LitNet
+
+    initial = {k: v.clone() for k, v in LitNet().state_dict().items()}
+    job = FedJob(name="nvflare-hello-lightning", min_clients=2)  # key metric "accuracy", as the example logs
+    job.to(FedAvg(num_clients=2, num_rounds=2), "server")
+    job.to(LitNet(), "server")
+    args = "--synthetic_data --batch_size 4 --limit_batches 2"
+    for site in ("site-1", "site-2"):
+        job.to(ScriptRunner(script="client.py", script_args=args), site)
+    try:
+        code = simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False)
+    finally:
+        import sys
+
+        sys.modules.pop("model", None)
+    run = run_dir(tmp_path / "ws")
+    logs = (run / "logs" / "site-1.log").read_text()
+    assert code == 0, logs[-4000:]
+    assert "--- train new model ---" in logs
+    final = torch.load(run / "FL_global_model.pt", weights_only=True)
+    assert final["round"] == 1
+    assert set(final["model"]) == set(initial)
+    assert any(not torch.equal(final["model"][k], initial[k]) for k in initial), "the global model never trained"
+    validation = (run / "validation.json").read_text()
+    assert "accuracy" in validation, validation

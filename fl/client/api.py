@@ -240,17 +240,50 @@ class ClientAPI:
 
     # ------------------------------------------------------------------ metrics
     def log(self, key: str, value: Any, data_type: str = "SCALAR", global_step: int | None = None, **_: Any) -> None:
-        """Send one metric (or a dict of them for ``data_type="SCALARS"``) to the server."""
+        """Send one metric, param or tag (or a dict of them for the plural data types) to the server.
+
+        ``data_type`` is FLARE's AnalyticsDataType name: SCALAR/METRIC (``value`` under ``key``),
+        SCALARS (a group ``key`` of members), METRICS (a dict of metrics), PARAMETER(S), TAG(S).
+        """
         if self._rank != 0:
             return
-        now = time.time()
-        records: list[dict[str, Any]] = []
-        if str(data_type).upper().endswith("SCALARS"):
-            for member, v in dict(value).items():
-                records.append(_record(key, v, global_step, now, str(member)))
-        else:
-            records.append(_record(key, value, global_step, now, ""))
-        self._require().send({"op": "metrics", "records": records})
+        self._require().send({"op": "metrics", "records": analytics_records(key, value, data_type, global_step)})
+
+
+#: FLARE's AnalyticsDataType names (the enum's name or value) and the record kind each sends.
+_TEXT_KINDS = {"PARAMETER": "param", "PARAMETERS": "param", "TAG": "tag", "TAGS": "tag"}
+_NUMBER_TYPES = ("SCALAR", "SCALARS", "METRIC", "METRICS")
+
+
+def analytics_records(key: str, value: Any, data_type: Any, step: int | None) -> list[dict[str, Any]]:
+    """The records one ``log`` call sends: one per metric, param or tag."""
+    name = str(getattr(data_type, "name", data_type)).upper().rsplit(".", 1)[-1]
+    now = time.time()
+    if name in _TEXT_KINDS:
+        items = dict(value).items() if name.endswith("S") else [(key, value)]
+        return [_text_record(str(k), v, now, _TEXT_KINDS[name]) for k, v in items]
+    if name not in _NUMBER_TYPES:
+        raise ValueError(
+            f"fl.client.log(): data type {data_type!r} is not one of {', '.join(_NUMBER_TYPES)}, "
+            f"{', '.join(_TEXT_KINDS)}"
+        )
+    if name == "SCALARS":
+        return [_record(key, v, step, now, str(member)) for member, v in dict(value).items()]
+    if name == "METRICS":
+        return [_record(str(k), v, step, now, "") for k, v in dict(value).items()]
+    return [_record(key, value, step, now, "")]
+
+
+def _text_record(key: str, value: Any, now: float, kind: str) -> dict[str, Any]:
+    return {
+        "tag": key,
+        "value": 0.0,
+        "step": None,
+        "wall_time": now,
+        "group_member": "",
+        "kind": kind,
+        "text": str(value),
+    }
 
 
 def _record(tag: str, value: Any, step: int | None, now: float, member: str) -> dict[str, Any]:

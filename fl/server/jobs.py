@@ -614,6 +614,8 @@ class JobManager:
                     "step": m.step,
                     "wall_time": m.wall_time,
                     "group_member": m.group_member,
+                    "kind": m.kind,
+                    "text": m.text,
                 }
                 for m in request.metrics
             ]

@@ -40,6 +40,8 @@ __all__ = ["JobRunner"]
 
 LAST_LINES = 40
 END_GRACE_S = 30.0
+#: Characters of a param or tag value a site forwards (MLflow's own limit for a param value is 6000).
+MAX_RECORD_TEXT = 6000
 
 
 class _Ended:
@@ -405,6 +407,8 @@ class JobRunner:
                         step=int(r.get("step") or 0),
                         wall_time=float(r.get("wall_time") or time.time()),
                         group_member=str(r.get("group_member") or "")[:256],
+                        kind=str(r.get("kind") or "")[:16],
+                        text=str(r.get("text") or "")[:MAX_RECORD_TEXT],
                     )
                 )
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
+try:
+    import pytorch_lightning as pl
+except ImportError as exc:
+    raise ImportError("fl.client.lightning needs PyTorch Lightning on the site: pip install 'fl[lightning]'") from exc
 
 import fl.client as _api
 from fl.client import (

@@ -87,3 +87,12 @@ def test_a_failing_tracking_service_is_logged_not_raised(caplog):
 def test_receiver_arguments_are_checked_when_the_job_is_built(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_tensorboard_receiver_writes_no_scalar_for_params_and_tags(tmp_path):
+    from fl.components.tb_receiver import TBAnalyticsReceiver
+
+    tb = TBAnalyticsReceiver()
+    param = {"tag": "lr", "value": 0.0, "step": None, "kind": "param", "text": "0.1", "group_member": ""}
+    tb.handle_event(Events.ANALYTICS, {"site": "site-1", "records": [param]}, SimpleNamespace(run_dir=tmp_path))
+    assert not (tmp_path / "tb_events" / "site-1").exists()

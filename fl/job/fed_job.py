@@ -296,7 +296,7 @@ class FedJob:
     def to(self, obj: Any, target: str, id: str | None = None, **kwargs: Any) -> str:
         """Add ``obj`` to ``target`` ("server", a site name, or "@ALL"); returns its component id.
 
-        Accepts a workflow (e.g. FedAvg), a torch ``nn.Module`` or :class:`PTModel` (server: the
+        Accepts a workflow (e.g. FedAvg), a torch ``nn.Module``, :class:`PTModel` or a numpy ndarray (server: the
         initial model, with persistor and model locator), a :class:`ScriptRunner` (sites), any fl
         component, or a path to a file or folder of code to ship.
         """

@@ -67,7 +67,9 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     log = open(store / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=store)
+    # No job runner: it would leave a huey folder in /dev/shm behind (the tracking API needs none of it).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=store, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -18,9 +18,6 @@ __all__ = ["MLflowReceiver"]
 
 DEFAULT_EXPERIMENT = "FLARE FL Experiment"
 DEFAULT_RUN_NAME = "FLARE FL Run"
-#: MLflow's limits for a param value and a tag value.
-MAX_PARAM_CHARS = 6000
-MAX_TAG_CHARS = 8000
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]+")
 
 
@@ -104,9 +101,9 @@ class MLflowReceiver(TrackingReceiver):
             key = _KEY_UNSAFE.sub("_", str(rec.get("tag", "")))[:250] or "_"
             kind = rec.get("kind") or ""
             if kind == "param":
-                params[key] = str(rec.get("text", ""))[:MAX_PARAM_CHARS]
+                params[key] = str(rec.get("text", ""))  # cut by the server (MAX_RECORD_TEXT)
             elif kind == "tag":
-                tags[key] = str(rec.get("text", ""))[:MAX_TAG_CHARS]
+                tags[key] = str(rec.get("text", ""))
             elif not kind and rec.get("value") is not None:
                 if rec.get("group_member"):
                     key = _KEY_UNSAFE.sub("_", f"{key}/{rec['group_member']}")[:250]

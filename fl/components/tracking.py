@@ -14,7 +14,13 @@ from typing import Any
 
 from fl.components.base import Component, Events
 
-__all__ = ["DRAIN_TIMEOUT_S", "MAX_PENDING_BATCHES", "TrackingReceiver"]
+__all__ = ["DRAIN_TIMEOUT_S", "MAX_PENDING_BATCHES", "MAX_RECORD_TEXT", "RECORD_KINDS", "TrackingReceiver"]
+
+#: Characters of a param or tag value kept (MLflow's own limit for a param value is 6000); the site
+#: cuts what its script logs, the server cuts what any site claims.
+MAX_RECORD_TEXT = 6000
+#: Kinds of analytics records besides metrics (kind ""): the MLflow-style writers' params and tags.
+RECORD_KINDS = ("param", "tag")
 
 #: Batches (one site's report, or one evaluated model) waiting for the tracking service at most.
 MAX_PENDING_BATCHES = 1000

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
+from fl.components.tracking import MAX_RECORD_TEXT
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.proto import federation_pb2 as pb
 from fl.pythonpath import script_command
@@ -40,8 +41,6 @@ __all__ = ["JobRunner"]
 
 LAST_LINES = 40
 END_GRACE_S = 30.0
-#: Characters of a param or tag value a site forwards (MLflow's own limit for a param value is 6000).
-MAX_RECORD_TEXT = 6000
 
 
 class _Ended:

@@ -52,6 +52,7 @@ class ClientAPI:
         self._info: dict[str, Any] = {}
         self._task: dict[str, Any] | None = None
         self._task_consumed = False
+        self._model: FLModel | None = None  # the current task's model, once received
         self._ended = False
         self._rank = 0
 
@@ -108,10 +109,12 @@ class ClientAPI:
         if op == "task":
             self._task = reply["task"]
             self._task_consumed = False
+            self._model = None
             return True
         if op == "end":
             self._ended = True
             self._task = None
+            self._model = None
             return False
         if op == "timeout":
             return False
@@ -124,7 +127,11 @@ class ClientAPI:
         return self._next_task(None)
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
-        """The current task's model; None once the job has ended (or on timeout)."""
+        """The current task's model; None once the job has ended, or when no task came within ``timeout`` s."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < math.inf
+        ):
+            raise ValueError(f"fl.client.receive(): timeout must be None or seconds >= 0, got {timeout!r}")
         if (self._task is None or self._task_consumed) and not self._next_task(timeout):
             return None
         assert self._task is not None
@@ -138,13 +145,24 @@ class ClientAPI:
         meta.setdefault(FLMetaKey.TOTAL_ROUNDS, task["num_rounds"])
         meta.setdefault(FLMetaKey.JOB_ID, self._info.get("job_id"))
         meta.setdefault(FLMetaKey.SITE_NAME, self._info.get("site_name"))
-        return FLModel(
+        self._model = FLModel(
             params_type=task.get("params_type") or ParamsType.FULL,
             params=params,
             current_round=task["round"],
             total_rounds=task["num_rounds"],
             meta=meta,
         )
+        return self._model
+
+    def current_model(self, timeout: float | None = None) -> FLModel | None:
+        """The model of the task not yet answered (received once, as FLARE's cached receive); else the next.
+
+        What the Lightning callback loads before validate and fit, whether or not the script called
+        ``receive()`` itself.
+        """
+        if self._task is not None and self._task_consumed and self._model is not None:
+            return self._model
+        return self.receive(timeout)
 
     def _load(self, path: str) -> Any:
         from fl.tensors import load_numpy, load_torch
@@ -183,6 +201,7 @@ class ClientAPI:
             raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
         if clear_cache:
             self._task = None
+            self._model = None
         if not reply.get("accepted", False):
             warnings.warn(f"fl: the server did not accept this result: {reply.get('message')}", stacklevel=3)
             return False
@@ -221,17 +240,50 @@ class ClientAPI:
 
     # ------------------------------------------------------------------ metrics
     def log(self, key: str, value: Any, data_type: str = "SCALAR", global_step: int | None = None, **_: Any) -> None:
-        """Send one metric (or a dict of them for ``data_type="SCALARS"``) to the server."""
+        """Send one metric, param or tag (or a dict of them for the plural data types) to the server.
+
+        ``data_type`` is FLARE's AnalyticsDataType name: SCALAR/METRIC (``value`` under ``key``),
+        SCALARS (a group ``key`` of members), METRICS (a dict of metrics), PARAMETER(S), TAG(S).
+        """
         if self._rank != 0:
             return
-        now = time.time()
-        records: list[dict[str, Any]] = []
-        if str(data_type).upper().endswith("SCALARS"):
-            for member, v in dict(value).items():
-                records.append(_record(key, v, global_step, now, str(member)))
-        else:
-            records.append(_record(key, value, global_step, now, ""))
-        self._require().send({"op": "metrics", "records": records})
+        self._require().send({"op": "metrics", "records": analytics_records(key, value, data_type, global_step)})
+
+
+#: FLARE's AnalyticsDataType names (the enum's name or value) and the record kind each sends.
+_TEXT_KINDS = {"PARAMETER": "param", "PARAMETERS": "param", "TAG": "tag", "TAGS": "tag"}
+_NUMBER_TYPES = ("SCALAR", "SCALARS", "METRIC", "METRICS")
+
+
+def analytics_records(key: str, value: Any, data_type: Any, step: int | None) -> list[dict[str, Any]]:
+    """The records one ``log`` call sends: one per metric, param or tag."""
+    name = str(getattr(data_type, "name", data_type)).upper().rsplit(".", 1)[-1]
+    now = time.time()
+    if name in _TEXT_KINDS:
+        items = dict(value).items() if name.endswith("S") else [(key, value)]
+        return [_text_record(str(k), v, now, _TEXT_KINDS[name]) for k, v in items]
+    if name not in _NUMBER_TYPES:
+        raise ValueError(
+            f"fl.client.log(): data type {data_type!r} is not one of {', '.join(_NUMBER_TYPES)}, "
+            f"{', '.join(_TEXT_KINDS)}"
+        )
+    if name == "SCALARS":
+        return [_record(key, v, step, now, str(member)) for member, v in dict(value).items()]
+    if name == "METRICS":
+        return [_record(str(k), v, step, now, "") for k, v in dict(value).items()]
+    return [_record(key, value, step, now, "")]
+
+
+def _text_record(key: str, value: Any, now: float, kind: str) -> dict[str, Any]:
+    return {
+        "tag": key,
+        "value": 0.0,
+        "step": None,
+        "wall_time": now,
+        "group_member": "",
+        "kind": kind,
+        "text": str(value),
+    }
 
 
 def _record(tag: str, value: Any, step: int | None, now: float, member: str) -> dict[str, Any]:

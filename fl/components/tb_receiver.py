@@ -53,8 +53,8 @@ class TBAnalyticsReceiver(Component):
             if event == Events.ANALYTICS:
                 site_dir = root / _SAFE.sub("_", data["site"])
                 for rec in data["records"]:
-                    if rec.get("value") is None:
-                        continue
+                    if rec.get("value") is None or rec.get("kind"):
+                        continue  # params and tags (MLflow-style writers) are no scalars
                     folder = site_dir
                     if rec.get("group_member"):
                         folder = site_dir / _SAFE.sub("_", f"{rec['tag']}_{rec['group_member']}")

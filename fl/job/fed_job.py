@@ -355,7 +355,7 @@ class FedJob:
     def to(self, obj: Any, target: str, id: str | None = None, **kwargs: Any) -> str:
         """Add ``obj`` to ``target`` ("server", a site name, or "@ALL"); returns its component id.
 
-        Accepts a workflow (e.g. FedAvg), a torch ``nn.Module`` or :class:`PTModel` (server: the
+        Accepts a workflow (e.g. FedAvg), a torch ``nn.Module``, :class:`PTModel` or a numpy ndarray (server: the
         initial model, with persistor and model locator), a :class:`ScriptRunner` (sites), any fl
         component, or a path to a file or folder of code to ship. ``tasks`` (FLARE's keyword for
         executors) names the tasks a ScriptRunner runs, default all.
@@ -382,6 +382,8 @@ class FedJob:
             if target == SERVER:
                 raise JobConfigError("a ScriptRunner runs on sites: job.to(runner, 'site-1') or job.to_clients(runner)")
             return self._add_script(app, obj, tasks)
+        if _is_numpy_array(obj):
+            return self._add_numpy_model(app, target, obj, id)
         if isinstance(obj, PTModel) or _is_torch_module(obj):
             model, extra = (obj.model, dict(obj.persistor_args)) if isinstance(obj, PTModel) else (obj, {})
             if target != SERVER:
@@ -403,6 +405,18 @@ class FedJob:
             app.components.append(_component_config(obj, cid))
             return cid
         raise JobConfigError(f"FedJob.to: don't know how to add a {type(obj).__name__}")
+
+    def _add_numpy_model(self, app: _App, target: str, array: Any, id: str | None) -> str:
+        """An ndarray initial model: the NumPy persistor holds it in the config (FLARE casts to float32)."""
+        from fl.components.np_persistor import NPModelPersistor
+
+        if target != SERVER:
+            raise JobConfigError("the initial model goes to the server: job.to(array, 'server')")
+        dtype = array.dtype.name if array.dtype.kind == "f" else "float32"
+        persistor = NPModelPersistor(model=array.tolist(), dtype=dtype)
+        pid = self._unique_id(app, id or "persistor")
+        app.components.append(_component_config(persistor, pid))
+        return pid
 
     def _ship_converted_checkpoint(self, app: _App, persistor_args: dict[str, Any]) -> None:
         """A local ``.pt`` initial checkpoint goes into the job as safetensors (converted at export, here).
@@ -591,6 +605,12 @@ def _write_converted_checkpoint(local: Path, target: Path) -> None:
         convert_checkpoint(local, target)
     except (OSError, ValueError, RuntimeError, UnpicklingError) as exc:
         raise JobConfigError(f"initial checkpoint {local}: cannot convert it to safetensors: {exc}") from None
+
+
+def _is_numpy_array(obj: Any) -> bool:
+    import numpy as np
+
+    return isinstance(obj, np.ndarray)
 
 
 def _is_torch_module(obj: Any) -> bool:

@@ -206,18 +206,22 @@ class SubmitResultReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MetricRecord(_message.Message):
-    __slots__ = ("tag", "value", "step", "wall_time", "group_member")
+    __slots__ = ("tag", "value", "step", "wall_time", "group_member", "kind", "text")
     TAG_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     GROUP_MEMBER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     tag: str
     value: float
     step: int
     wall_time: float
     group_member: str
-    def __init__(self, tag: _Optional[str] = ..., value: _Optional[float] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., group_member: _Optional[str] = ...) -> None: ...
+    kind: str
+    text: str
+    def __init__(self, tag: _Optional[str] = ..., value: _Optional[float] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., group_member: _Optional[str] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("time", "line", "site", "round", "job_id")

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fl.components.tracking import MAX_RECORD_TEXT, RECORD_KINDS
 from fl.config import HostPolicy, build_component
 from fl.filters import server_result_filters
 from fl.fsutil import (
@@ -709,8 +710,11 @@ class JobManager:
                     "step": m.step,
                     "wall_time": m.wall_time,
                     "group_member": m.group_member,
+                    "kind": m.kind,
+                    "text": m.text[:MAX_RECORD_TEXT],
                 }
                 for m in request.metrics
+                if not m.kind or m.kind in RECORD_KINDS  # a kind no receiver knows is dropped here
             ]
             run.fire("analytics", site=site, records=records)
         if request.job_state:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
+from fl.components.tracking import MAX_RECORD_TEXT
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.filters import FilterChain, FilterContext, FilterError, replace_file
 from fl.process import popen_bound_to_parent
@@ -299,7 +300,8 @@ class JobRunner:
     def _next_task(self, timeout: float | None) -> dict[str, Any]:
         self._release_gate()
         try:
-            item = self.tasks.get(timeout=timeout) if timeout else self.tasks.get()
+            waits = isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 <= timeout < float("inf")
+            item = self.tasks.get(timeout=timeout) if waits else self.tasks.get()
         except queue.Empty:
             return {"op": "timeout"}
         if isinstance(item, _Ended):
@@ -451,6 +453,8 @@ class JobRunner:
                         step=int(r.get("step") or 0),
                         wall_time=float(r.get("wall_time") or time.time()),
                         group_member=str(r.get("group_member") or "")[:256],
+                        kind=str(r.get("kind") or "")[:16],
+                        text=str(r.get("text") or "")[:MAX_RECORD_TEXT],
                     )
                 )
 

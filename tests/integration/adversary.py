@@ -99,7 +99,13 @@ class Adversary:
         return self.stub.SubmitResult(request, timeout=60)
 
     def report(
-        self, job_id: str, *, logs: Sequence[str] = (), job_state: str = "", message: str = ""
+        self,
+        job_id: str,
+        *,
+        logs: Sequence[str] = (),
+        job_state: str = "",
+        message: str = "",
+        metrics: Sequence[pb.MetricRecord] = (),
     ) -> pb.ReportReply:
         import time
 
@@ -107,6 +113,7 @@ class Adversary:
             session_id=self.session_id,
             job_id=job_id,
             logs=[pb.LogLine(line=line, time=time.time()) for line in logs],
+            metrics=list(metrics),
             job_state=job_state,
             message=message,
         )

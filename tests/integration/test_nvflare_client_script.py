@@ -27,17 +27,17 @@ IMPORTS = {
 }
 
 
-def _example_files(repo: Path) -> dict[str, str]:
+def _example_files(repo: Path, example: str = EXAMPLE) -> dict[str, str]:
     """The example's Python files, from a checkout or from a git folder without a work tree."""
-    if (repo / EXAMPLE).is_dir():
-        return {p.name: p.read_text() for p in (repo / EXAMPLE).glob("*.py")}
+    if (repo / example).is_dir():
+        return {p.name: p.read_text() for p in (repo / example).glob("*.py")}
     names = subprocess.run(
-        ["git", "--git-dir", str(repo), "ls-tree", "--name-only", f"HEAD:{EXAMPLE}"],
+        ["git", "--git-dir", str(repo), "ls-tree", "--name-only", f"HEAD:{example}"],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     return {
         name: subprocess.run(
-            ["git", "--git-dir", str(repo), "show", f"HEAD:{EXAMPLE}/{name}"],
+            ["git", "--git-dir", str(repo), "show", f"HEAD:{example}/{name}"],
             capture_output=True,
             text=True,
             check=True,

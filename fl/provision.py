@@ -16,8 +16,10 @@ needed); the server refuses revoked certificates (see :mod:`fl.server.admission`
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
+import json
 import re
 from collections.abc import Container, Sequence
 from pathlib import Path
@@ -32,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fl.fsutil import atomic_write_bytes
 from fl.transport import ROLE_SAN_SUFFIX, IdentityError, certificate_identity
 
-__all__ = ["CRL_FILE", "ProvisionError", "Revocation", "provision", "revoke"]
+__all__ = ["CRL_FILE", "ProvisionError", "Revocation", "check_helm_values", "provision", "revoke", "write_helm_values"]
 
 #: The revocation list's file name, in the CA folder and in the server's TLS folder.
 CRL_FILE = "crl.pem"
@@ -40,6 +42,10 @@ CRL_FILE = "crl.pem"
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+#: A site name the Helm chart accepts (its Deployment's name and fl/site label): a DNS label.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+#: The port the chart's server listens on by default (charts/fl values.yaml server.port).
+HELM_SERVER_PORT = 8002
 ROLES = ("server", "site", "admin")
 
 
@@ -351,3 +357,132 @@ def _refuse_revoked(out: Path, names: list[str], ca_cert: x509.Certificate, revo
                 f"the certificate of {name!r} (serial {serial:x}) is revoked; leave {name!r} out, or delete "
                 f"{out / name} to issue it a new certificate"
             )
+
+
+def helm_secret_name(name: str) -> str:
+    """The Kubernetes Secret name of a participant's TLS folder: ``<name>-tls`` as a DNS subdomain."""
+    return re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.") + "-tls"
+
+
+def _tls_secret_manifest(folder: Path, secret: str, name: str, role: str) -> bytes:
+    """A kubernetes.io/tls Secret (plus ca.crt) of a provisioned folder, the layout the chart mounts."""
+    data = {key: base64.b64encode((folder / key).read_bytes()).decode() for key in ("ca.crt", "tls.crt", "tls.key")}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": secret,
+            "labels": {"app.kubernetes.io/part-of": "fl", "fl/role": role},
+            "annotations": {"fl/tls-subject": f"CN={name}", "fl/tls-role": role},
+        },
+        "type": "kubernetes.io/tls",
+        "data": data,
+    }
+    header = f"# The TLS Secret of {role} {name!r} (fl provision): kubectl apply -n NAMESPACE -f this file.\n"
+    return (header + json.dumps(manifest, indent=2) + "\n").encode()
+
+
+def _values_file(comment: str, values: dict[str, object]) -> bytes:
+    """A Helm values file (JSON, which YAML reads) with a comment saying how to use it."""
+    return ("".join(f"# {line}\n" for line in comment.splitlines()) + json.dumps(values, indent=2) + "\n").encode()
+
+
+def _server_values(server_secret: str, admin_secret: str, external_names: list[str]) -> dict[str, object]:
+    """The coordinator's release: the server only, reachable from outside, TLS from the Secrets."""
+    return {
+        "sites": [],
+        "server": {"externalNames": external_names, "service": {"type": "LoadBalancer"}},
+        "tls": {"mode": "existing", "existing": {"server": server_secret, "admin": admin_secret}},
+        "job": {"submit": False},
+    }
+
+
+def _site_values(site: str, site_secret: str, address: str, verify_name: str) -> dict[str, object]:
+    """A participant's release: one site, no server, dialing the coordinator's server."""
+    return {
+        "server": {"enabled": False},
+        "externalServer": {"address": address, "serverName": verify_name},
+        "tls": {"mode": "existing"},
+        "sites": [{"name": site, "tlsSecret": site_secret}],
+    }
+
+
+def check_helm_values(
+    *, server_name: str, sites: Sequence[str], admins: Sequence[str], external_names: Sequence[str], server_address: str
+) -> str:
+    """Refuse what the chart cannot take, before anything is written; returns the address sites dial."""
+    if not admins:
+        raise ProvisionError("--helm-values: name an admin (--admins): the server's release uses its Secret")
+    if not external_names and not server_address:
+        raise ProvisionError("--helm-values: give --server-dns NAME (the name sites dial) or --helm-server-address")
+    address = server_address or f"{external_names[0]}:{HELM_SERVER_PORT}"
+    if not re.fullmatch(r"[^:/\s]+:[0-9]{1,5}", address):
+        raise ProvisionError(f"--helm-values: the server address {address!r} is not HOST:PORT")
+    secrets: dict[str, str] = {}
+    for name in [server_name, *sites, *admins]:
+        if name in sites and not DNS_LABEL.match(name):
+            raise ProvisionError(
+                f"--helm-values: site name {name!r} is not a DNS label (lower-case letters, digits, '-', "
+                "at most 40 characters), which the chart needs for its Deployment"
+            )
+        secret = helm_secret_name(name)
+        if secret in secrets:
+            raise ProvisionError(
+                f"--helm-values: {name!r} and {secrets[secret]!r} both give the Secret name {secret!r}"
+            )
+        secrets[secret] = name
+    return address
+
+
+def write_helm_values(
+    out: Path,
+    target: Path,
+    *,
+    server_name: str,
+    sites: Sequence[str],
+    admins: Sequence[str],
+    external_names: Sequence[str],
+    server_address: str = "",
+) -> list[Path]:
+    """Write, per participant provisioned in ``out``, what its cluster needs for charts/fl.
+
+    ``<name>-tls-secret.yaml`` (a kubernetes.io/tls Secret with ca.crt) for the server, each site and
+    admin; ``<server>-values.yaml`` (server only, ``tls.mode: existing``, the first admin's Secret)
+    and ``<site>-values.yaml`` (sites only, dialing ``server_address``, default the first external
+    name at the chart's port). Returns the files written; Secrets are mode 0600 (they hold keys).
+    """
+    address = check_helm_values(
+        server_name=server_name,
+        sites=sites,
+        admins=admins,
+        external_names=external_names,
+        server_address=server_address,
+    )
+    host = address.rsplit(":", 1)[0]
+    # A host the server certificate does not name (an IP, another alias): verify its first DNS name.
+    verify_name = "" if host in external_names or not external_names else external_names[0]
+    participants = [(server_name, "server"), *((s, "site") for s in sites), *((a, "admin") for a in admins)]
+    target.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, role in participants:
+        path = target / f"{name}-tls-secret.yaml"
+        atomic_write_bytes(path, _tls_secret_manifest(out / name, helm_secret_name(name), name, role), mode=0o600)
+        written.append(path)
+    server_file = target / f"{server_name}-values.yaml"
+    server_use = (
+        f"The coordinator: kubectl apply -f {server_name}-tls-secret.yaml -f {admins[0]}-tls-secret.yaml\n"
+        f"then helm install fl charts/fl -f {server_file.name} (a LoadBalancer; edit server.service or server.ingress)"
+    )
+    server = _server_values(helm_secret_name(server_name), helm_secret_name(admins[0]), list(external_names))
+    atomic_write_bytes(server_file, _values_file(server_use, server))
+    written.append(server_file)
+    for site in sites:
+        site_file = target / f"{site}-values.yaml"
+        use = (
+            f"Site {site}: kubectl apply -f {site}-tls-secret.yaml, then helm install fl charts/fl -f {site_file.name}"
+        )
+        atomic_write_bytes(
+            site_file, _values_file(use, _site_values(site, helm_secret_name(site), address, verify_name))
+        )
+        written.append(site_file)
+    return written

@@ -196,7 +196,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from fl.provision import ProvisionError, provision
+    from fl.provision import ProvisionError, check_helm_values, provision, write_helm_values
 
     sites, admins = _names(args.sites), _names(args.admins)
     if args.revoke or args.revoke_cert:
@@ -204,6 +204,15 @@ def cmd_provision(args: argparse.Namespace) -> int:
             return _fail("fl provision: give either --sites/--admins (to issue) or --revoke/--revoke-cert, not both")
         return _revoke(args)
     try:
+        helm_options = dict(
+            server_name=args.server_name,
+            sites=sites,
+            admins=admins,
+            external_names=args.server_dns,
+            server_address=args.helm_server_address,
+        )
+        if args.helm_values:  # refused before any certificate is written
+            check_helm_values(**helm_options)
         written = provision(
             Path(args.out),
             server_name=args.server_name,
@@ -214,10 +223,15 @@ def cmd_provision(args: argparse.Namespace) -> int:
             days=args.days,
             crl_days=args.crl_days,
         )
+        helm_files = (
+            write_helm_values(Path(args.out), Path(args.helm_values), **helm_options) if args.helm_values else []
+        )
     except ProvisionError as exc:
         return _fail(str(exc))
     for name, folder, created in written:
         print(f"{'created' if created else 'kept   '} {name:<24} {folder}")
+    for path in helm_files:
+        print(f"helm    {path}")
     return EXIT_OK
 
 

@@ -191,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a certificate file to revoke (repeatable; e.g. from a Secret)",
     )
     p.add_argument("--crl-days", type=int, default=365, help="validity of the revocation list (renewed on every run)")
+    p.add_argument(
+        "--helm-values",
+        metavar="DIR",
+        default="",
+        help="also write, per participant, the charts/fl values file and TLS Secret manifest its cluster needs",
+    )
+    p.add_argument(
+        "--helm-server-address",
+        metavar="HOST:PORT",
+        default="",
+        help="the address sites dial in the --helm-values files (default: the first --server-dns, port 8002)",
+    )
 
     p = sub.add_parser(
         "convert-checkpoint",

@@ -111,6 +111,15 @@ def effective_values(case: str) -> Obj:
     return values
 
 
+def has_server(case: str) -> bool:
+    """Whether the case runs a server in the release (false: sites only, dialing externalServer.address)."""
+    return bool(effective_values(case)["server"]["enabled"])
+
+
+#: The cases whose release runs the server (all but the sites-only topology).
+SERVER_CASES = [c for c in CASES if has_server(c)]
+
+
 def effective_sites(values: Obj) -> list[Obj]:
     """Each site with siteDefaults filled in, as the chart does: maps merge, other keys a site sets win."""
     defaults = {**values["siteDefaults"], "image": values["image"]["site"]}
@@ -142,6 +151,11 @@ def pod_specs(objs: list[Obj]) -> Iterator[tuple[str, Obj, Obj]]:
 
 def all_containers(spec: Obj) -> list[Obj]:
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def server_deployments(objs: list[Obj]) -> list[Obj]:
+    """The server Deployment, as a list: [] in a sites-only release."""
+    return [d for d in by_kind(objs, "Deployment") if component(d) == "server"]
 
 
 def server_deployment(objs: list[Obj]) -> Obj:
@@ -284,11 +298,16 @@ def test_gpu_requests_and_limits_exactly_when_a_site_has_gpus(case: str) -> None
 @pytest.mark.parametrize("case", CASES)
 def test_each_site_dials_the_server_service_dns_name(case: str) -> None:
     objs = render(case)
-    address = service_address(objs)
+    external = effective_values(case)["externalServer"]
+    address = service_address(objs) if has_server(case) else external["address"]
     for name, d in site_deployments(objs).items():
         args = d["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args[0] == "site"
         assert flag(args, "--server") == address, name
+        if has_server(case) or not external["serverName"]:
+            assert "--server-name" not in args, name
+        else:
+            assert flag(args, "--server-name") == external["serverName"], name
         assert flag(args, "--tls") == TLS_DIR
         assert flag(args, "--workspace") == WORKSPACE
 
@@ -349,6 +368,9 @@ def test_labels_and_selectors_are_consistent(case: str) -> None:
         assert labels["app.kubernetes.io/instance"] == RELEASE, o["metadata"]["name"]
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
+    if not has_server(case):
+        assert by_kind(objs, "Service") == [], "a sites-only release has no server Service"
+        return
     svc_selector = server_service(objs)["spec"]["selector"]
     matching = [where for where, meta, _ in pod_specs(objs) if svc_selector.items() <= meta["labels"].items()]
     assert matching == [f"Deployment/{server_deployment(objs)['metadata']['name']}"]
@@ -371,10 +393,11 @@ def test_tls_secrets_are_mounted_into_every_pod(case: str) -> None:
     secrets = {s["metadata"]["name"]: s for s in by_kind(objs, "Secret")}
     generated = values["tls"]["mode"] == "generate"
     expected: dict[str, str] = {}
-    server = server_deployment(objs)
-    expected[f"Deployment/{server['metadata']['name']}"] = (
-        "fl-server-tls" if generated else values["tls"]["existing"]["server"]
-    )
+    if has_server(case):
+        server = server_deployment(objs)
+        expected[f"Deployment/{server['metadata']['name']}"] = (
+            "fl-server-tls" if generated else values["tls"]["existing"]["server"]
+        )
     for site in values["sites"]:
         name = site_deployments(objs)[site["name"]]["metadata"]["name"]
         expected[f"Deployment/{name}"] = f"fl-site-{site['name']}-tls" if generated else site["tlsSecret"]
@@ -509,16 +532,17 @@ def test_bad_revocation_list_values_fail(values: str, message: str) -> None:
 def test_probes_run_fl_health_as_the_contract_says(case: str) -> None:
     objs = render(case)
     port = effective_values(case)["server"]["port"]
-    server = server_deployment(objs)["spec"]["template"]["spec"]["containers"][0]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["exec"]["command"] == [
-            "fl",
-            "health",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--tls",
-            TLS_DIR,
-        ], probe
+    servers = [server_deployment(objs)] if has_server(case) else []
+    for server in (d["spec"]["template"]["spec"]["containers"][0] for d in servers):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert server[probe]["exec"]["command"] == [
+                "fl",
+                "health",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--tls",
+                TLS_DIR,
+            ], probe
     for name, d in site_deployments(objs).items():
         c = d["spec"]["template"]["spec"]["containers"][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -550,7 +574,8 @@ def test_every_pod_runs_with_the_secure_defaults(case: str) -> None:
             assert {"name": "HOME", "value": "/tmp"} in c["env"], f"{where}/{c['name']}"
     # The workspaces are writable volumes, not the read-only root.
     objs = render(case)
-    for d in [server_deployment(objs), *site_deployments(objs).values()]:
+    servers = [server_deployment(objs)] if has_server(case) else []
+    for d in [*servers, *site_deployments(objs).values()]:
         spec = d["spec"]["template"]["spec"]
         mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
         assert mounts[WORKSPACE] == "workspace"
@@ -567,7 +592,7 @@ def test_service_account_token_is_not_mounted() -> None:
 
 # --- server --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("case", "extra"), [(c, ()) for c in CASES] + [("(chart defaults)", ("--set", "server.port=9443"))]
+    ("case", "extra"), [(c, ()) for c in SERVER_CASES] + [("(chart defaults)", ("--set", "server.port=9443"))]
 )
 def test_service_port_matches_the_server_port_flag(case: str, extra: tuple[str, ...]) -> None:
     objs = render(case, *extra)
@@ -583,7 +608,7 @@ def test_service_port_matches_the_server_port_flag(case: str, extra: tuple[str, 
         assert service_address(objs).endswith(":9443")
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SERVER_CASES)
 def test_server_workspace_is_a_pvc_or_an_emptydir(case: str) -> None:
     objs = render(case)
     persistence = effective_values(case)["server"]["persistence"]
@@ -631,7 +656,7 @@ def test_server_strategy_never_runs_two_servers() -> None:
 
 
 # --- the submit hook and the chart test ----------------------------------------------------------
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SERVER_CASES)
 def test_submit_hook_exports_and_submits_the_configured_job(case: str) -> None:
     objs = render(case)
     values = effective_values(case)
@@ -727,6 +752,19 @@ def test_chart_test_pod_checks_health_and_lists_jobs_as_the_admin() -> None:
             "tls.mode=existing,tls.existing.server=s,tls.existing.admin=a",
             "tlsSecret: name the site's TLS Secret",
         ),
+        ("sites[0].name=Site_1", 'sites[0].name: "Site_1" must be lower-case letters, digits and'),
+        ("server.enabled=false", "externalServer.address: required when server.enabled is false"),
+        (
+            "server.enabled=false,externalServer.address=fl.example.org:8002",
+            'tls.mode: "generate" cannot work with server.enabled: false; set tls.mode: existing',
+        ),
+        (
+            "server.enabled=false,externalServer.address=fl.example.org,tls.mode=existing",
+            'externalServer.address: "fl.example.org" is not host:port',
+        ),
+        ("externalServer.address=fl.example.org:8002", "set server.enabled: false for a sites-only release"),
+        ("server.ingress.enabled=true", "server.externalNames: name at least one (the Ingress host"),
+        ("sites=null", "job.submit: true with sites: [] and job.nClients: 0"),
     ],
 )
 def test_bad_values_fail_with_the_allowed_values(values: str, message: str) -> None:
@@ -1074,3 +1112,62 @@ def test_install_does_not_wait_for_the_job_by_default_and_notes_say_how_to_follo
     assert "--timeout longer than the training" not in notes
     waiting = render_notes(tmp_path / "w", "--set", "job.wait=true")
     assert "--timeout longer than the training" in waiting
+
+
+# --- topologies: all-in-one, server only, sites only ----------------------------------------------
+def test_sites_only_release_runs_sites_and_nothing_of_the_server() -> None:
+    objs = render("sites-only-values.yaml")
+    values = effective_values("sites-only-values.yaml")
+    assert server_deployments(objs) == []
+    for kind in ("Service", "PersistentVolumeClaim", "Job", "Pod", "Secret", "Ingress", "PodDisruptionBudget"):
+        assert by_kind(objs, kind) == [], f"a sites-only release renders no {kind}"
+    sites = site_deployments(objs)
+    assert sorted(sites) == [s["name"] for s in values["sites"]]
+    for site in values["sites"]:
+        assert tls_secret_of(sites[site["name"]]["spec"]["template"]["spec"]) == site["tlsSecret"]
+    (policy,) = by_kind(objs, "NetworkPolicy")
+    server_rule = policy["spec"]["egress"][0]
+    assert server_rule == {"ports": [{"protocol": "TCP", "port": 443}]}, "egress to the external server's port"
+
+
+def test_sites_only_notes_name_the_external_server_and_no_admin_secret(tmp_path: Path) -> None:
+    notes = render_notes(tmp_path, "-f", str(CHART / "ci" / "sites-only-values.yaml"))
+    assert "no server (a sites-only release)" in notes and "fl.example.org:443" in notes
+    assert "kubectl get secret" not in notes
+
+
+def test_server_only_release_exposes_the_server_to_sites_outside_the_cluster() -> None:
+    objs = render("server-only-values.yaml")
+    assert site_deployments(objs) == {}
+    server_deployment(objs)
+    svc = server_service(objs)
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerIP"] == "203.0.113.10"
+    assert svc["metadata"]["annotations"] == {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+    (ingress,) = by_kind(objs, "Ingress")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-passthrough"] == "true"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "fl.example.org"
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": svc["metadata"]["name"], "port": {"name": "grpc"}}
+    assert flag(container(hook_job(objs)["spec"]["template"]["spec"], "export")["args"], "--n-clients") == "2"
+
+
+def test_node_port_service_takes_the_given_port_and_no_ingress_by_default() -> None:
+    objs = render("(chart defaults)", "--set", "server.service.type=NodePort,server.service.nodePort=30802")
+    (port,) = server_service(objs)["spec"]["ports"]
+    assert port["nodePort"] == 30802
+    assert "loadBalancerIP" not in server_service(objs)["spec"]
+    assert by_kind(objs, "Ingress") == []
+
+
+def test_external_names_are_in_the_generated_server_certificate() -> None:
+    x509 = pytest.importorskip("cryptography.x509", reason="cryptography (a project dependency) is missing")
+    import base64
+
+    objs = render("server-only-values.yaml")
+    (secret,) = [s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == "fl-server-tls"]
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in sans.get_values_for_type(x509.DNSName)

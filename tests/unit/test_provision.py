@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import json
 import shutil
 import stat
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -204,3 +208,103 @@ def test_a_participant_folder_holding_another_cas_certificate_gets_a_new_one(tmp
     assert ("a", True) in [(n, c) for n, _, c in written]
     ca = x509.load_pem_x509_certificate((tmp_path / "ours" / "ca" / "ca.crt").read_bytes())
     x509.load_pem_x509_certificate((tmp_path / "ours" / "a" / "tls.crt").read_bytes()).verify_directly_issued_by(ca)
+
+
+# --- fl provision --helm-values: what each cluster of a split deployment needs -----------------------
+def _helm_template(values: Path, secret: Path) -> list[dict[str, Any]]:
+    """Render charts/fl with a generated values file; the render and the Secret validate strictly."""
+    import re
+    import subprocess
+
+    import yaml
+
+    from tests.tools import find_tool
+
+    chart = Path(__file__).resolve().parents[2] / "charts" / "fl"
+    helm, validator = find_tool("helm"), find_tool("kubernetes-validate")
+    render = subprocess.run(
+        [helm, "template", "fl", str(chart), "-n", "fl", "-f", str(values)], capture_output=True, text=True, timeout=120
+    )
+    assert render.returncode == 0, render.stderr
+    manifest = values.with_suffix(".rendered.yaml")
+    manifest.write_text(render.stdout + "\n---\n" + secret.read_text())
+    check = subprocess.run(
+        [validator, "--strict", "--quiet", "-k", "1.25.0", str(manifest)], capture_output=True, text=True, timeout=120
+    )
+    assert check.returncode == 0, f"{check.stdout}\n{check.stderr}"
+    assert re.search(r"\bkind: Secret\b", render.stdout) is None, "existing TLS: the chart makes no Secret"
+    return [doc for doc in yaml.safe_load_all(render.stdout) if doc]
+
+
+def _mounted_tls_secrets(objs: list[dict[str, Any]]) -> dict[str, str]:
+    """The TLS Secret each Deployment or Pod mounts as /etc/fl/tls, by component."""
+    out: dict[str, str] = {}
+    for obj in objs:
+        spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj.get("spec", {})
+        for volume in spec.get("volumes", []) if obj["kind"] in ("Deployment", "Pod") else []:
+            if volume["name"] == "tls":
+                out[obj["metadata"]["labels"]["app.kubernetes.io/component"]] = volume["secret"]["secretName"]
+    return out
+
+
+def test_helm_values_make_a_server_only_and_a_sites_only_release_whose_secrets_match_the_mounts(tmp_path):
+    import yaml
+
+    from fl.cli.main import main
+
+    prov, helm_dir = tmp_path / "prov", tmp_path / "helm"
+    argv = ["provision", "--out", str(prov), "--server-dns", "fl.example.org", "--sites", "site-1,site-2"]
+    assert main([*argv, "--admins", "admin@org", "--helm-values", str(helm_dir)]) == 0
+    secrets = {p.name: yaml.safe_load(p.read_text()) for p in helm_dir.glob("*-tls-secret.yaml")}
+    assert sorted(secrets) == [f"{n}-tls-secret.yaml" for n in ("admin@org", "server", "site-1", "site-2")]
+    for file, secret in secrets.items():
+        assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+        assert stat.S_IMODE((helm_dir / file).stat().st_mode) == 0o600, "a Secret manifest holds a private key"
+    server_objs = _helm_template(helm_dir / "server-values.yaml", helm_dir / "server-tls-secret.yaml")
+    assert _mounted_tls_secrets(server_objs) == {"server": "server-tls", "test": "admin-org-tls"}
+    assert secrets["server-tls-secret.yaml"]["metadata"]["name"] == "server-tls"
+    assert secrets["admin@org-tls-secret.yaml"]["metadata"]["name"] == "admin-org-tls"
+    for site in ("site-1", "site-2"):
+        objs = _helm_template(helm_dir / f"{site}-values.yaml", helm_dir / f"{site}-tls-secret.yaml")
+        assert _mounted_tls_secrets(objs) == {"site": f"{site}-tls"}
+        assert secrets[f"{site}-tls-secret.yaml"]["metadata"]["name"] == f"{site}-tls"
+        (deployment,) = [o for o in objs if o["kind"] == "Deployment"]
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--server") + 1] == "fl.example.org:8002"
+        key = base64.b64decode(secrets[f"{site}-tls-secret.yaml"]["data"]["tls.key"])
+        assert key == (prov / site / "tls.key").read_bytes()
+
+
+def test_helm_values_verify_the_certificate_name_when_sites_dial_another_address(tmp_path):
+    from fl.provision import write_helm_values
+
+    provision(tmp_path / "prov", server_dns=["fl.example.org"], sites=["a"], admins=["ops"])
+    write_helm_values(
+        tmp_path / "prov",
+        tmp_path / "helm",
+        server_name="server",
+        sites=["a"],
+        admins=["ops"],
+        external_names=["fl.example.org"],
+        server_address="203.0.113.10:443",
+    )
+    values = json.loads("".join(line for line in (tmp_path / "helm/a-values.yaml").open() if not line.startswith("#")))
+    assert values["externalServer"] == {"address": "203.0.113.10:443", "serverName": "fl.example.org"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sites", "Site_1", "--admins", "ops", "--server-dns", "x"], "site name 'Site_1' is not a DNS label"),
+        (["--sites", "a", "--server-dns", "x"], "name an admin (--admins)"),
+        (["--sites", "a", "--admins", "ops"], "give --server-dns NAME"),
+        (["--sites", "a", "--admins", "ops", "--helm-server-address", "x"], "'x' is not HOST:PORT"),
+        (["--sites", "a", "--admins", "ops@x,ops-x", "--server-dns", "x"], "both give the Secret name"),
+    ],
+)
+def test_helm_values_refuse_what_the_chart_cannot_take_before_writing_anything(tmp_path, capsys, extra, message):
+    from fl.cli.main import main
+
+    assert main(["provision", "--out", str(tmp_path / "prov"), *extra, "--helm-values", str(tmp_path / "h")]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "prov").exists() and not (tmp_path / "h").exists()

@@ -69,8 +69,16 @@ The server's address as sites and admins inside the cluster dial it: the Service
 {{- printf "%s.%s.svc.%s" (include "fl.server.fullname" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
+{{/*
+The address sites and admins of this release dial: the Service's, or externalServer.address in a
+sites-only release (server.enabled: false).
+*/}}
 {{- define "fl.server.address" -}}
+{{- if .Values.server.enabled }}
 {{- printf "%s:%d" (include "fl.server.host" .) (int .Values.server.port) }}
+{{- else }}
+{{- .Values.externalServer.address }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -185,13 +193,13 @@ never resolves, RFC 6761). See charts/fl/README.md.
 
 {{/*
 The DNS names of the server certificate: the Service's short and qualified names, localhost (for the
-in-pod probes), tls.generate.serverDnsNames and the role marker.
+in-pod probes), server.externalNames, tls.generate.serverDnsNames and the role marker.
 */}}
 {{- define "fl.tls.serverDnsNames" -}}
 {{- $svc := include "fl.server.fullname" . }}
 {{- $ns := .Release.Namespace }}
 {{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (include "fl.server.host" .) "localhost" }}
-{{- $names = concat $names .Values.tls.generate.serverDnsNames (list (include "fl.tls.roleSAN" "server")) }}
+{{- $names = concat $names .Values.server.externalNames .Values.tls.generate.serverDnsNames (list (include "fl.tls.roleSAN" "server")) }}
 {{- toJson (uniq $names) }}
 {{- end }}
 
@@ -204,6 +212,41 @@ helm.sh/*, fl/* labels). Call with (dict "where" "server.podLabels" "labels" <ma
 {{- if regexMatch "^(app\\.kubernetes\\.io|helm\\.sh|fl)/" $key }}
 {{- fail (printf "%s: %q is a label the chart sets itself; choose another key" $.where $key) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails on a topology that cannot work, naming the values to change: all-in-one (the default), server
+only (sites: []) or sites only (server.enabled: false with externalServer.address and tls.mode
+existing, since a CA generated here would not be the coordinator's).
+*/}}
+{{- define "fl.validateTopology" -}}
+{{- if .Values.server.enabled }}
+{{- if .Values.externalServer.address }}
+{{- fail (printf "externalServer.address: %q is set but server.enabled is true; set server.enabled: false for a sites-only release, or clear externalServer.address" .Values.externalServer.address) }}
+{{- end }}
+{{- else }}
+{{- if not .Values.externalServer.address }}
+{{- fail "externalServer.address: required when server.enabled is false (host:port of the fl server the sites dial, e.g. fl.example.org:8002); or set server.enabled: true" }}
+{{- end }}
+{{- if not (regexMatch "^[^:/\\s]+:[0-9]{1,5}$" (toString .Values.externalServer.address)) }}
+{{- fail (printf "externalServer.address: %q is not host:port (e.g. fl.example.org:8002)" .Values.externalServer.address) }}
+{{- end }}
+{{- if ne .Values.tls.mode "existing" }}
+{{- fail (printf "tls.mode: %q cannot work with server.enabled: false; set tls.mode: existing with Secrets from the coordinator's `fl provision` (a CA generated here would not be the server's CA)" .Values.tls.mode) }}
+{{- end }}
+{{- if not .Values.sites }}
+{{- fail "sites: list at least one site when server.enabled is false (a release with neither server nor sites runs nothing)" }}
+{{- end }}
+{{- if .Values.server.ingress.enabled }}
+{{- fail "server.ingress.enabled: true needs the server; set server.enabled: true or server.ingress.enabled: false" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.server.ingress.enabled (not .Values.server.externalNames) }}
+{{- fail "server.externalNames: name at least one (the Ingress host, also in the server certificate) when server.ingress.enabled is true" }}
+{{- end }}
+{{- if and .Values.server.enabled .Values.job.submit (not .Values.sites) (not (int .Values.job.nClients)) }}
+{{- fail "job.submit: true with sites: [] and job.nClients: 0 submits a job for no site; set job.nClients to the number of sites that will connect, or job.submit: false" }}
 {{- end }}
 {{- end }}
 
@@ -231,9 +274,7 @@ Checks that the schema also makes, repeated here with the allowed values so that
 {{- include "fl.validateImage" (dict "where" "image.server" "image" .Values.image.server) }}
 {{- include "fl.validatePodLabels" (dict "where" "server.podLabels" "labels" .Values.server.podLabels) }}
 {{- include "fl.validateImage" (dict "where" "image.site" "image" .Values.image.site) }}
-{{- if not .Values.sites }}
-{{- fail "sites: list at least one site, e.g. sites: [{name: site-1}]" }}
-{{- end }}
+{{- include "fl.validateTopology" . }}
 {{- $siteKeys := concat (list "name") (include "fl.site.settingKeys" . | fromJsonArray) (list "image" "tlsSecret") }}
 {{- $seenNames := dict }}
 {{- $seenObjects := dict }}

@@ -58,7 +58,10 @@ class MetricsEndpoint:
 
     def serve(self, host: str, port: int) -> int:
         """Serve the registry on ``host:port`` (0 picks a free port); returns the bound port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self.port = int(self._http.server_port)
         return self.port
 

@@ -153,7 +153,11 @@ def cmd_site(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
     _on_signals(stop)
-    agent.start()
+    try:
+        agent.start()
+    except OSError as exc:  # the metrics port (the only thing start binds)
+        agent.stop("site could not start")
+        return _fail(f"fl site: {exc}", EXIT_UNREACHABLE)
     log.info("site %s started; connecting to %s", args.name, args.server)
     stop.wait()
     agent.stop("site daemon stopping")

@@ -113,6 +113,9 @@ class FLServer:
         tune_malloc()
         if self.tls is not None:
             self.admission.load_initial()
+        if self.metrics_port:  # first: a port in use stops the start before anything else runs
+            self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
         server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
@@ -126,9 +129,6 @@ class FLServer:
         self.jobs.start()
         if self.tls is not None:
             self.admission.start()
-        if self.metrics_port:
-            self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -103,3 +104,26 @@ def test_a_bad_metrics_port_is_a_usage_error_that_names_it():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "'99999' is not a port number" in proc.stderr, proc.stderr
+
+
+def test_a_metrics_port_in_use_stops_the_daemon_with_an_error_that_names_it(federation, tmp_path):
+    fed = federation
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        common = ["--tls", str(fed.tls / "server"), "--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+        server = subprocess.run(
+            [sys.executable, "-m", "fl", "server", "--workspace", str(tmp_path / "srv"), "--host", "127.0.0.1",
+             "--port", "0", *common],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        site = subprocess.run(
+            [sys.executable, "-m", "fl", "site", "--name", "site-1", "--server", fed.address, "--tls",
+             str(fed.tls / "site-1"), "--workspace", str(tmp_path / "site"), "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    for proc in (server, site):
+        assert proc.returncode == 3, proc.stderr
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

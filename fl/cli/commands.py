@@ -107,6 +107,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             crl_refresh=args.crl_refresh,
             allowed_sites=_names(args.allowed_sites) or None,
             policy=HostPolicy(job_code=not args.no_custom_code, data_roots=data_roots),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             **({} if args.status_interval is None else {"status_interval": args.status_interval}),
         )
     except LockHeld as exc:
@@ -146,10 +148,16 @@ def cmd_site(args: argparse.Namespace) -> int:
         server_name=args.server_name,
         accepts_custom_code=not args.no_custom_code,
         exchange_root=Path(args.exchange_dir) if args.exchange_dir else None,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or "127.0.0.1",
     )
     stop = threading.Event()
     _on_signals(stop)
-    agent.start()
+    try:
+        agent.start()
+    except OSError as exc:  # the metrics port (the only thing start binds)
+        agent.stop("site could not start")
+        return _fail(f"fl site: {exc}", EXIT_UNREACHABLE)
     log.info("site %s started; connecting to %s", args.name, args.server)
     stop.wait()
     agent.stop("site daemon stopping")

@@ -54,6 +54,27 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _port_number(value: str) -> int:
+    """A TCP port (0 = off) for ``--metrics-port``; anything else is a usage error that names the value."""
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535; 0 = no metrics)")
+    return int(value)
+
+
+def _add_metrics(p: argparse.ArgumentParser, host_default: str) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=_port_number,
+        default=_env("FL_METRICS_PORT", "0"),
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 = off (env FL_METRICS_PORT)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=_env("FL_METRICS_HOST"),
+        help=f"address for the metrics endpoint (env FL_METRICS_HOST; default: {host_default})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="fl", description="fl: federated learning for PyTorch")
     parser.add_argument("--version", action="version", version=f"fl {__version__}")
@@ -143,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="bytes of log a site may forward per job (default 32 MiB); later lines are dropped and counted",
     )
+    _add_metrics(p, "the --host")
     _add_logging(p)
 
     p = sub.add_parser("site", help="run a site daemon")
@@ -159,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("FL_NO_CUSTOM_CODE") == "1",
         help="refuse jobs that carry custom code",
     )
+    _add_metrics(p, "127.0.0.1")
     _add_connection(p)
     _add_logging(p)
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fl.config import HostPolicy
 from fl.log import adapter
 from fl.memory import tune_malloc
+from fl.metrics import ServerMetrics
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.provision import CRL_FILE
 from fl.server.admission import Admission
@@ -49,6 +50,8 @@ class FLServer:
         status_interval: float = STATUS_INTERVAL_S,
         policy: HostPolicy | None = None,
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        metrics_port: int = 0,
+        metrics_host: str | None = None,
     ) -> None:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,11 @@ class FLServer:
             max_log_bytes=max_log_bytes,
         )
         self.admission = self._admission(crl_path, crl_refresh, allowed_sites)
+        self.metrics = ServerMetrics(self.registry.all_sessions, lambda: list(self.jobs.records.values()))
+        self.jobs.on_job_event(self.metrics.job_event)
+        #: 0: no metrics endpoint; else the port of ``/metrics`` (on ``metrics_host``, by default ``host``).
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host or host
         self.health = health.HealthServicer()
         self._grpc = None
         self.port = 0
@@ -105,6 +113,9 @@ class FLServer:
         tune_malloc()
         if self.tls is not None:
             self.admission.load_initial()
+        if self.metrics_port:  # first: a port in use stops the start before anything else runs
+            self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
         server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
@@ -141,6 +152,7 @@ class FLServer:
         self.registry.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)
+        self.metrics.close()
         log.info("fl server stopped")
 
     def wait(self) -> None:

@@ -286,6 +286,7 @@ class JobRun:
         return ", ".join(parts)
 
     def fire(self, event: str, **data: Any) -> None:
+        self.manager.job_event(self.job_id, event, data)
         for cid, component in list(self.components.items()):
             handler = getattr(component, "handle_event", None)
             if handler is None:
@@ -492,6 +493,7 @@ class JobManager:
         self._lock = threading.Condition()
         self.stopping = threading.Event()
         self._listeners: list[Callable[[JobRecord], None]] = []
+        self._event_listeners: list[Callable[[str, str, Mapping[str, Any]], None]] = []
         self._unsaved: set[str] = set()  # jobs whose status.json could not be written lately
         self._scheduler = threading.Thread(target=self._schedule, name="fl-scheduler", daemon=True)
         registry.on_site_joined(self._site_joined)
@@ -503,6 +505,17 @@ class JobManager:
 
     def on_change(self, listener: Callable[[JobRecord], None]) -> None:
         self._listeners.append(listener)
+
+    def on_job_event(self, listener: Callable[[str, str, Mapping[str, Any]], None]) -> None:
+        """``listener(job_id, event, data)`` for every event a job fires (metrics, audit)."""
+        self._event_listeners.append(listener)
+
+    def job_event(self, job_id: str, event: str, data: Mapping[str, Any]) -> None:
+        for listener in self._event_listeners:
+            try:
+                listener(job_id, event, data)
+            except Exception:
+                log.exception("job %s: event listener failed on %s", job_id, event)
 
     def _take_workspace(self) -> int:
         """Lock the workspace for this server, then sweep the temp files a killed writer left."""

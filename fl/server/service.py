@@ -151,19 +151,24 @@ class BulkServicer(FederationServicer):
 
     def download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         session = self._site(context, request.session_id)
+        meter = self.server.metrics.transfers
         try:
             chunks = self.server.blobs.read(request.blob_id, session.name, request.offset)
             first = next(chunks, None)
         except TransferError as exc:
+            meter.failed("download", session.name)
             _abort(context, exc.code, str(exc))
         if first is None:
             return
         context.send_initial_metadata((("fl-total-size", str(first[1])),))
+        meter.moved("download", len(first[0]), session.name)
         yield first[0]
         try:
             for data, _ in chunks:
+                meter.moved("download", len(data), session.name)
                 yield data
         except TransferError as exc:
+            meter.failed("download", session.name)
             _abort(context, exc.code, str(exc))
 
     def upload(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadReply:
@@ -191,10 +196,12 @@ class BulkServicer(FederationServicer):
             try:
                 for data in request_iterator:
                     self.server.uploads.write(upload, data)
+                    self.server.metrics.transfers.moved("upload", len(data), session.name)
             finally:
                 self.server.uploads.stream_ended(upload, streamed=upload.received - meta.offset)
             self.server.registry.touch(meta.session_id)
         except TransferError as exc:
+            self.server.metrics.transfers.failed("upload", session.name)
             _abort(context, exc.code, str(exc))
         return pb.UploadReply(received=upload.received, complete=upload.complete)
 

@@ -19,6 +19,7 @@ from fl import __version__
 from fl.fsutil import atomic_write_json
 from fl.log import adapter
 from fl.memory import tune_malloc
+from fl.metrics import SiteMetrics
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.site.job_runner import JobRunner
@@ -45,6 +46,8 @@ class SiteAgent:
         accepts_custom_code: bool = True,
         task_gate: threading.Semaphore | None = None,
         exchange_root: Path | None = None,
+        metrics_port: int = 0,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         self.name = name
         self.server = server
@@ -68,6 +71,10 @@ class SiteAgent:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._last_error = ""
+        self.metrics = SiteMetrics()
+        #: 0: no metrics endpoint; else the port of ``/metrics`` on ``metrics_host``.
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
 
     # ------------------------------------------------------------------ plumbing
     def current_session(self) -> str:
@@ -142,6 +149,9 @@ class SiteAgent:
     # ------------------------------------------------------------------ loops
     def start(self) -> None:
         tune_malloc()
+        if self.metrics_port:
+            self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
+            self.log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
         for target, name in ((self._poll_loop, "fl-poll"), (self._heartbeat_loop, "fl-heartbeat")):
             thread = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
             thread.start()
@@ -168,6 +178,7 @@ class SiteAgent:
         for runner in runners:
             runner.done.wait(15)
         self.channel.close()
+        self.metrics.close()
 
     def _poll_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -123,6 +123,7 @@ class JobRunner:
                     path,
                     deadline=task.deadline or time.time() + 3600,
                     stop=self.stop_event,
+                    meter=self.agent.metrics.transfers,
                 )
                 self._log_transfer("model downloaded", task.model.size, started, task)
                 self._configured.wait()  # a task may come while the app is still being unpacked
@@ -177,6 +178,7 @@ class JobRunner:
             archive,
             deadline=time.time() + 600,
             stop=self.stop_event,
+            meter=self.agent.metrics.transfers,
         )
         app = self.job_dir / "app"
         extract_zip(archive, app)
@@ -361,6 +363,7 @@ class JobRunner:
                     deadline=task.deadline or time.time() + 3600,
                     checksum=message.get("checksum"),
                     stop=self.stop_event,
+                    meter=self.agent.metrics.transfers,
                 )
                 self._log_transfer("result uploaded", result_path.stat().st_size, started, task)
             reply = self.agent.call(

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from fl.checksum import Checksum, file_checksum
+from fl.metrics import TransferMeter, counts_failures
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES, BulkStub, UploadMeta
@@ -81,6 +82,7 @@ def _describe(exc: grpc.RpcError, guard: _StallGuard | None) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
+@counts_failures("download")
 def download_blob(
     stub: BulkStub,
     session_id: Callable[[], str],
@@ -90,6 +92,7 @@ def download_blob(
     deadline: float,
     chunk_timeout: float = 60.0,
     stop: threading.Event | None = None,
+    meter: TransferMeter | None = None,
 ) -> None:
     """Download ``ref`` to ``dest`` (atomically), resuming after failures until ``deadline`` (unix time)."""
     part = dest.with_name(dest.name + ".part")
@@ -115,6 +118,8 @@ def download_blob(
                         out.write(data)
                         checksum.update(data)
                         received += len(data)
+                        if meter is not None:
+                            meter.moved("download", len(data))
                         if received > ref.size:
                             raise TransferFailed(f"download larger than announced ({ref.size} bytes)")
                 if received == ref.size:
@@ -133,6 +138,7 @@ def download_blob(
     os.replace(part, dest)
 
 
+@counts_failures("upload")
 def upload_file(
     stub: BulkStub,
     control: pb_grpc.FederationStub,
@@ -145,6 +151,7 @@ def upload_file(
     checksum: str | None = None,
     chunk_timeout: float = 60.0,
     stop: threading.Event | None = None,
+    meter: TransferMeter | None = None,
 ) -> str:
     """Upload a file for a task, resuming after failures until ``deadline``; returns the upload id.
 
@@ -187,6 +194,8 @@ def upload_file(
                 while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
                     if guard_box:
                         guard_box[0].kick()
+                    if meter is not None:
+                        meter.moved("upload", len(data))
                     yield data
 
         future = stub.Upload.future(chunks(), metadata=meta.to_metadata())

@@ -1171,3 +1171,100 @@ def test_external_names_are_in_the_generated_server_certificate() -> None:
     cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "fl.example.org" in sans.get_values_for_type(x509.DNSName)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+# Not a charts/fl/ci scenario: the older tests there pin the server's ports to the gRPC one.
+METRICS_ON = (
+    "--set",
+    "metrics.enabled=true,metrics.port=9102,metrics.serviceMonitor.enabled=true,"
+    "metrics.serviceMonitor.labels.release=prometheus,networkPolicy.enabled=true",
+)
+MONITOR_APIS = (
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+)
+
+
+def render_metrics(*extra: str) -> list[Obj]:
+    return render("(chart defaults)", *METRICS_ON, *extra)
+
+
+def daemon_pods(objs: list[Obj]) -> list[tuple[Obj, Obj]]:
+    """(pod metadata, daemon container) of the server and every site."""
+    deployments = [server_deployment(objs), *site_deployments(objs).values()]
+    return [(d["spec"]["template"]["metadata"], d["spec"]["template"]["spec"]["containers"][0]) for d in deployments]
+
+
+def test_metrics_are_off_by_default_no_port_flag_annotation_or_monitor() -> None:
+    objs = render("(chart defaults)", *MONITOR_APIS)
+    for meta, c in daemon_pods(objs):
+        assert "--metrics-port" not in c["args"]
+        assert "metrics" not in [p["name"] for p in c.get("ports", [])]
+        assert not any(k.startswith("prometheus.io/") for k in meta.get("annotations", {}))
+    assert [p["name"] for p in server_service(objs)["spec"]["ports"]] == ["grpc"]
+    assert not by_kind(objs, "ServiceMonitor") and not by_kind(objs, "PodMonitor")
+
+
+def test_metrics_enabled_gives_every_daemon_the_flag_port_and_scrape_annotations() -> None:
+    objs = render_metrics()
+    pods = daemon_pods(objs)
+    assert len(pods) == 3
+    for meta, c in pods:
+        assert flag(c["args"], "--metrics-port") == "9102" and flag(c["args"], "--metrics-host") == "0.0.0.0"
+        assert {"name": "metrics", "containerPort": 9102, "protocol": "TCP"} in c["ports"]
+        annotations = meta["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == "9102" and annotations["prometheus.io/path"] == "/metrics"
+    ports = {p["name"]: p for p in server_service(objs)["spec"]["ports"]}
+    assert ports["metrics"]["port"] == 9102 and ports["metrics"]["targetPort"] == "metrics"
+
+
+def test_network_policies_let_scrapers_reach_the_metrics_port_only() -> None:
+    objs = render_metrics()
+    for policy in by_kind(objs, "NetworkPolicy"):
+        rules = [r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 9102} in r.get("ports", [])]
+        assert len(rules) == 1, policy["metadata"]["name"]
+        assert rules[0]["ports"] == [{"protocol": "TCP", "port": 9102}]
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    objs = render_metrics("--set-json", f"metrics.from={json.dumps(peers)}")
+    for policy in by_kind(objs, "NetworkPolicy"):
+        rules = [r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 9102} in r.get("ports", [])]
+        assert rules[0]["from"] == peers
+
+
+def test_prometheus_operator_objects_only_where_the_api_is_served_or_forced() -> None:
+    assert not by_kind(render_metrics(), "ServiceMonitor")  # helm template serves no monitoring.coreos.com
+    for extra in (MONITOR_APIS, ("--set", "metrics.serviceMonitor.force=true")):
+        objs = render_metrics(*extra)
+        (monitor,) = by_kind(objs, "ServiceMonitor")
+        (pods,) = by_kind(objs, "PodMonitor")
+        assert monitor["apiVersion"] == pods["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= server_service(objs)["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        site_labels = next(iter(site_deployments(objs).values()))["spec"]["template"]["metadata"]["labels"]
+        assert pods["spec"]["selector"]["matchLabels"].items() <= site_labels.items()
+    objs = render("(chart defaults)", "--set", "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.force=true")
+    assert not by_kind(objs, "ServiceMonitor"), "a monitor without metrics.enabled"
+
+
+def test_metrics_render_lints_and_validates_strictly_on_1_20_apis(tmp_path: Path) -> None:
+    helm, validator = find_tool("helm"), find_tool("kubernetes-validate")
+    run([helm, "lint", "--strict", str(CHART), *METRICS_ON])
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(_render(helm, "(chart defaults)", METRICS_ON))
+    proc = run([validator, "--strict", "--quiet", "-k", OLDEST_SCHEMA, str(manifest)], check=False)
+    assert proc.returncode == 0, f"schema validation failed:\n{proc.stdout}\n{proc.stderr}"
+    versions = {o["apiVersion"] for o in render_metrics("--kube-version", "1.20.2")}
+    assert versions <= ALLOWED_API_VERSIONS, versions - ALLOWED_API_VERSIONS
+
+
+@pytest.mark.parametrize("values", ["metrics.port=0", "metrics.serviceMonitor.interval=often"])
+def test_bad_metrics_values_fail_the_schema(values: str) -> None:
+    helm = find_tool("helm")
+    proc = run([helm, "template", RELEASE, str(CHART), "--set", values], check=False)
+    assert proc.returncode != 0 and "metrics" in proc.stderr, proc.stderr

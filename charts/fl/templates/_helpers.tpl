@@ -520,6 +520,11 @@ Call with (dict "root" $ "annotations" <map> "secret" <TLS Secret name>); return
 {{- $out := deepCopy (default (dict) .annotations) }}
 {{- $checksum := include "fl.tls.checksum" (dict "root" .root "secret" .secret) }}
 {{- if $checksum }}{{ $_ := set $out "checksum/tls" $checksum }}{{ end }}
+{{- if .root.Values.metrics.enabled }}
+{{- $_ := set $out "prometheus.io/scrape" "true" }}
+{{- $_ := set $out "prometheus.io/port" (toString (int .root.Values.metrics.port)) }}
+{{- $_ := set $out "prometheus.io/path" "/metrics" }}
+{{- end }}
 {{- with $out }}{{ toYaml . }}{{ end }}
 {{- end }}
 
@@ -532,5 +537,51 @@ else policy/v1beta1 (1.20). `helm template` claims both API groups, so its --kub
 {{- print "policy/v1" }}
 {{- else }}
 {{- print "policy/v1beta1" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The daemons' metrics flags (fl server|site --metrics-port/--metrics-host) when metrics are enabled.
+*/}}
+{{- define "fl.metrics.args" -}}
+{{- if .Values.metrics.enabled -}}
+- --metrics-port
+- {{ int .Values.metrics.port | quote }}
+- --metrics-host
+- 0.0.0.0
+{{- end }}
+{{- end }}
+
+{{/*
+The "metrics" container port when metrics are enabled.
+*/}}
+{{- define "fl.metrics.containerPort" -}}
+{{- if .Values.metrics.enabled -}}
+- name: metrics
+  containerPort: {{ int .Values.metrics.port }}
+  protocol: TCP
+{{- end }}
+{{- end }}
+
+{{/*
+Whether to render the Prometheus Operator objects of kind .kind: enabled, and the API served or forced.
+*/}}
+{{- define "fl.metrics.monitor" -}}
+{{- $m := .root.Values.metrics }}
+{{- if and $m.enabled $m.serviceMonitor.enabled (or $m.serviceMonitor.force (.root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" .kind))) }}true{{ end }}
+{{- end }}
+
+{{/*
+NetworkPolicy ingress rule that lets scrapers (metrics.from; empty: any peer) reach the metrics port.
+*/}}
+{{- define "fl.metrics.ingress" -}}
+{{- if .Values.metrics.enabled -}}
+- ports:
+    - protocol: TCP
+      port: {{ int .Values.metrics.port }}
+  {{- with .Values.metrics.from }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
 {{- end }}

@@ -38,6 +38,9 @@ FLARE_PREFIX = "nvflare."
 #: NVIDIA FLARE component paths and the fl classes that do the same job.
 NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_common.workflows.fedavg.FedAvg": "fl.workflows.fedavg.FedAvg",
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval": (
+        "fl.workflows.cross_site_eval.CrossSiteModelEval"
+    ),
     "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator": (
         "fl.components.validation_json.ValidationJsonGenerator"
     ),

@@ -138,7 +138,8 @@ def main():
     test_loader = DataLoader(test_set, batch_size=256, shuffle=False)
     print(
         f"{site_name}: {dataset_name} data, {len(train_set)} training and {len(test_set)} validation samples, "
-        f"batch size {batch_size}, lr {lr}, device {device}, {torch.get_num_threads()} threads",
+        f"batch size {batch_size}, lr {lr}, device {device}, {torch.get_num_threads()} threads"
+        + (f", FedProx mu {args.fedprox_mu}" if args.fedprox_mu > 0 else ""),
         flush=True,
     )
 

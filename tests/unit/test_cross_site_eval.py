@@ -154,3 +154,61 @@ def test_bad_arguments_are_refused_naming_the_argument_and_value(kwargs, message
 def test_flare_import_path_names_the_workflow():
     target = NVFLARE_ALIASES["nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval"]
     assert target == "fl.workflows.cross_site_eval.CrossSiteModelEval"
+
+
+def test_add_cross_site_evaluation_runs_after_training_once_per_recipe(tmp_path, monkeypatch):
+    from fl.recipe import FedAvgRecipe, add_cross_site_evaluation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('train')\n")
+    recipe = FedAvgRecipe(name="r", min_clients=2, model=torch_net(), train_script="train.py")
+    add_cross_site_evaluation(recipe, validation_timeout=60, participating_clients=["site-1", "site-2"])
+    server = read_json(recipe.export(tmp_path / "out") / "app_server" / "config" / "config_fed_server.json")
+    evaluation = server["workflows"][1]
+    assert evaluation["path"] == "fl.workflows.cross_site_eval.CrossSiteModelEval"
+    assert evaluation["args"] == {
+        "submit_model_timeout": 600,
+        "validation_timeout": 60,
+        "participating_clients": ["site-1", "site-2"],
+    }
+    with pytest.raises(RuntimeError, match="has cross-site evaluation already"):
+        add_cross_site_evaluation(recipe)
+
+
+def test_fed_eval_recipe_evaluates_the_checkpoint_on_every_site_without_their_models(tmp_path, monkeypatch):
+    from fl.recipe import FedEvalRecipe, add_cross_site_evaluation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval.py").write_text("print('eval')\n")
+    recipe = FedEvalRecipe(
+        model=torch_net(), eval_ckpt="/data/model.safetensors", min_clients=2, eval_script="eval.py", eval_args="-q"
+    )
+    job_dir = recipe.export(tmp_path / "out")
+    server = read_json(job_dir / "app_server" / "config" / "config_fed_server.json")
+    assert [w["path"] for w in server["workflows"]] == ["fl.workflows.cross_site_eval.CrossSiteModelEval"]
+    assert server["workflows"][0]["args"]["evaluate_site_models"] is False
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    assert persistor["args"]["source_ckpt_file_full_name"] == "/data/model.safetensors"
+    assert NVFLARE_ALIASES["nvflare.app_opt.pt.recipes.fedeval.FedEvalRecipe"] == "fl.recipe.fedeval.FedEvalRecipe"
+    with pytest.raises(RuntimeError, match="has cross-site evaluation already"):
+        add_cross_site_evaluation(recipe)
+
+
+def test_fed_eval_on_the_initial_model_scores_it_on_every_site(tmp_path):
+    seen: list[tuple[str, str, str]] = []
+    ctx = StatesContext(
+        tmp_path,
+        {"a": make_site("a", seen), "b": make_site("b", seen)},
+        {"persistor": FakePersistor({"w": np.full(4, 3.0, np.float32)})},
+        resume=False,
+    )
+    CrossSiteModelEval(evaluate_site_models=False).run(ctx)
+    assert [t[0] for t in ctx.communicator.tasks] == ["validate"]
+    expected = {GLOBAL_MODEL_NAME: {"accuracy": 3.0}}
+    assert read_json(tmp_path / "cross_site_val" / RESULTS_FILE) == {"a": expected, "b": expected}
+
+
+def torch_net() -> Any:
+    import torch
+
+    return torch.nn.Linear(3, 2)

@@ -149,10 +149,12 @@ def main():
     while flare.is_running():
         input_model = flare.receive()
         if flare.is_submit_model():
-            if local_weights is None:
-                raise SystemExit(f"{site_name}: asked for its local model before it trained one")
-            print(f"{site_name}: sending its local model for cross-site evaluation", flush=True)
-            flare.send(flare.FLModel(params=local_weights))
+            if local_weights is None:  # e.g. the script restarted after training: the server records no model
+                print(f"{site_name}: asked for its local model but has not trained one in this run", flush=True)
+                flare.send(flare.FLModel(metrics={}))
+            else:
+                print(f"{site_name}: sending its local model for cross-site evaluation", flush=True)
+                flare.send(flare.FLModel(params=local_weights))
             continue
         current_round = input_model.current_round
         model.load_state_dict(input_model.params)

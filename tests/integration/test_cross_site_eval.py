@@ -53,3 +53,67 @@ def test_fedprox_job_trains_with_the_proximal_term(tmp_path):
         log = (job / "logs" / f"{site}.log").read_text()
         assert "FedProx mu 0.1" in log and "round 2 epoch 1/1" in log, site
     assert [m["model_version"] for m in read_json(job / "validation.json")["models"]] == [0, 1, 2]
+
+
+def test_server_kill_9_during_cross_site_eval_resumes_it_without_training_again(tmp_path, make_job):
+    """FedAvg, then cross-site evaluation; the server dies after the global model's evaluations and
+    comes back: the sites get only the evaluations left, and the matrix is whole."""
+    import json as json_
+
+    import numpy as np
+
+    from fl.tensors import write_tensors
+    from fl.workflows.cross_site_eval import CrossSiteModelEval
+    from tests.integration.adversary import Adversary
+    from tests.integration.federation import Federation, wait_for
+
+    fed = Federation(tmp_path / "fed", ["site-1", "site-2"], heartbeat_timeout=300)
+    try:
+        server = fed.start_server()
+        sites = [Adversary(fed, name) for name in ("site-1", "site-2")]
+        for site in sites:
+            site.register()
+        job = make_job(rounds=1)
+        job.to(CrossSiteModelEval(submit_model_timeout=60, validation_timeout=60), "server")
+        job_id = json_.loads(fed.fl("submit", str(job.export_job(tmp_path / "export")), "--json").stdout)["job_id"]
+
+        def answer(site: Adversary, expected: str, value: float | None = None) -> str:
+            task = site.poll_for("task", timeout=120)
+            assert task.name == expected, (site.name, task.name)
+            upload_id = ""
+            if value is not None:
+                path = tmp_path / f"{site.name}.safetensors"
+                write_tensors(path, {"weight": np.full(16, value, np.float32)})
+                upload_id, _ = site.upload(task, path.read_bytes())
+            reply = site.submit(task, upload_id=upload_id, metrics={"score": value or 0.5})
+            assert reply.accepted, reply.message
+            return str(json_.loads(task.meta_json).get("_model_owner_", ""))
+
+        for site, value in zip(sites, (1.0, 1.0), strict=True):
+            answer(site, "train", value)
+        for site in sites:
+            answer(site, "validate")  # FedAvg's final validation
+        for site, value in zip(sites, (5.0, 7.0), strict=True):
+            answer(site, "submit_model", value)
+        assert {answer(site, "validate") for site in sites} == {"SRV_FL_global_model.pt"}
+        job_dir = fed.root / "server" / "jobs" / job_id
+        state = job_dir / "state-1.json"
+        wait_for(lambda: len(json_.loads(state.read_text())["evaluated"]) == 1, 60, "the first model's evaluations")
+        server.kill9()
+
+        fed.start_server()
+        for site in sites:
+            site.register(running_jobs=[job_id])
+        owners = [answer(site, "validate") for _ in range(2) for site in sites]
+        assert sorted(owners) == ["site-1", "site-1", "site-2", "site-2"]
+        final = wait_for(lambda: (j := fed.job(job_id))["status"] in ("finished", "failed") and j, 120, "the job")
+        assert final["status"] == "finished", final["message"]
+        matrix = json_.loads((job_dir / "cross_site_val" / "cross_val_results.json").read_text())
+        assert {site: set(models) for site, models in matrix.items()} == {
+            "site-1": {"SRV_FL_global_model.pt", "site-1", "site-2"},
+            "site-2": {"SRV_FL_global_model.pt", "site-1", "site-2"},
+        }
+        for site in sites:
+            site.close()
+    finally:
+        fed.stop()

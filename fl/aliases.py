@@ -38,6 +38,9 @@ FLARE_PREFIX = "nvflare."
 #: NVIDIA FLARE component paths and the fl classes that do the same job.
 NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_common.workflows.fedavg.FedAvg": "fl.workflows.fedavg.FedAvg",
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval": (
+        "fl.workflows.cross_site_eval.CrossSiteModelEval"
+    ),
     "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator": (
         "fl.components.validation_json.ValidationJsonGenerator"
     ),
@@ -74,7 +77,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_opt.pt.recipes.scaffold.ScaffoldRecipe": "fl.recipe.pending.ScaffoldRecipe",
     "nvflare.app_opt.pt.recipes.fedopt.FedOptRecipe": "fl.recipe.fedavg.FedOptRecipe",
     "nvflare.app_opt.pt.recipes.cyclic.CyclicRecipe": "fl.recipe.fedavg.CyclicRecipe",
-    "nvflare.app_opt.pt.recipes.fedeval.FedEvalRecipe": "fl.recipe.pending.FedEvalRecipe",
+    "nvflare.app_opt.pt.recipes.fedeval.FedEvalRecipe": "fl.recipe.fedeval.FedEvalRecipe",
     "nvflare.app_common.np.recipes.fedavg.NumpyFedAvgRecipe": "fl.recipe.fedavg.NumpyFedAvgRecipe",
     "nvflare.app_common.np.recipes.NumpyFedAvgRecipe": "fl.recipe.fedavg.NumpyFedAvgRecipe",
     "nvflare.recipe.sim_env.SimEnv": "fl.recipe.env.SimEnv",

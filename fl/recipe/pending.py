@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-__all__ = ["FedEvalRecipe", "ScaffoldRecipe"]
+__all__ = ["ScaffoldRecipe"]
 
 
 def _missing(recipe: str, algorithm: str) -> NoReturn:
     raise NotImplementedError(
         f"{recipe}: fl has no {algorithm} workflow yet, so this recipe cannot be built; "
-        "FedAvgRecipe, FedProxRecipe, NumpyFedAvgRecipe, FedOptRecipe and CyclicRecipe are available"
+        "FedAvgRecipe, FedProxRecipe, NumpyFedAvgRecipe, FedOptRecipe, CyclicRecipe and FedEvalRecipe are available"
     )
 
 
@@ -19,10 +19,3 @@ class ScaffoldRecipe:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _missing("ScaffoldRecipe", "SCAFFOLD (control variates)")
-
-
-class FedEvalRecipe:
-    """FLARE's cross-site evaluation recipe."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _missing("FedEvalRecipe", "cross-site evaluation (CrossSiteModelEval)")

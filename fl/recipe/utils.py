@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 from fl.job.fed_job import JobConfigError
@@ -32,8 +33,26 @@ def add_experiment_tracking(recipe: Recipe, tracking_type: str = "tensorboard", 
     recipe.job.to(receiver, "server", id=f"{tracking_type}_receiver")
 
 
-def add_cross_site_evaluation(recipe: Recipe, **kwargs: Any) -> None:
-    """FLARE's cross-site evaluation after training; refused until fl has the workflow."""
-    raise NotImplementedError(
-        "add_cross_site_evaluation: fl has no cross-site evaluation workflow (CrossSiteModelEval) yet"
+def add_cross_site_evaluation(
+    recipe: Recipe,
+    submit_model_timeout: float = 600,
+    validation_timeout: float = 6000,
+    participating_clients: Sequence[str] | None = None,
+) -> None:
+    """After the recipe's training, every site evaluates the global model and every site's local model.
+
+    Adds :class:`~fl.workflows.cross_site_eval.CrossSiteModelEval` to the server; the sites' script must
+    answer ``validate`` (``flare.is_evaluate()``) and ``submit_model`` (``flare.is_submit_model()``).
+    Once per recipe: a second call (or a call on a recipe that evaluates already) raises RuntimeError.
+    """
+    from fl.workflows.cross_site_eval import CrossSiteModelEval
+
+    if getattr(recipe, "cross_site_evaluation", False):
+        raise RuntimeError(f"add_cross_site_evaluation: recipe {recipe.name!r} has cross-site evaluation already")
+    workflow = CrossSiteModelEval(
+        submit_model_timeout=submit_model_timeout,
+        validation_timeout=validation_timeout,
+        participating_clients=participating_clients,
     )
+    recipe.job.to(workflow, "server", id="cross_site_eval")
+    recipe.cross_site_evaluation = True  # type: ignore[attr-defined]

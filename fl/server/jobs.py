@@ -1,7 +1,8 @@
 """Jobs on the server: the queue, one thread per running job, status on disk, resume after restart.
 
 Every job lives in ``WORKSPACE/jobs/<job-id>/``: ``job/`` (the submitted folder), ``status.json``,
-``state.json`` (the workflow's last completed round), models, checkpoints, validation JSON,
+``state.json`` (the first workflow's last completed round; a later workflow's is ``state-<index>.json``,
+and ``workflows.json`` lists the workflows that finished), models, checkpoints, validation JSON,
 TensorBoard events and logs. A server that restarts picks up jobs that were running and resumes
 them from their last completed round.
 
@@ -31,7 +32,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -54,7 +55,7 @@ from fl.server.jobstore import JobError, JobSpec, read_job, zip_folder
 from fl.server.sites import SiteRegistry, SiteSession
 from fl.server.tasks import STATUS_INTERVAL_S, JobCommunicator, TaskBroker
 from fl.server.transfers import BlobStore, TransferError
-from fl.workflows.base import Controller, JobAborted, RoundFailed
+from fl.workflows.base import Controller, JobAborted, JobContext, RoundFailed
 
 __all__ = ["TERMINAL", "JobManager", "JobRecord", "JobRun"]
 
@@ -206,6 +207,53 @@ def _read_dropped(f: BinaryIO, size: int, notice_len: int) -> int | None:
     return int(count) if count.isdigit() else None
 
 
+class WorkflowStates:
+    """Each workflow's resumable state in its own file, and which workflows of the job have finished.
+
+    A job runs its workflows in order (FedAvg, then cross-site evaluation, ...). The first keeps the
+    un-keyed ``state.json`` (so jobs saved before states were keyed resume as they did); workflow ``i > 0``
+    keeps ``state-<i>.json``. ``workflows.json`` lists finished workflows, which a resumed job skips.
+    """
+
+    DONE_FILE = "workflows.json"
+
+    def __init__(self, run_dir: Path, *, resume: bool) -> None:
+        self.run_dir = run_dir
+        self.resume = resume
+        self.index = 0
+
+    def path(self, index: int) -> Path:
+        """Where workflow ``index`` keeps its state."""
+        return self.run_dir / ("state.json" if index == 0 else f"state-{index}.json")
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        atomic_write_json(self.path(self.index), dict(state))
+
+    def load(self) -> dict[str, Any] | None:
+        """The running workflow's last saved state, or None when it starts fresh."""
+        if not self.resume:
+            return None
+        state = read_json(self.path(self.index))
+        return state if isinstance(state, dict) else None
+
+    def finished(self) -> list[str]:
+        """Ids of the workflows that finished before a restart (none for a fresh job)."""
+        done = read_json(self.run_dir / self.DONE_FILE) if self.resume else None
+        return [str(cid) for cid in done.get("finished", [])] if isinstance(done, dict) else []
+
+    def run_all(self, workflows: Sequence[tuple[str, Controller]], ctx: JobContext) -> None:
+        """Run ``workflows`` in order on ``ctx``, each with its own state; skip those that finished already."""
+        finished = self.finished()
+        for index, (cid, workflow) in enumerate(workflows):
+            if cid in finished:
+                ctx.log.info("workflow %r finished before the restart: not running it again", cid)
+                continue
+            self.index = index
+            workflow.run(ctx)
+            finished.append(cid)
+            atomic_write_json(self.run_dir / self.DONE_FILE, {"finished": finished})
+
+
 class JobRun:
     """A running job: the JobContext its workflow and components see, and its life on the sites."""
 
@@ -231,7 +279,8 @@ class JobRun:
             describe_site=self.describe_site,
         )
         self.components: dict[str, Any] = {}
-        self.workflows: list[Controller] = []
+        self.workflows: list[tuple[str, Controller]] = []
+        self.states = WorkflowStates(self.run_dir, resume=resume)
         self.participants: list[str] = []
         self.failed_sites: dict[str, str] = {}
         self.logs = JobLogs(self.run_dir / "logs", max_bytes=manager.max_log_bytes)
@@ -299,10 +348,10 @@ class JobRun:
                     raise
 
     def save_state(self, state: Mapping[str, Any]) -> None:
-        atomic_write_json(self.run_dir / "state.json", dict(state))
+        self.states.save(state)
 
     def load_state(self) -> dict[str, Any] | None:
-        return read_json(self.run_dir / "state.json") if self.resume else None
+        return self.states.load()
 
     def set_progress(self, *, round: int | None = None, num_rounds: int | None = None, **summary: Any) -> None:
         with self._lock:
@@ -333,7 +382,7 @@ class JobRun:
             cid, obj = build_component(entry, where=where)
             if not isinstance(obj, Controller):
                 raise JobError(f"{where}: workflow {cid!r} is not a workflow class")
-            self.workflows.append(obj)
+            self.workflows.append((cid, obj))
             self.components[cid] = obj
 
     def _wait_for_sites(self) -> list[str]:
@@ -429,8 +478,7 @@ class JobRun:
                 if not (self.resume and session is not None and self.job_id in session.running_jobs):
                     self._start_on_site(site)
             self.fire("job_started")
-            for workflow in self.workflows:
-                workflow.run(self)
+            self.states.run_all(self.workflows, self)
             status, message = "finished", ""
         except JobAborted:
             status, message = "aborted", self.record.message or "aborted"

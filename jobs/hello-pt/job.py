@@ -2,6 +2,8 @@
 
 python jobs/hello-pt/job.py                      # simulate: 2 sites, 2 rounds
 python jobs/hello-pt/job.py --export-dir /tmp/jobs   # write the job folder for `fl simulate` / `fl submit`
+
+jobs/fedprox and jobs/cross-site-eval build on this file (define_parser, build_job, run) and its src/.
 """
 
 import argparse
@@ -13,9 +15,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def define_parser():
+def define_parser(name="hello-pt", description="Hello PyTorch: FedAvg with the Job API"):
     # FLARE's spellings (--n_clients, --num_rounds, --batch_size) work as well as fl's.
-    parser = argparse.ArgumentParser(description="Hello PyTorch: FedAvg with the Job API")
+    parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument
     add(
         "--n-sites",
@@ -37,7 +39,7 @@ def define_parser():
         metavar="N",
         help="FedAvg rounds (default: 2)",
     )
-    add("-w", "--workspace", default="/tmp/fl/hello-pt", help="simulator workspace (default: %(default)s)")
+    add("-w", "--workspace", default=f"/tmp/fl/{name}", help="simulator workspace (default: %(default)s)")
     add("--export-dir", help="export the job folder here instead of simulating")
     add("-t", "--threads", type=int, help="sites training at once in the simulator (default: all)")
     add("--gpu", metavar="IDS", help="comma-separated GPU ids, assigned to sites in turn (default: none)")
@@ -62,19 +64,9 @@ def define_parser():
     return parser
 
 
-def main():
-    args = define_parser().parse_args()
-    workspace = Path(args.workspace).resolve()
-    export_dir = Path(args.export_dir).resolve() if args.export_dir else None
-    os.chdir(HERE)  # the job's code paths below are relative to this folder
-    sys.path.insert(0, str(HERE))
-
-    from src.simple_network import SimpleNetwork
-
-    from fl.job import FedJob, ScriptRunner
-    from fl.workflows.fedavg import FedAvg
-
-    script_args = ["--dataset", args.dataset, "--epochs", str(args.epochs)]
+def script_args(args):
+    """The site script's command line from the job's arguments."""
+    result = ["--dataset", args.dataset, "--epochs", str(args.epochs)]
     options = (
         ("--data-root", args.data_root),
         ("--train-size", args.train_size),
@@ -84,31 +76,66 @@ def main():
     )
     for flag, value in options:
         if value is not None:
-            script_args += [flag, str(value)]
+            result += [flag, str(value)]
+    return result
 
+
+def site_names(args):
+    """--sites if given, else site-1 ... site-N."""
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
-    if sites:
-        args.n_sites = len(sites)
-    sites = sites or [f"site-{i + 1}" for i in range(args.n_sites)]
+    return sites or [f"site-{i + 1}" for i in range(args.n_sites)]
 
-    job = FedJob(name="hello-pt", min_clients=args.n_sites)
+
+def build_job(args, name="hello-pt", extra_script_args=(), after_training=()):
+    """FedAvg on the CNN over the sites running src/hello-pt_cifar10_fl.py; ``after_training``: workflows after it."""
+    os.chdir(HERE)  # the job's code paths below are relative to this folder
+    sys.path.insert(0, str(HERE))
+
+    from src.simple_network import SimpleNetwork
+
+    from fl.job import FedJob, ScriptRunner
+    from fl.workflows.fedavg import FedAvg
+
+    sites = site_names(args)
+    job = FedJob(name=name, min_clients=len(sites))
 
     # Define the controller workflow and send to server
-    controller = FedAvg(num_clients=args.n_sites, num_rounds=args.num_rounds)
+    controller = FedAvg(num_clients=len(sites), num_rounds=args.num_rounds)
     job.to(controller, "server")
+    for workflow in after_training:
+        job.to(workflow, "server")
 
     # Define the initial global model and send to server
     job.to(SimpleNetwork(), "server")
 
     # Add clients
     for site in sites:
-        runner = ScriptRunner(script="src/hello-pt_cifar10_fl.py", script_args=shlex.join(script_args))
+        runner = ScriptRunner(
+            script="src/hello-pt_cifar10_fl.py", script_args=shlex.join(script_args(args) + list(extra_script_args))
+        )
         job.to(runner, site)
+    return job
 
-    if export_dir is not None:
-        print(f"job folder: {job.export_job(export_dir)}")
+
+def run(job, args):
+    """Export the job folder (--export-dir) or run it in the simulator."""
+    if args.export_dir is not None:
+        print(f"job folder: {job.export_job(Path(args.export_dir))}")
         return 0
-    return job.simulator_run(workspace, threads=args.threads, gpu=args.gpu)
+    return job.simulator_run(Path(args.workspace), threads=args.threads, gpu=args.gpu)
+
+
+def parse_args(parser):
+    """The parsed arguments, with the workspace and export folder absolute (build_job changes folder)."""
+    args = parser.parse_args()
+    args.workspace = os.path.abspath(args.workspace)
+    args.export_dir = os.path.abspath(args.export_dir) if args.export_dir else None
+    return args
+
+
+def main():
+    args = parse_args(define_parser())
+    return run(build_job(args), args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from fl.recipe import (
     add_cross_site_evaluation,
     add_experiment_tracking,
 )
-from fl.recipe.pending import FedEvalRecipe, ScaffoldRecipe
+from fl.recipe.pending import ScaffoldRecipe
 from fl.workflows.fedavg import FedAvg
 
 NET = """
@@ -107,7 +107,7 @@ def test_fedprox_recipe_is_fedavg_on_the_server(code):
 
 @pytest.mark.parametrize(
     ("recipe", "algorithm"),
-    [(ScaffoldRecipe, "SCAFFOLD"), (FedEvalRecipe, "cross-site")],
+    [(ScaffoldRecipe, "SCAFFOLD")],
 )
 def test_recipes_of_missing_algorithms_name_what_is_missing(recipe, algorithm):
     with pytest.raises(NotImplementedError, match=f"fl has no {algorithm}"):
@@ -156,8 +156,12 @@ def test_experiment_tracking_and_cross_site_evaluation(code):
     assert any(c["path"] == "fl.components.tb_receiver.TBAnalyticsReceiver" for c in server["components"])
     with pytest.raises(JobConfigError, match="tracking_type 'neptune': one of tensorboard, mlflow, wandb"):
         add_experiment_tracking(recipe, tracking_type="neptune")
-    with pytest.raises(NotImplementedError, match="cross-site evaluation"):
-        add_cross_site_evaluation(recipe)
+    add_cross_site_evaluation(recipe)
+    workflows = _configs(recipe.export(code / "out2"))["app_server"]["workflows"]
+    assert [w["path"] for w in workflows] == [
+        "fl.workflows.fedavg.FedAvg",
+        "fl.workflows.cross_site_eval.CrossSiteModelEval",
+    ]
 
 
 def test_sim_env_checks_its_clients():

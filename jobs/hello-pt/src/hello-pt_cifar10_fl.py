@@ -7,9 +7,14 @@ with the number of steps it took (FedAvg's weight).
 Data: ``--dataset cifar10`` loads CIFAR10 with torchvision (downloading it into ``--data-root``);
 ``--dataset synthetic`` generates an offline dataset of shapes (see offline_data.py); ``auto``
 (the default) uses CIFAR10 if it is on disk or can be downloaded, and the offline dataset otherwise.
+
+``--fedprox-mu MU`` adds FedProx's proximal term (fl.client.fedprox.PTFedProxLoss) to the loss
+(jobs/fedprox). Cross-site evaluation (jobs/cross-site-eval): a ``validate`` task scores the model
+it carries without training; a ``submit_model`` task sends this site's last locally trained model.
 """
 
 import argparse
+import copy
 import fcntl
 import os
 import sys
@@ -21,6 +26,7 @@ from torch.optim import SGD
 from torch.utils.data import DataLoader, Subset
 
 import fl.client as flare
+from fl.client.fedprox import PTFedProxLoss
 from fl.client.tracking import SummaryWriter
 
 DATASET_PATH = os.environ.get("FL_DATA_ROOT", "/tmp/fl/data")
@@ -40,6 +46,9 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, help="default: 4 for CIFAR10 (the tutorial's), 16 synthetic")
     parser.add_argument(
         "--lr", type=float, help="SGD learning rate; default: 0.001 for CIFAR10 (the tutorial's), 0.02 synthetic"
+    )
+    parser.add_argument(
+        "--fedprox-mu", type=float, default=0.0, help="FedProx's proximal term weight mu (default: 0, plain FedAvg)"
     )
     return parser.parse_args()
 
@@ -129,22 +138,35 @@ def main():
     test_loader = DataLoader(test_set, batch_size=256, shuffle=False)
     print(
         f"{site_name}: {dataset_name} data, {len(train_set)} training and {len(test_set)} validation samples, "
-        f"batch size {batch_size}, lr {lr}, device {device}, {torch.get_num_threads()} threads",
+        f"batch size {batch_size}, lr {lr}, device {device}, {torch.get_num_threads()} threads"
+        + (f", FedProx mu {args.fedprox_mu}" if args.fedprox_mu > 0 else ""),
         flush=True,
     )
 
+    fedprox = PTFedProxLoss(mu=args.fedprox_mu) if args.fedprox_mu > 0 else None
+    local_weights = None  # this site's model after its last local training (what submit_model sends)
     summary_writer = SummaryWriter()
     while flare.is_running():
         input_model = flare.receive()
+        if flare.is_submit_model():
+            if local_weights is None:  # e.g. the script restarted after training: the server records no model
+                print(f"{site_name}: asked for its local model but has not trained one in this run", flush=True)
+                flare.send(flare.FLModel(metrics={}))
+            else:
+                print(f"{site_name}: sending its local model for cross-site evaluation", flush=True)
+                flare.send(flare.FLModel(params=local_weights))
+            continue
         current_round = input_model.current_round
         model.load_state_dict(input_model.params)
         model.to(device)
         accuracy = evaluate(model, test_loader, device)
 
         if flare.is_evaluate():
-            print(f"{site_name}: final validation: accuracy of the global model {accuracy:.4f}", flush=True)
+            owner = input_model.meta.get("_model_owner_", "the global model")
+            print(f"{site_name}: validation: accuracy of {owner} {accuracy:.4f}", flush=True)
             flare.send(flare.FLModel(metrics={"accuracy": accuracy}))
             continue
+        global_model = copy.deepcopy(model) if fedprox is not None else None
         print(
             f"{site_name}: round {current_round + 1}/{input_model.total_rounds}: "
             f"accuracy of the received global model {accuracy:.4f}",
@@ -159,6 +181,8 @@ def main():
                 images, labels = images.to(device), labels.to(device)
                 optimizer.zero_grad()
                 cost = loss_fn(model(images), labels)
+                if fedprox is not None:
+                    cost = cost + fedprox(model, global_model)
                 cost.backward()
                 optimizer.step()
                 running_loss += cost.item()
@@ -173,6 +197,7 @@ def main():
         local_accuracy = evaluate(model, test_loader, device)
         summary_writer.add_scalar(tag="local_accuracy", scalar=local_accuracy, global_step=current_round)
         print(f"{site_name}: accuracy after local training: {local_accuracy:.4f}", flush=True)
+        local_weights = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
 
         flare.send(
             flare.FLModel(

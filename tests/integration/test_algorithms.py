@@ -16,6 +16,10 @@ import torch
 
 from fl.simulator import simulate
 from fl.workflows.cyclic import Cyclic
+from fl.workflows.dp_strategies import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fl.workflows.robust_strategies import FedMedian
@@ -66,3 +70,23 @@ def test_fedmedian_runs_a_job_to_completion_in_the_simulator(make_job, tmp_path)
     final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]["weight"]
     assert torch.equal(final, torch.full((16,), float(ROUNDS)))  # the median of two "model + 1" updates
     assert not (folder / "models" / "spool").exists()  # the round's update files are gone
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_a_dp_job_runs_to_completion_in_the_simulator_and_logs_its_epsilon(adaptive, make_job, tmp_path, capfd):
+    dp_args = {"noise_multiplier": 0.5, "num_sampled_clients": 2, **ARGS}
+    workflow = (
+        DifferentialPrivacyServerSideAdaptiveClipping(initial_clipping_norm=2.0, clipped_count_stddev=1.0, **dp_args)
+        if adaptive
+        else DifferentialPrivacyServerSideFixedClipping(clipping_norm=2.0, **dp_args)
+    )
+    job = make_job(rounds=ROUNDS, workflow=workflow)
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    folder = run_dir(tmp_path / "ws")
+    final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    assert not torch.equal(final, torch.full((16,), float(ROUNDS)))  # noised
+    assert abs(float(final.mean()) - ROUNDS) < 1.5  # each round's delta of norm 4 (16 x 1) is clipped to 2 (or so)
+    logged = capfd.readouterr()
+    text = logged.out + logged.err + "".join(p.read_text() for p in folder.rglob("*.log"))
+    assert "differential privacy (the job): noise_multiplier=0.5" in text
+    assert f"rounds={ROUNDS}" in text and "epsilon=" in text

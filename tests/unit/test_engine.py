@@ -15,6 +15,10 @@ import pytest
 from fl.tensors import load_numpy
 from fl.workflows.base import RoundFailed
 from fl.workflows.cyclic import Cyclic
+from fl.workflows.dp_strategies import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedavg import FedAvg
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
@@ -32,6 +36,13 @@ ALGORITHMS: dict[str, Callable[[], RoundEngine]] = {
     "Cyclic": lambda: Cyclic(num_clients=3, num_rounds=3),
     "FedMedian": lambda: FedMedian(num_clients=3, num_rounds=3),
     "MultiKrum": lambda: MultiKrum(num_clients=3, num_rounds=3, num_nodes_to_select=2),
+    # noise 0: the resumed result is then deterministic; the adaptive norm is the state resumed
+    "DPFixedClipping": lambda: DifferentialPrivacyServerSideFixedClipping(
+        noise_multiplier=0.0, clipping_norm=0.05, num_sampled_clients=3, num_clients=3, num_rounds=3
+    ),
+    "DPAdaptiveClipping": lambda: DifferentialPrivacyServerSideAdaptiveClipping(
+        noise_multiplier=0.0, num_sampled_clients=3, initial_clipping_norm=0.05, num_clients=3, num_rounds=3
+    ),
 }
 
 

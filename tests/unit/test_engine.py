@@ -23,6 +23,7 @@ from fl.workflows.engine import RoundEngine
 from fl.workflows.fedavg import FedAvg
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fl.workflows.robust_strategies import FedMedian, MultiKrum
+from fl.workflows.scaffold import Scaffold
 from tests.unit.test_fedavg import Context, FakePersistor
 from tests.unit.test_fedopt import SITES, initial, make_site, site_update
 
@@ -40,14 +41,26 @@ ALGORITHMS: dict[str, Callable[[], RoundEngine]] = {
     "DPFixedClipping": lambda: DifferentialPrivacyServerSideFixedClipping(
         noise_multiplier=0.0, clipping_norm=0.05, num_sampled_clients=3, num_clients=3, num_rounds=3
     ),
+    "Scaffold": lambda: Scaffold(num_clients=3, num_rounds=3),
     "DPAdaptiveClipping": lambda: DifferentialPrivacyServerSideAdaptiveClipping(
         noise_multiplier=0.0, num_sampled_clients=3, initial_clipping_norm=0.05, num_clients=3, num_rounds=3
     ),
 }
 
 
+def with_control_diffs(site: Any) -> Any:
+    """A fake site that also answers SCAFFOLD's global controls: it returns them, transformed, as its control change."""
+
+    def answer(task: Any, model: Any) -> Any:
+        params, metrics, meta = site(task, model)
+        renamed = {k.replace("scaffold_c_global.", "scaffold_c_diff."): v for k, v in params.items()}
+        return renamed, metrics, meta
+
+    return answer
+
+
 def sites(fail_in_round: int | None = None) -> dict[str, Any]:
-    out = {name: make_site(name) for name in SITES}
+    out = {name: with_control_diffs(make_site(name)) for name in SITES}
     healthy = out["b"]
 
     def flaky(task: Any, model: Any) -> Any:

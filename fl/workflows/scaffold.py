@@ -151,4 +151,6 @@ class Scaffold(FedAvg):
 
     def load_strategy_state(self, arrays: Arrays) -> None:
         """Take back the global controls (none on a fresh run: they start at zero)."""
-        self._c = {name[len(C_GLOBAL_PREFIX) :]: np.array(v) for name, v in arrays.items() if name.startswith(C_GLOBAL_PREFIX)}
+        self._c = {
+            name[len(C_GLOBAL_PREFIX) :]: np.array(v) for name, v in arrays.items() if name.startswith(C_GLOBAL_PREFIX)
+        }

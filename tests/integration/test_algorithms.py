@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fl.simulator import simulate
+from fl.tensors import load_numpy
 from fl.workflows.cyclic import Cyclic
 from fl.workflows.dp_strategies import (
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -24,6 +25,7 @@ from fl.workflows.dp_strategies import (
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fl.workflows.robust_strategies import FedMedian
+from fl.workflows.scaffold import Scaffold
 from tests.integration.conftest import run_dir
 from tests.unit.test_fedopt import Reference, adam_like, momentum
 
@@ -96,3 +98,17 @@ def test_a_dp_job_runs_to_completion_in_the_simulator_and_logs_its_epsilon(adapt
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "differential privacy (the job): noise_multiplier=0.5" in text
     assert f"rounds={ROUNDS}" in text and "epsilon=" in text
+
+
+def test_a_scaffold_job_with_the_site_helper_runs_to_completion_in_the_simulator(make_job, tmp_path):
+    job = make_job(rounds=ROUNDS, workflow=Scaffold(**ARGS), script="src/scaffold_train.py")
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False) == 0
+    folder = run_dir(tmp_path / "ws")
+    final = torch.load(folder / "FL_global_model.pt", weights_only=True)["model"]
+    assert set(final) == {"weight"}  # the checkpoint holds the model, not the controls
+    # site-1 pulls toward 1, site-2 toward 3: the global model heads for their common optimum, 2
+    assert 1.0 < float(final["weight"].mean()) < 2.5
+    controls = load_numpy(folder / "models" / f"strategy-r{ROUNDS:04d}.safetensors")
+    assert set(controls) == {"scaffold_c_global.weight"}
+    assert float(np.abs(controls["scaffold_c_global.weight"]).max()) > 0  # the sites' control changes arrived
+    assert not list((folder / "models").glob("task-r*.safetensors"))  # each round's task file is gone

@@ -71,7 +71,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_opt.pt.recipes.fedavg.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",
     "nvflare.app_opt.pt.recipes.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",
     "nvflare.app_opt.pt.recipes.fedprox.FedProxRecipe": "fl.recipe.fedavg.FedProxRecipe",
-    "nvflare.app_opt.pt.recipes.scaffold.ScaffoldRecipe": "fl.recipe.pending.ScaffoldRecipe",
+    "nvflare.app_opt.pt.recipes.scaffold.ScaffoldRecipe": "fl.recipe.fedavg.ScaffoldRecipe",
     "nvflare.app_opt.pt.recipes.fedopt.FedOptRecipe": "fl.recipe.fedavg.FedOptRecipe",
     "nvflare.app_opt.pt.recipes.cyclic.CyclicRecipe": "fl.recipe.fedavg.CyclicRecipe",
     "nvflare.app_opt.pt.recipes.fedeval.FedEvalRecipe": "fl.recipe.pending.FedEvalRecipe",
@@ -84,6 +84,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     # Algorithms.
     "nvflare.app_opt.pt.fedopt_ctl.FedOpt": "fl.workflows.fedopt.FedOpt",
     "nvflare.app_common.workflows.cyclic.Cyclic": "fl.workflows.cyclic.Cyclic",
+    "nvflare.app_common.workflows.scaffold.Scaffold": "fl.workflows.scaffold.Scaffold",
     # Filters.
     "nvflare.app_common.filters.exclude_vars.ExcludeVars": "fl.filters.builtin.ExcludeVars",
     "nvflare.app_common.filters.ExcludeVars": "fl.filters.builtin.ExcludeVars",

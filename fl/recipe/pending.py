@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-__all__ = ["FedEvalRecipe", "ScaffoldRecipe"]
+__all__ = ["FedEvalRecipe"]
 
 
 def _missing(recipe: str, algorithm: str) -> NoReturn:
     raise NotImplementedError(
         f"{recipe}: fl has no {algorithm} workflow yet, so this recipe cannot be built; "
-        "FedAvgRecipe, FedProxRecipe, NumpyFedAvgRecipe, FedOptRecipe and CyclicRecipe are available"
+        "FedAvgRecipe, FedProxRecipe, NumpyFedAvgRecipe, FedOptRecipe, CyclicRecipe and ScaffoldRecipe are available"
     )
-
-
-class ScaffoldRecipe:
-    """FLARE's SCAFFOLD recipe (needs the SCAFFOLD workflow)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _missing("ScaffoldRecipe", "SCAFFOLD (control variates)")
 
 
 class FedEvalRecipe:

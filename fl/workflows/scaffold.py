@@ -118,6 +118,15 @@ class Scaffold(FedAvg):
         write_layout(path, task_layout, pieces(), digest=digest)
         return path, task_layout, digest.hexdigest()
 
+    def _weight(self, result: TaskResult) -> float:
+        """FedAvg's weight check, and a train result must be FULL (its control changes are already differences)."""
+        if result.params_path is not None and (result.params_type or "FULL") != "FULL":
+            raise ValueError(
+                f"{result.site} sent params_type {result.params_type!r}: Scaffold takes FULL results only "
+                "(the model with its scaffold_c_diff. tensors)"
+            )
+        return super()._weight(result)
+
     def _train_round(
         self,
         ctx: JobContext,

@@ -106,3 +106,21 @@ def test_saved_controls_that_do_not_fit_the_model_are_refused_naming_the_tensor(
     algo.load_strategy_state({C_GLOBAL_PREFIX + "w": np.zeros(5, np.float32)})
     with pytest.raises(ValueError, match=r"saved global control of 'w' has shape \[5\], the model's tensor \[6\]"):
         algo.task_model(0, (tmp_path / "unused.safetensors", None), Layout.build([("w", "F32", (6,))]))
+
+
+def test_a_diff_result_is_refused_naming_the_site(tmp_path):
+    ctx = Context(tmp_path, {n: site(n) for n in SITES}, {"persistor": FakePersistor(initial())})
+    original = ctx.communicator.broadcast_and_wait
+
+    def b_sends_a_diff(task: Any, targets: Any, **kwargs: Any) -> Any:
+        on_result = kwargs.pop("on_result")
+
+        def mark(result: Any) -> None:
+            result.params_type = "DIFF" if result.site == "b" else "FULL"
+            on_result(result)
+
+        return original(task, targets, on_result=mark, **kwargs)
+
+    ctx.communicator.broadcast_and_wait = b_sends_a_diff  # type: ignore[method-assign]
+    with pytest.raises(RoundFailed, match="b: b sent params_type 'DIFF': Scaffold takes FULL results only"):
+        Scaffold(num_clients=3, num_rounds=1).run(ctx)

@@ -53,7 +53,9 @@ class Scaffold(FedAvg):
     unused (results already stream to the server's disk). Other arguments: FedAvg's.
     """
 
-    def __init__(self, *, memory_gc_rounds: int = 0, enable_tensor_disk_offload: bool = False, **engine_args: Any):
+    def __init__(
+        self, *, memory_gc_rounds: int = 0, enable_tensor_disk_offload: bool = False, **engine_args: Any
+    ) -> None:
         if isinstance(memory_gc_rounds, bool) or not isinstance(memory_gc_rounds, int) or memory_gc_rounds < 0:
             raise ValueError(f"Scaffold: memory_gc_rounds must be a non-negative integer, got {memory_gc_rounds!r}")
         super().__init__(**engine_args)

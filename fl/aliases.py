@@ -74,7 +74,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.app_opt.pt.recipes.fedavg.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",
     "nvflare.app_opt.pt.recipes.FedAvgRecipe": "fl.recipe.fedavg.FedAvgRecipe",
     "nvflare.app_opt.pt.recipes.fedprox.FedProxRecipe": "fl.recipe.fedavg.FedProxRecipe",
-    "nvflare.app_opt.pt.recipes.scaffold.ScaffoldRecipe": "fl.recipe.pending.ScaffoldRecipe",
+    "nvflare.app_opt.pt.recipes.scaffold.ScaffoldRecipe": "fl.recipe.fedavg.ScaffoldRecipe",
     "nvflare.app_opt.pt.recipes.fedopt.FedOptRecipe": "fl.recipe.fedavg.FedOptRecipe",
     "nvflare.app_opt.pt.recipes.cyclic.CyclicRecipe": "fl.recipe.fedavg.CyclicRecipe",
     "nvflare.app_opt.pt.recipes.fedeval.FedEvalRecipe": "fl.recipe.fedeval.FedEvalRecipe",
@@ -107,6 +107,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.client.tracking.WandBWriter": "fl.client.tracking.WandBWriter",
     "nvflare.client.tracking.SummaryWriter": "fl.client.tracking.SummaryWriter",
     "nvflare.client.lightning.patch": "fl.client.lightning.patch",
+    "nvflare.app_common.workflows.scaffold.Scaffold": "fl.workflows.scaffold.Scaffold",
     # Filters.
     "nvflare.app_common.filters.exclude_vars.ExcludeVars": "fl.filters.builtin.ExcludeVars",
     "nvflare.app_common.filters.ExcludeVars": "fl.filters.builtin.ExcludeVars",

@@ -6,7 +6,8 @@ The control variates travel with the model as extra named tensors (fl has no pic
 * the result's params hold the change of this site's control ``c_i`` as ``scaffold_c_diff.<parameter name>``.
 
 Only trainable parameters have controls (buffers such as BatchNorm statistics are plain model
-state). A training script::
+state). fl's server sends a control for every floating-point tensor (it cannot tell parameters from
+buffers): those of buffers are ignored and their change is sent as zeros. A training script::
 
     helper = PTScaffoldHelper(); helper.init(model)
     model_params, c_global = split_controls(input_model.params)
@@ -52,6 +53,11 @@ def get_lr_values(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
+def _numpy_able(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or float32 for bfloat16 (numpy has no bfloat16)."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 def split_controls(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A task's params as (the model's params, the global controls by parameter name)."""
     model: dict[str, Any] = {}
@@ -82,6 +88,8 @@ class PTScaffoldHelper:
         self.c_delta_para: dict[str, np.ndarray] | None = None
         self._model: weakref.ref[nn.Module] | None = None
         self._corrections: Controls = {}
+        #: float buffers the server sent controls for: ignored, their change is zero
+        self._buffer_controls: dict[str, np.ndarray] = {}
 
     def init(self, model: nn.Module) -> None:
         """Start with zero controls for every parameter of ``model`` (kept by weak reference)."""
@@ -100,8 +108,15 @@ class PTScaffoldHelper:
 
     def load_global_controls(self, weights: Mapping[str, Any]) -> None:
         """Take the server's global controls (numpy arrays or tensors by parameter name); absent ones are 0."""
-        params = dict(self._get_model().named_parameters())
-        unknown = sorted(set(weights) - set(params))
+        model = self._get_model()
+        params = dict(model.named_parameters())
+        buffers = {k: b for k, b in model.named_buffers() if k not in params and b.is_floating_point()}
+        self._buffer_controls = {
+            k: torch.zeros_like(buffers[k], device="cpu", dtype=_numpy_able(buffers[k].dtype)).numpy()
+            for k in weights
+            if k in buffers
+        }
+        unknown = sorted(set(weights) - set(params) - set(buffers))
         if unknown:
             raise ValueError(f"SCAFFOLD: global controls for parameters the model lacks: {unknown[:5]}")
         controls: Controls = {}
@@ -165,7 +180,7 @@ class PTScaffoldHelper:
                 correction = self._correction(key, param, c_global_para, c_local_para)
                 new_local = (-correction + (global_state[key].to(param) - param) / (self.cnt * curr_lr)).cpu()
                 change = new_local - c_local_para[key].to(new_local)
-                delta[key] = (change.float() if change.dtype == torch.bfloat16 else change).numpy()
+                delta[key] = change.to(_numpy_able(change.dtype)).numpy()
                 self.c_local[key] = new_local
         self.c_delta_para = delta
         self._corrections = {}
@@ -174,4 +189,4 @@ class PTScaffoldHelper:
         """This round's change of the local controls, by parameter name (``scaffold_c_diff.`` in the result)."""
         if self.c_delta_para is None:
             raise ValueError("SCAFFOLD: the control change is computed by terms_update, which has not run")
-        return self.c_delta_para
+        return {**self.c_delta_para, **self._buffer_controls}

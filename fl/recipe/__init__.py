@@ -8,7 +8,14 @@ run.get_status(), run.get_result()
 """
 
 from fl.recipe.env import PocEnv, ProdEnv, Run, SimEnv
-from fl.recipe.fedavg import CyclicRecipe, FedAvgRecipe, FedOptRecipe, FedProxRecipe, NumpyFedAvgRecipe
+from fl.recipe.fedavg import (
+    CyclicRecipe,
+    FedAvgRecipe,
+    FedOptRecipe,
+    FedProxRecipe,
+    NumpyFedAvgRecipe,
+    ScaffoldRecipe,
+)
 from fl.recipe.fedeval import FedEvalRecipe
 from fl.recipe.spec import Recipe
 from fl.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
@@ -24,6 +31,7 @@ __all__ = [
     "ProdEnv",
     "Recipe",
     "Run",
+    "ScaffoldRecipe",
     "SimEnv",
     "add_cross_site_evaluation",
     "add_experiment_tracking",

@@ -1,5 +1,6 @@
 """FedAvg-shaped recipes with FLARE's arguments: ``FedAvgRecipe`` (PyTorch), ``FedProxRecipe``,
-``NumpyFedAvgRecipe``, ``FedOptRecipe`` and ``CyclicRecipe`` (each differs only in its server workflow).
+``NumpyFedAvgRecipe``, ``FedOptRecipe``, ``CyclicRecipe`` and ``ScaffoldRecipe`` (each differs only in its
+server workflow).
 
 Each builds a :class:`~fl.job.fed_job.FedJob` (the Job API does the work): FedAvg on the server, the
 initial model (an instance, or FLARE's ``{"class_path", "args"}`` dict) with its persistor, and a
@@ -15,7 +16,7 @@ from typing import Any
 from fl.job.fed_job import FedJob, JobConfigError, PTModel, ScriptRunner
 from fl.recipe.spec import Recipe
 
-__all__ = ["CyclicRecipe", "FedAvgRecipe", "FedOptRecipe", "FedProxRecipe", "NumpyFedAvgRecipe"]
+__all__ = ["CyclicRecipe", "FedAvgRecipe", "FedOptRecipe", "FedProxRecipe", "NumpyFedAvgRecipe", "ScaffoldRecipe"]
 
 #: What ``per_site_config[site]`` may set for that site's script.
 SITE_KEYS = frozenset({"train_script", "train_args", "launch_external_process", "command"})
@@ -217,3 +218,35 @@ class CyclicRecipe(FedAvgRecipe):
         from fl.workflows.cyclic import Cyclic
 
         return Cyclic(num_clients=min_clients, num_rounds=num_rounds)
+
+
+class ScaffoldRecipe(FedAvgRecipe):
+    """FLARE's ``ScaffoldRecipe``: FedAvg's rounds plus control variates (:class:`fl.workflows.scaffold.Scaffold`).
+
+    The training script uses :class:`fl.client.scaffold.PTScaffoldHelper`: the controls come and go
+    as extra tensors of the params (``split_controls`` / ``with_control_diff``), not in FLARE's meta.
+    Results are FULL models (the control changes are already differences). ``server_memory_gc_rounds``,
+    ``cuda_empty_cache`` and ``enable_tensor_disk_offload`` are accepted and have nothing to do here.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "scaffold",
+        params_transfer_type: str = "FULL",
+        server_memory_gc_rounds: int = 0,
+        cuda_empty_cache: bool = False,
+        enable_tensor_disk_offload: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if params_transfer_type != "FULL":
+            raise JobConfigError(
+                f"ScaffoldRecipe: params_transfer_type={params_transfer_type!r} is not supported; SCAFFOLD's "
+                "results are FULL models with their control changes"
+            )
+        super().__init__(name=name, params_transfer_type=params_transfer_type, **kwargs)
+
+    def _workflow(self, *, min_clients: int, num_rounds: int) -> Any:
+        from fl.workflows.scaffold import Scaffold
+
+        return Scaffold(num_clients=min_clients, num_rounds=num_rounds)

@@ -140,7 +140,7 @@ class TaskBroker:
             raise TransferError("PERMISSION_DENIED", f"task {task_id} belongs to site {task.site}, not {site}")
         if task.busy:  # its upload was taken: another one would hold spool the site's limit no longer counts
             raise TransferError("FAILED_PRECONDITION", f"a result for task {task_id} is already being processed")
-        layout = task.spec.model_layout
+        layout = task.spec.expected_result_layout
         if layout is None:
             raise TransferError("FAILED_PRECONDITION", f"task {task_id} ({task.spec.name}) takes no params")
         return layout, layout.data_bytes + HEADER_ALLOWANCE
@@ -148,7 +148,7 @@ class TaskBroker:
     def spool_limit(self, site: str) -> int:
         """Spool bytes ``site``'s uploads may hold together, from the largest model it has a task for."""
         with self._lock:
-            models = [t.spec.model_layout for t in self._pending.values() if t.site == site]
+            models = [t.spec.expected_result_layout for t in self._pending.values() if t.site == site]
         return site_spool_limit(max((m.data_bytes for m in models if m is not None), default=0))
 
     def submit(self, site: str, request: pb.SubmitResultRequest) -> tuple[bool, str]:

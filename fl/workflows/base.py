@@ -52,6 +52,13 @@ class TaskSpec:
     meta: Mapping[str, Any] = field(default_factory=dict)
     #: Whether results must carry params in the model's layout (train), or may carry none.
     expect_params: bool = True
+    #: The layout a result's params must have, if not the model's (SCAFFOLD: params + control changes).
+    result_layout: Layout | None = None
+
+    @property
+    def expected_result_layout(self) -> Layout | None:
+        """The layout results are checked against: :attr:`result_layout`, by default the model's."""
+        return self.result_layout if self.result_layout is not None else self.model_layout
 
 
 @dataclass

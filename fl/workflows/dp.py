@@ -337,13 +337,23 @@ def job_epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate:
 
 
 def log_privacy(
-    clipping: FixedClipping, rounds: int, delta: float, sample_rate: float = 1.0, *, logger: logging.Logger = log
+    clipping: FixedClipping,
+    rounds: int,
+    delta: float,
+    sample_rate: float = 1.0,
+    *,
+    logger: logging.Logger | logging.LoggerAdapter[Any] = log,
+    scope: str = "",
 ) -> float:
-    """Log the job's noise multiplier, clipping norm and (epsilon, delta); returns epsilon."""
+    """Log the job's noise multiplier, clipping norm and (epsilon, delta); returns epsilon.
+
+    ``scope`` (e.g. "so far", "the job") is said after "differential privacy" in the line.
+    """
     eps, how = job_epsilon(clipping.noise_multiplier, rounds, delta, sample_rate)
     logger.info(
-        "differential privacy: noise_multiplier=%g (model %g) clipping_norm=%g rounds=%d sample_rate=%g "
+        "differential privacy%s: noise_multiplier=%g (model %g) clipping_norm=%g rounds=%d sample_rate=%g "
         "epsilon=%.4g delta=%g (%s)",
+        f" ({scope})" if scope else "",
         clipping.noise_multiplier,
         clipping.model_noise_multiplier,
         clipping.clipping_norm,

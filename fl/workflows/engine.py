@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -138,6 +139,18 @@ class RoundEngine(Controller):
         """
         raise NotImplementedError(f"{type(self).__name__} streams its results; combine() is not used")
 
+    def task_model(self, rnd: int, model: tuple[Path, str | None], layout: Layout) -> tuple[Path, Layout, str | None]:
+        """The file (path, layout, checksum) round ``rnd``'s train task carries for ``model``: the model itself.
+
+        SCAFFOLD sends the model plus its control tensors; a file other than the model is removed
+        when the round's results are in.
+        """
+        return model[0], layout, model[1]
+
+    def result_layout(self, layout: Layout) -> Layout:
+        """The layout a train result must have (the model's ``layout``; SCAFFOLD adds its control changes)."""
+        return layout
+
     def strategy_state(self) -> Arrays:
         """The algorithm's own tensors to resume with (e.g. server optimizer moments); none by default."""
         return {}
@@ -185,7 +198,7 @@ class RoundEngine(Controller):
         strategy_file = ctx.run_dir / "models" / state["strategy_file"] if state.get("strategy_file") else None
         self.load_strategy_state(load_numpy(strategy_file) if strategy_file else {})
         layout = read_layout(model_path)
-        averager = WeightedAverage(layout)
+        averager = WeightedAverage(self.result_layout(layout))
         reported_metrics = bool(state.get("sites_report_metrics", False))
         ctx.set_progress(round=start, num_rounds=self.num_rounds)
         checkpoint = Background()
@@ -341,7 +354,7 @@ class RoundEngine(Controller):
         targets: list[str],
     ) -> list[TaskResult]:
         """Send round ``rnd``'s train task with ``model`` (path, checksum) to ``targets``; fold what comes back."""
-        model_path, model_checksum = model
+        model_path = model[0]
         spooled = self.max_site_share is not None or not self.streams
         spool = Spool(ctx.run_dir / "models" / "spool", self.max_site_share) if spooled else None
 
@@ -356,16 +369,18 @@ class RoundEngine(Controller):
                 averager.add_file(result.params_path, weight, params_type=params_type, base_path=model_path)
             ctx.fire("result_received", round=rnd, site=result.site, metrics=result.metrics, meta=result.meta)
 
+        task_path, task_layout, task_checksum = self.task_model(rnd, model, layout)
         task = TaskSpec(
             name=TRAIN_TASK,
             round=rnd,
             num_rounds=self.num_rounds,
-            model_path=model_path,
-            model_layout=layout,
-            model_checksum=model_checksum,
+            model_path=task_path,
+            model_layout=task_layout,
+            model_checksum=task_checksum,
             meta={**self.train_meta(rnd), FLMetaKey.CURRENT_ROUND: rnd, FLMetaKey.TOTAL_ROUNDS: self.num_rounds},
+            result_layout=averager.layout,
         )
-        with spool or contextlib.nullcontext():
+        with spool or contextlib.nullcontext(), self._removed_after(task_path, model_path):
             results = ctx.communicator.broadcast_and_wait(
                 task,
                 targets,
@@ -378,6 +393,16 @@ class RoundEngine(Controller):
             elif spool is not None:
                 self.combine(spool.kept([r.site for r in results]), model_path, layout, averager)
         return results
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _removed_after(task_path: Path, model_path: Path) -> Iterator[None]:
+        """Remove a task's own model file (``task_path``, if not the global model) once its round is done."""
+        try:
+            yield
+        finally:
+            if task_path != model_path:
+                remove_old_model(task_path)
 
     def _validate_final(self, ctx: JobContext, model_path: Path, model_checksum: str | None, layout: Layout) -> None:
         ctx.set_progress(phase="validating final model")

@@ -32,6 +32,7 @@ def make_job(monkeypatch) -> Iterator[Callable[..., FedJob]]:
         framework: str = "numpy",
         round_timeout: float = 120.0,
         workflow: Controller | None = None,
+        script: str = "src/plus_one.py",
     ) -> FedJob:
         from src.models import FlatModel
 
@@ -45,7 +46,7 @@ def make_job(monkeypatch) -> Iterator[Callable[..., FedJob]]:
         for i in range(sites):
             site = f"site-{i + 1}"
             args = (script_args or {}).get(site, "")
-            job.to(ScriptRunner(script="src/plus_one.py", script_args=args, framework=framework), site)
+            job.to(ScriptRunner(script=script, script_args=args, framework=framework), site)
         return job
 
     yield make

@@ -15,6 +15,7 @@ from fl.config import ConfigError, HostPolicy, check_config, instantiate, resolv
 from fl.job import FedJob, JobConfigError, ScriptRunner
 from fl.server.jobstore import JobError, extract_zip, read_job, zip_folder
 from fl.workflows.fedavg import FedAvg
+from fl.workflows.scaffold import Scaffold
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO_PT = REPO / "jobs" / "hello-pt"
@@ -140,7 +141,11 @@ def test_component_paths_load_only_from_fl_or_flare_names():
     with pytest.raises(ConfigError, match="not a component"):
         resolve_class("fl.fsutil.Path")
     with pytest.raises(ConfigError, match="no fl equivalent"):
-        resolve_class("nvflare.app_common.workflows.scaffold.Scaffold")
+        resolve_class("nvflare.app_common.ccwf.swarm_server_ctl.SwarmServerController")
+    assert resolve_class("nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval").__name__ == (
+        "CrossSiteModelEval"
+    )
+    assert resolve_class("nvflare.app_common.workflows.scaffold.Scaffold") is Scaffold
     with pytest.raises(ConfigError, match="cannot import"):
         resolve_class("fl.nothing_here.Thing")
 

@@ -15,10 +15,15 @@ import pytest
 from fl.tensors import load_numpy
 from fl.workflows.base import RoundFailed
 from fl.workflows.cyclic import Cyclic
+from fl.workflows.dp_strategies import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 from fl.workflows.engine import RoundEngine
 from fl.workflows.fedavg import FedAvg
 from fl.workflows.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fl.workflows.robust_strategies import FedMedian, MultiKrum
+from fl.workflows.scaffold import Scaffold
 from tests.unit.test_fedavg import Context, FakePersistor
 from tests.unit.test_fedopt import SITES, initial, make_site, site_update
 
@@ -32,11 +37,30 @@ ALGORITHMS: dict[str, Callable[[], RoundEngine]] = {
     "Cyclic": lambda: Cyclic(num_clients=3, num_rounds=3),
     "FedMedian": lambda: FedMedian(num_clients=3, num_rounds=3),
     "MultiKrum": lambda: MultiKrum(num_clients=3, num_rounds=3, num_nodes_to_select=2),
+    # noise 0: the resumed result is then deterministic; the adaptive norm is the state resumed
+    "DPFixedClipping": lambda: DifferentialPrivacyServerSideFixedClipping(
+        noise_multiplier=0.0, clipping_norm=0.05, num_sampled_clients=3, num_clients=3, num_rounds=3
+    ),
+    "Scaffold": lambda: Scaffold(num_clients=3, num_rounds=3),
+    "DPAdaptiveClipping": lambda: DifferentialPrivacyServerSideAdaptiveClipping(
+        noise_multiplier=0.0, num_sampled_clients=3, initial_clipping_norm=0.05, num_clients=3, num_rounds=3
+    ),
 }
 
 
+def with_control_diffs(site: Any) -> Any:
+    """A fake site that also answers SCAFFOLD's global controls: it returns them, transformed, as its control change."""
+
+    def answer(task: Any, model: Any) -> Any:
+        params, metrics, meta = site(task, model)
+        renamed = {k.replace("scaffold_c_global.", "scaffold_c_diff."): v for k, v in params.items()}
+        return renamed, metrics, meta
+
+    return answer
+
+
 def sites(fail_in_round: int | None = None) -> dict[str, Any]:
-    out = {name: make_site(name) for name in SITES}
+    out = {name: with_control_diffs(make_site(name)) for name in SITES}
     healthy = out["b"]
 
     def flaky(task: Any, model: Any) -> Any:

@@ -15,11 +15,11 @@ from fl.recipe import (
     FedAvgRecipe,
     FedOptRecipe,
     FedProxRecipe,
+    ScaffoldRecipe,
     SimEnv,
     add_cross_site_evaluation,
     add_experiment_tracking,
 )
-from fl.recipe.pending import ScaffoldRecipe
 from fl.workflows.fedavg import FedAvg
 
 NET = """
@@ -105,13 +105,23 @@ def test_fedprox_recipe_is_fedavg_on_the_server(code):
     assert _configs(recipe.export(code / "out"))["app_server"]["workflows"][0]["path"] == "fl.workflows.fedavg.FedAvg"
 
 
-@pytest.mark.parametrize(
-    ("recipe", "algorithm"),
-    [(ScaffoldRecipe, "SCAFFOLD")],
-)
-def test_recipes_of_missing_algorithms_name_what_is_missing(recipe, algorithm):
-    with pytest.raises(NotImplementedError, match=f"fl has no {algorithm}"):
-        recipe(min_clients=2, train_script="train.py")
+def test_scaffold_recipe_takes_flares_arguments_and_exports_scaffold(code):
+    from net import Net
+
+    recipe = ScaffoldRecipe(
+        model=Net(),
+        min_clients=2,
+        num_rounds=4,
+        train_script="train.py",
+        server_memory_gc_rounds=1,
+        cuda_empty_cache=True,
+    )
+    workflow = _configs(recipe.export(code / "out"))["app_server"]["workflows"][0]
+    assert workflow["path"] == "fl.workflows.scaffold.Scaffold"
+    built = instantiate(workflow)
+    assert (recipe.name, built.num_rounds, built.num_clients) == ("scaffold", 4, 2)
+    with pytest.raises(JobConfigError, match="ScaffoldRecipe: params_transfer_type='DIFF' is not supported"):
+        ScaffoldRecipe(model=Net(), min_clients=2, train_script="train.py", params_transfer_type="DIFF")
 
 
 def test_fedopt_recipe_takes_flares_example_arguments_and_exports_fedopt(code):

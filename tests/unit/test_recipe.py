@@ -91,8 +91,8 @@ def test_per_site_config_gives_each_site_its_own_script_arguments(code):
 def test_recipe_options_fl_cannot_honour_are_refused_not_ignored(code):
     with pytest.raises(JobConfigError, match="client_memory_gc_rounds=2: not supported"):
         _recipe(client_memory_gc_rounds=2)
-    with pytest.raises(JobConfigError, match="params_transfer_type 'DIFF' is not supported"):
-        _recipe(params_transfer_type="DIFF")
+    with pytest.raises(JobConfigError, match="params_transfer_type must be one of FULL, DIFF, got 'HALF'"):
+        _recipe(params_transfer_type="HALF")
     with pytest.raises(JobConfigError, match="give model="):
         _recipe(model=None)
 

@@ -138,3 +138,23 @@ def test_flare_hello_lightning_job_py_trains_the_global_model(tmp_path):
     assert any(not torch.equal(final["model"][k], initial[k]) for k in initial), "the global model never trained"
     validation = (result / "validation.json").read_text()
     assert '"accuracy"' in validation, validation
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_flare_hello_numpy_full_script_under_diff_transfer_is_sent_as_a_difference(tmp_path, monkeypatch):
+    """FLARE's TransferType.DIFF with a script sending FULL arrays still ends exact, end to end (the wire's
+    DIFF is proven in tests/unit/test_client_api.py; this shows the server adds it to the right base)."""
+    from fl.recipe import NumpyFedAvgRecipe, SimEnv
+
+    _port_example(tmp_path, HELLO_NUMPY)
+    monkeypatch.chdir(tmp_path)
+    recipe = NumpyFedAvgRecipe(
+        name="numpy-full-as-diff", min_clients=2, num_rounds=2, model=[[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+        train_script="client.py", train_args="--update_type full", params_transfer_type="DIFF",
+    )  # fmt: skip
+    run = recipe.execute(SimEnv(num_clients=2, workspace_root=tmp_path / "ws"))
+    result = run.get_result()
+    assert run.get_status() == "finished" and result is not None
+    final = np.load(result / "models" / "server.npy", allow_pickle=False)
+    # Had the FULL arrays been added as differences, the model would have grown far past +2.
+    np.testing.assert_array_equal(final, np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.float32) + 2)

@@ -187,12 +187,16 @@ class ClientAPI:
             "params_type": getattr(model.params_type, "value", model.params_type) or ParamsType.FULL.value,
             "path": None,
         }
-        if model.params is not None:
+        params = model.params
+        if params is not None and self._info.get("transfer_type") == "DIFF" and _is_full(model):
+            params = self._difference(dict(params))
+            message["params_type"] = ParamsType.DIFF.value
+        if params is not None:
             from fl.tensors import write_tensors
 
             path = Path(task["result_path"])
             checksum = Checksum()
-            write_tensors(path, dict(model.params), digest=checksum)
+            write_tensors(path, dict(params), digest=checksum)
             message["path"] = str(path)
             message["checksum"] = checksum.hexdigest()
         channel.send(message)
@@ -206,6 +210,18 @@ class ClientAPI:
             warnings.warn(f"fl: the server did not accept this result: {reply.get('message')}", stacklevel=3)
             return False
         return True
+
+    def _difference(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A FULL result minus the model received for this task (the job's ``params_transfer_type`` is DIFF)."""
+        received = self._model.params if self._model is not None else None
+        if not received:
+            raise RuntimeError("fl.client.send(): params_transfer_type is DIFF but this task brought no model")
+        missing = sorted(set(params) - set(received))
+        if missing:
+            raise ValueError(
+                f"fl.client.send(): params_transfer_type is DIFF but {missing[:5]} were not in the received model"
+            )
+        return {name: value - received[name] for name, value in params.items()}
 
     # ------------------------------------------------------------------ info
     def _task_name(self) -> str | None:
@@ -295,6 +311,11 @@ def _record(tag: str, value: Any, step: int | None, now: float, member: str) -> 
         print(f"fl: metric {tag!r} is {value}; sent as null", file=sys.stderr)
         return {"tag": tag, "value": None, "step": step, "wall_time": now, "group_member": member}
     return {"tag": tag, "value": value, "step": step, "wall_time": now, "group_member": member}
+
+
+def _is_full(model: FLModel) -> bool:
+    """Whether ``model`` carries whole parameters (FULL, the default), not a difference."""
+    return (getattr(model.params_type, "value", model.params_type) or ParamsType.FULL.value) == ParamsType.FULL.value
 
 
 def _json_meta(meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -13,7 +13,8 @@ __all__ = ["EXCHANGE_FORMATS", "ScriptExecutor"]
 
 #: What the script receives: torch tensors, NumPy arrays, or ("raw") the arrays as they travel (NumPy).
 EXCHANGE_FORMATS = ("pytorch", "numpy", "raw")
-TRANSFER_TYPES = ("FULL",)
+#: FULL: the script's params go as sent; DIFF: FLARE's, a FULL result is sent as its difference to the received model.
+TRANSFER_TYPES = ("FULL", "DIFF")
 
 
 class ScriptExecutor(Component):
@@ -30,7 +31,8 @@ class ScriptExecutor(Component):
     command:
         The interpreter command, default the site's own Python with unbuffered output.
     params_transfer_type:
-        ``"FULL"``; a script that sends differences says so itself (``FLModel(params_type="DIFF")``).
+        ``"FULL"``, or ``"DIFF"``: the client API sends a FULL result as its difference to the model it
+        received (FLARE's ``TransferType.DIFF``); a script may also send ``FLModel(params_type="DIFF")`` itself.
     server_expected_format:
         FLARE's setting of what the server converts results to; fl's server always keeps arrays
         (safetensors), so ``"numpy"`` and ``"pytorch"`` both work.
@@ -67,8 +69,7 @@ class ScriptExecutor(Component):
             )
         if params_transfer_type not in TRANSFER_TYPES:
             raise ValueError(
-                f"params_transfer_type {params_transfer_type!r} is not supported: fl transfers FULL models; "
-                "a script that sends differences sets FLModel(params_type='DIFF') itself"
+                f"params_transfer_type must be one of {', '.join(TRANSFER_TYPES)}, got {params_transfer_type!r}"
             )
         if server_expected_format not in ("numpy", "pytorch"):
             raise ValueError(f"server_expected_format must be 'numpy' or 'pytorch', got {server_expected_format!r}")
@@ -77,5 +78,5 @@ class ScriptExecutor(Component):
         # The client API knows torch and NumPy; "raw" arrays are NumPy arrays in fl.
         self.params_exchange_format = "numpy" if params_exchange_format == "raw" else params_exchange_format
         self.command = command
-        self.params_transfer_type = "FULL"
+        self.params_transfer_type = params_transfer_type
         self.server_expected_format = server_expected_format

@@ -77,7 +77,7 @@ class ScriptRunner:
     framework:
         ``FrameworkType.PYTORCH`` (params arrive as torch tensors), ``NUMPY`` or ``RAW`` (NumPy arrays).
     params_transfer_type:
-        ``"FULL"`` (FLARE's ``TransferType.FULL``); see :class:`~fl.components.script_executor.ScriptExecutor`.
+        ``"FULL"`` or ``"DIFF"`` (FLARE's ``TransferType``); see :class:`~fl.components.script_executor.ScriptExecutor`.
     server_expected_format:
         ``"numpy"`` or ``"pytorch"`` (FLARE's ``ExchangeFormat``); fl's server keeps arrays either way.
     """
@@ -463,6 +463,7 @@ class FedJob:
             task_script_path=script.relative_to(root).as_posix() if rel_dir != Path(".") else script.name,
             task_script_args=runner.script_args,
             params_exchange_format=runner.framework,
+            params_transfer_type=runner.params_transfer_type,
             server_expected_format=runner.server_expected_format,
             **settings,
         )

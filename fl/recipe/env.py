@@ -65,8 +65,10 @@ class SimEnv:
         clients: list[str] | None = None,
         num_threads: int | None = None,
         gpu_config: str | None = None,
+        log_config: str | None = None,
         workspace_root: str | os.PathLike[str] = "/tmp/fl/simulation",
         timeout: float | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         if num_clients < 0 or (num_clients == 0 and not clients):
             raise JobConfigError("SimEnv: give num_clients (at least 1) or clients")
@@ -78,10 +80,14 @@ class SimEnv:
         self.gpu_config = gpu_config
         self.workspace_root = Path(os.environ.get("FL_SIMULATOR_WORKSPACE_ROOT") or workspace_root)
         self.timeout = timeout
+        self.log_config = log_config
+        self.extra = dict(extra or {})
+        _log_level(log_config)  # a bad value is refused here, before anything runs
 
     def deploy(self, job: FedJob) -> Run:
         """Simulate ``job`` in ``workspace_root/<job name>``; returns when it ended."""
         workspace = (self.workspace_root / job.name).resolve()
+        _apply_log_config(self.log_config)
         code = job.simulator_run(
             workspace,
             n_clients=None if self.clients else self.num_clients,
@@ -96,6 +102,40 @@ class SimEnv:
         return Run(
             result.name if result else job.name, status=status or ("finished" if code == 0 else "failed"), result=result
         )
+
+
+#: FLARE's log modes and the level fl logs at for each (fl's format is one; "verbose" adds debug).
+LOG_MODES = {"concise": "INFO", "full": "INFO", "verbose": "DEBUG"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(log_config: str | None) -> str | None:
+    """The level FLARE's ``log_config`` names (a mode or a level), None for none or a JSON config file."""
+    if log_config is None or log_config.endswith(".json"):
+        return None
+    level = LOG_MODES.get(log_config.lower(), log_config.upper())
+    if level not in LOG_LEVELS:
+        raise JobConfigError(
+            f"SimEnv: log_config {log_config!r} is not one of {', '.join(LOG_MODES)}, a level "
+            f"({', '.join(x.lower() for x in LOG_LEVELS)}) or a .json logging config file"
+        )
+    return level
+
+
+def _apply_log_config(log_config: str | None) -> None:
+    """Configure this process's logging as FLARE's ``log_config`` says (a JSON file is a dictConfig)."""
+    import json
+    import logging.config
+
+    from fl.log import setup_logging
+
+    if log_config is not None and log_config.endswith(".json"):
+        try:
+            logging.config.dictConfig(json.loads(Path(log_config).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise JobConfigError(f"SimEnv: log_config {log_config}: {exc}") from None
+    elif (level := _log_level(log_config)) is not None:
+        setup_logging(level=level)
 
 
 def _read_status(run_dir: Path) -> str | None:

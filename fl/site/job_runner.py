@@ -296,6 +296,7 @@ class JobRunner:
             "job_name": self.start_msg.job_name,
             "num_rounds": self.start_msg.num_rounds,
             "params_format": self.executor.params_exchange_format,
+            "transfer_type": self.executor.params_transfer_type,
             "torch_threads": int(threads) if threads else None,
         }
 

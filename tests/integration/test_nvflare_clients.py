@@ -1,8 +1,11 @@
-"""NVIDIA FLARE's NumPy and Lightning client scripts run on fl with ``nvflare`` replaced by ``fl`` in their imports.
+"""NVIDIA FLARE's own hello-numpy and hello-lightning examples (``job.py`` and its client script) run on fl,
+with ``nvflare`` replaced by ``fl`` in their import lines and nothing else.
 
-The scripts are read from an NVFlare repository at test time (FL_NVFLARE_REPO, default this
-machine's mirror); nothing of FLARE is copied into this project. The job around each script is
-built with fl's Job API.
+The examples are read from an NVFlare repository at test time (FL_NVFLARE_REPO, default this
+machine's mirror); nothing of FLARE is copied into this project. Each ``job.py`` runs as its own
+process (``python job.py ...``, as its README says) with only arguments the example itself offers;
+FL_SIMULATOR_WORKSPACE_ROOT (fl's counterpart of FLARE's NVFLARE_SIMULATOR_WORKSPACE_ROOT) puts
+the simulator's workspace under the test's folder.
 """
 
 from __future__ import annotations
@@ -10,21 +13,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fl.aliases import NVFLARE_ALIASES
-from fl.job import FedJob, ScriptRunner
-from fl.simulator import simulate
-from fl.workflows.fedavg import FedAvg
-from tests.integration.conftest import run_dir
 from tests.integration.test_nvflare_client_script import DEFAULT_REPO, _example_files
 
 HELLO_NUMPY = "examples/hello-world/hello-numpy"
 HELLO_LIGHTNING = "examples/hello-world/hello-lightning"
 _FROM_IMPORT = re.compile(r"^(\s*)from (fl(?:\.\w+)+) import (.+)$")
+_RESULT_LINE = re.compile(r"^Result can be found in : (.+)$", re.MULTILINE)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Seconds a job.py may run (2 cores shared by several test runs; they take about 3 s and 20 s alone).
+JOB_TIMEOUT_S = 480
 
 
 def _finder_serves(module: str) -> bool:
@@ -65,78 +70,91 @@ def _alias_import(indent: str, module: str, names: str) -> str:
     return "\n".join(parts)
 
 
-def _port_example(tmp_path: Path, example: str) -> dict[str, str]:
+def _port_example(tmp_path: Path, example: str) -> None:
+    """The example's files in ``tmp_path``, ``nvflare`` replaced by ``fl`` in their import lines only."""
     repo = Path(os.environ.get("FL_NVFLARE_REPO", DEFAULT_REPO))
     if not repo.exists():
         pytest.skip(f"no NVFlare repository at {repo} (set FL_NVFLARE_REPO to a checkout of NVIDIA/NVFlare)")
     files = _example_files(repo, example)
-    if "client.py" not in files:
-        pytest.skip(f"{repo} has no {example}/client.py")
+    if "job.py" not in files or "client.py" not in files:
+        pytest.skip(f"{repo} has no {example}/job.py and client.py")
     for name, text in files.items():
-        if name not in ("job.py", "prepare_data.py"):  # FLARE's job definition; ours is in the test
-            (tmp_path / name).write_text(_fl_imports(text))
-    return files
+        (tmp_path / name).write_text(_fl_imports(text))
 
 
-def _numpy_job(update_type: str, rounds: int) -> FedJob:
-    job = FedJob(name=f"nvflare-hello-numpy-{update_type}", min_clients=2, key_metric="weight_mean")
-    job.to(FedAvg(num_clients=2, num_rounds=rounds), "server")
-    job.to(np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.float32), "server")
-    for site in ("site-1", "site-2"):
-        job.to(ScriptRunner(script="client.py", script_args=f"--update_type {update_type}", framework="numpy"), site)
-    return job
+def _run_job(tmp_path: Path, *args: str) -> str:
+    """``python job.py ARGS`` in ``tmp_path`` with this project's fl; returns its output (it must exit 0)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        "FL_SIMULATOR_WORKSPACE_ROOT": str(tmp_path / "ws"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "job.py", *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
 @pytest.mark.parametrize("update_type", ["full", "diff"])
-def test_nvflare_hello_numpy_client_ends_with_the_exact_array(tmp_path, monkeypatch, update_type):
+def test_flare_hello_numpy_job_py_ends_with_the_exact_array(tmp_path, update_type):
     _port_example(tmp_path, HELLO_NUMPY)
-    monkeypatch.chdir(tmp_path)
-    rounds = 3
-    code = simulate(_numpy_job(update_type, rounds).export_job(tmp_path / "export"), tmp_path / "ws", progress=False)
-    run = run_dir(tmp_path / "ws")
-    logs = (run / "logs" / "site-1.log").read_text()
-    assert code == 0, logs[-3000:]
-    final = np.load(run / "models" / "server.npy", allow_pickle=False)
-    # Each site adds 1 per round (FULL: sends the new array; DIFF: sends +1): the average moves by exactly 1.
-    expected = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.float32) + rounds
+    # The example's own flag: FULL sends the new array (TransferType.FULL), DIFF sends +1 (TransferType.DIFF).
+    output = _run_job(tmp_path, "--update_type", update_type)
+    assert "Job Status is: finished" in output, output[-3000:]
+    match = _RESULT_LINE.search(output)
+    assert match, output[-3000:]
+    result = Path(match.group(1).strip())  # run.get_result()
+    assert result.is_relative_to(tmp_path / "ws" / "hello-numpy"), result
+    final = np.load(result / "models" / "server.npy", allow_pickle=False)
+    # Each site adds 1 per round, so the average moves by exactly 1 a round (3 rounds: the example's default).
+    expected = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.float32) + 3
     assert final.dtype == np.float32
     np.testing.assert_array_equal(final, expected)
-    assert (run / "models" / "best_server.npy").is_file()
-    assert (run / "tb_events" / "site-1").is_dir()
+    assert (result / "tb_events" / "site-1").is_dir()  # add_experiment_tracking(recipe, "tensorboard")
 
 
-@pytest.mark.timeout(900)
-def test_nvflare_hello_lightning_client_trains_through_patch(tmp_path, monkeypatch):
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_flare_hello_lightning_job_py_trains_the_global_model(tmp_path):
     pytest.importorskip("pytorch_lightning", reason="the test extra installs pytorch-lightning")
     pytest.importorskip("torchmetrics", reason="hello-lightning's model uses torchmetrics")
     import torch
 
+    from fl.tensors import load_torch
+
     _port_example(tmp_path, HELLO_LIGHTNING)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from model import LitNet
-
-    initial = {k: v.clone() for k, v in LitNet().state_dict().items()}
-    job = FedJob(name="nvflare-hello-lightning", min_clients=2)  # key metric "accuracy", as the example logs
-    job.to(FedAvg(num_clients=2, num_rounds=2), "server")
-    job.to(LitNet(), "server")
-    args = "--synthetic_data --batch_size 4 --limit_batches 2"
-    for site in ("site-1", "site-2"):
-        job.to(ScriptRunner(script="client.py", script_args=args), site)
-    try:
-        code = simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", progress=False)
-    finally:
-        import sys
-
-        sys.modules.pop("model", None)
-    run = run_dir(tmp_path / "ws")
-    logs = (run / "logs" / "site-1.log").read_text()
-    assert code == 0, logs[-4000:]
-    assert "--- train new model ---" in logs
-    final = torch.load(run / "FL_global_model.pt", weights_only=True)
+    # The example's own small-data flags: FakeData instead of CIFAR-10 (offline), 2 batches of 4 per stage.
+    output = _run_job(tmp_path, "--synthetic_data", "--batch_size", "4", "--limit_batches", "2")
+    result = (tmp_path / "ws" / "hello-lightning-fedavg" / "latest").resolve()
+    assert "--- train new model ---" in (result / "logs" / "site-1.log").read_text(), output[-3000:]
+    (initial_file,) = (result / "job" / "app_server" / "initial_weights").glob("*.safetensors")
+    initial = load_torch(initial_file)
+    final = torch.load(result / "FL_global_model.pt", weights_only=True)
     assert final["round"] == 1
     assert set(final["model"]) == set(initial)
     assert any(not torch.equal(final["model"][k], initial[k]) for k in initial), "the global model never trained"
-    validation = (run / "validation.json").read_text()
-    assert "accuracy" in validation, validation
+    validation = (result / "validation.json").read_text()
+    assert '"accuracy"' in validation, validation
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_flare_hello_numpy_full_script_under_diff_transfer_is_sent_as_a_difference(tmp_path, monkeypatch):
+    """FLARE's TransferType.DIFF with a script sending FULL arrays still ends exact, end to end (the wire's
+    DIFF is proven in tests/unit/test_client_api.py; this shows the server adds it to the right base)."""
+    from fl.recipe import NumpyFedAvgRecipe, SimEnv
+
+    _port_example(tmp_path, HELLO_NUMPY)
+    monkeypatch.chdir(tmp_path)
+    recipe = NumpyFedAvgRecipe(
+        name="numpy-full-as-diff", min_clients=2, num_rounds=2, model=[[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+        train_script="client.py", train_args="--update_type full", params_transfer_type="DIFF",
+    )  # fmt: skip
+    run = recipe.execute(SimEnv(num_clients=2, workspace_root=tmp_path / "ws"))
+    result = run.get_result()
+    assert run.get_status() == "finished" and result is not None
+    final = np.load(result / "models" / "server.npy", allow_pickle=False)
+    # Had the FULL arrays been added as differences, the model would have grown far past +2.
+    np.testing.assert_array_equal(final, np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.float32) + 2)

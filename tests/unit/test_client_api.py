@@ -6,12 +6,16 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fl.channel import LineChannel
 from fl.client.api import ClientAPI, analytics_records
+from fl.client.model import FLModel, ParamsType
+from fl.tensors import load_numpy, write_tensors
 
 TASK = {"task_id": "t1", "name": "train", "round": 0, "num_rounds": 2, "model_path": None, "result_path": "/dev/null"}
 
@@ -19,16 +23,17 @@ TASK = {"task_id": "t1", "name": "train", "round": 0, "num_rounds": 2, "model_pa
 class FakeAgent:
     """Answers the script's requests with scripted replies; remembers what it was asked."""
 
-    def __init__(self, sock: socket.socket, replies: list[dict[str, Any]]) -> None:
+    def __init__(self, sock: socket.socket, replies: list[dict[str, Any]], welcome: dict[str, Any]) -> None:
         self.channel = LineChannel(sock)
         self.replies = replies
+        self.welcome = welcome
         self.requests: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
         self.requests.append(self.channel.recv())
-        self.channel.send({"op": "welcome", "site_name": "site-1", "job_id": "j1"})
+        self.channel.send({"op": "welcome", "site_name": "site-1", "job_id": "j1", **self.welcome})
         for reply in self.replies:
             self.requests.append(self.channel.recv())
             self.channel.send(reply)
@@ -38,11 +43,11 @@ class FakeAgent:
 def connect(monkeypatch) -> Iterator[Any]:
     pairs: list[socket.socket] = []
 
-    def make(replies: list[dict[str, Any]]) -> tuple[ClientAPI, FakeAgent]:
+    def make(replies: list[dict[str, Any]], **welcome: Any) -> tuple[ClientAPI, FakeAgent]:
         script_end, agent_end = socket.socketpair()
         pairs.extend([script_end, agent_end])
         monkeypatch.setenv("FL_CHANNEL_FD", str(script_end.detach()))
-        agent = FakeAgent(agent_end, replies)
+        agent = FakeAgent(agent_end, replies, welcome)
         api = ClientAPI()
         api.init()
         return api, agent
@@ -72,6 +77,42 @@ def test_current_model_is_the_received_model_until_the_task_is_answered(connect)
     assert api.current_model() is model  # no second request: FLARE's receive caches the task's model
     agent.thread.join(5)
     assert [r["op"] for r in agent.requests] == ["hello", "next_task"]
+
+
+def _diff_task(tmp_path: Path) -> dict[str, Any]:
+    write_tensors(tmp_path / "global.safetensors", {"w": np.array([1.0, 2.0], dtype=np.float32)})
+    return {**TASK, "model_path": str(tmp_path / "global.safetensors"), "result_path": str(tmp_path / "r.safetensors")}
+
+
+def test_diff_transfer_sends_a_full_result_as_its_difference_to_the_received_model(connect, tmp_path):
+    task = _diff_task(tmp_path)
+    api, agent = connect([{"op": "task", "task": task}, {"op": "ack", "accepted": True}],
+                         params_format="numpy", transfer_type="DIFF")  # fmt: skip
+    received = api.receive()
+    assert received is not None
+    assert api.send(FLModel(params={"w": received.params["w"] + 3}))
+    agent.thread.join(5)
+    assert agent.requests[-1]["params_type"] == "DIFF"
+    np.testing.assert_array_equal(load_numpy(task["result_path"])["w"], np.array([3.0, 3.0], dtype=np.float32))
+
+
+def test_diff_transfer_keeps_a_result_the_script_already_sent_as_a_difference(connect, tmp_path):
+    task = _diff_task(tmp_path)
+    api, agent = connect([{"op": "task", "task": task}, {"op": "ack", "accepted": True}],
+                         params_format="numpy", transfer_type="DIFF")  # fmt: skip
+    api.receive()
+    assert api.send(FLModel(params={"w": np.array([1.0, 1.0], dtype=np.float32)}, params_type=ParamsType.DIFF))
+    agent.thread.join(5)
+    assert agent.requests[-1]["params_type"] == "DIFF"
+    np.testing.assert_array_equal(load_numpy(task["result_path"])["w"], np.array([1.0, 1.0], dtype=np.float32))
+
+
+@pytest.mark.timeout(60)  # without the check, send() would wait for an ack that never comes
+def test_diff_transfer_refuses_a_result_naming_params_the_task_did_not_bring(connect, tmp_path):
+    api, _ = connect([{"op": "task", "task": _diff_task(tmp_path)}], params_format="numpy", transfer_type="DIFF")
+    api.receive()
+    with pytest.raises(ValueError, match=r"DIFF but \['extra'\] were not in the received model"):
+        api.send(FLModel(params={"w": np.zeros(2, dtype=np.float32), "extra": np.zeros(1, dtype=np.float32)}))
 
 
 def test_log_records_for_each_flare_data_type():

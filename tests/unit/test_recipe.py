@@ -91,8 +91,8 @@ def test_per_site_config_gives_each_site_its_own_script_arguments(code):
 def test_recipe_options_fl_cannot_honour_are_refused_not_ignored(code):
     with pytest.raises(JobConfigError, match="client_memory_gc_rounds=2: not supported"):
         _recipe(client_memory_gc_rounds=2)
-    with pytest.raises(JobConfigError, match="params_transfer_type 'DIFF' is not supported"):
-        _recipe(params_transfer_type="DIFF")
+    with pytest.raises(JobConfigError, match="params_transfer_type must be one of FULL, DIFF, got 'HALF'"):
+        _recipe(params_transfer_type="HALF")
     with pytest.raises(JobConfigError, match="give model="):
         _recipe(model=None)
 
@@ -240,3 +240,16 @@ def test_numpy_fedavg_recipe_uses_the_numpy_persistor_or_says_it_is_missing(code
     persistor = next(c for c in configs["app_server"]["components"] if c["id"] == "persistor")
     assert persistor["path"] == "fl.components.np_persistor.NPModelPersistor"
     assert configs["app"]["executors"][0]["executor"]["args"]["params_exchange_format"] == "numpy"
+
+
+def test_sim_env_takes_flare_log_config_modes_and_levels_and_refuses_others():
+    for accepted in (None, "concise", "full", "verbose", "debug", "ERROR", "/tmp/log_config.json"):
+        assert SimEnv(num_clients=1, log_config=accepted).log_config == accepted
+    with pytest.raises(JobConfigError, match="log_config 'loud' is not one of concise, full, verbose"):
+        SimEnv(num_clients=1, log_config="loud")
+
+
+def test_recipe_passes_params_transfer_type_diff_to_the_sites_executor(code):
+    configs = _configs(_recipe(params_transfer_type="DIFF").export(code / "out"))
+    executor = configs["app"]["executors"][0]["executor"]["args"]
+    assert executor["params_transfer_type"] == "DIFF"

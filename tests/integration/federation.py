@@ -23,6 +23,8 @@ import psutil
 
 from fl.provision import provision
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,6 +42,16 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def export_hello_pt(out: Path) -> Path:
+    """jobs/hello-pt exported into ``out`` with a small synthetic dataset; returns the job folder."""
+    subprocess.run(
+        [sys.executable, str(REPO / "jobs/hello-pt/job.py"), "--export-dir", str(out), "--dataset", "synthetic",
+         "--train-size", "64", "--test-size", "64"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return out / "hello-pt"
 
 
 class Daemon:

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from fl.provision import provision
-from tests.integration.federation import Federation, wait_for
+from tests.integration.federation import Federation, export_hello_pt, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -24,15 +23,6 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
     fed = Federation(tmp_path, ["site-1", "site-2", "site-3"])
     yield fed
     fed.stop()
-
-
-def _export_hello_pt(out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, str(REPO / "jobs/hello-pt/job.py"), "--export-dir", str(out), "--dataset", "synthetic",
-         "--train-size", "64", "--test-size", "64"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return out / "hello-pt"
 
 
 def _final_weight(fed: Federation, job_id: str, out: Path) -> torch.Tensor:
@@ -58,7 +48,7 @@ def test_submit_hello_pt_to_a_tls_federation_and_download_the_results(federation
     assert ready.returncode == 0, ready.stderr
 
     submitted = time.time()
-    proc = fed.fl("submit", str(_export_hello_pt(tmp_path / "export")), "--wait", "--json")
+    proc = fed.fl("submit", str(export_hello_pt(tmp_path / "export")), "--wait", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = json.loads(proc.stdout)
     assert info["status"] == "finished" and info["sites"] == ["site-1", "site-2"]

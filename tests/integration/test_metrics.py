@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.federation import Federation, free_port, wait_for
+from tests.integration.federation import Federation, export_hello_pt, free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -44,15 +43,6 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
     fed.stop()
 
 
-def _export_hello_pt(out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, str(REPO / "jobs/hello-pt/job.py"), "--export-dir", str(out), "--dataset", "synthetic",
-         "--train-size", "64", "--test-size", "64"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return out / "hello-pt"
-
-
 def test_server_and_site_metrics_move_during_a_job(federation, tmp_path):
     fed = federation
     server_port, site_port = free_port(), free_port()
@@ -67,7 +57,7 @@ def test_server_and_site_metrics_move_during_a_job(federation, tmp_path):
     ages = {dict(ls)["site"]: v for (n, ls), v in before.items() if n == "fl_site_last_heartbeat_age_seconds"}
     assert set(ages) == {"site-1", "site-2"} and all(0 <= a < 30 for a in ages.values()), ages
 
-    proc = fed.fl("submit", str(_export_hello_pt(tmp_path / "export")), "--json")
+    proc = fed.fl("submit", str(export_hello_pt(tmp_path / "export")), "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = json.loads(proc.stdout)["job_id"]
     seen: list[Samples] = []

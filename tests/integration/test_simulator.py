@@ -53,7 +53,9 @@ def test_hello_pt_tiny_job_writes_every_result(tmp_path):
         assert (job / name).is_file(), name
     for site in ("site-1", "site-2"):
         assert list((job / "tb_events" / site).glob("events.out.tfevents.*")), site
-        assert "round 2 epoch 2/2" in (job / "logs" / f"{site}.log").read_text()
+        site_log = (job / "logs" / f"{site}.log").read_text()
+        assert "round 2 epoch 2/2" in site_log
+        assert "final validation: accuracy of the global model" in site_log  # what the e2e suite reads
     checkpoint = torch.load(job / "FL_global_model.pt", weights_only=True)
     assert set(checkpoint["model"]) >= {"conv1.weight", "fc3.bias"} and checkpoint["round"] == 1
     versions = [m["model_version"] for m in read_json(job / "validation.json")["models"]]

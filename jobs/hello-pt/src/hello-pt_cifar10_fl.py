@@ -162,8 +162,13 @@ def main():
         accuracy = evaluate(model, test_loader, device)
 
         if flare.is_evaluate():
-            owner = input_model.meta.get("_model_owner_", "the global model")
-            print(f"{site_name}: validation: accuracy of {owner} {accuracy:.4f}", flush=True)
+            owner = input_model.meta.get("_model_owner_")
+            what = (
+                "final validation: accuracy of the global model"
+                if owner is None
+                else f"cross-site validation: accuracy of {owner}"
+            )
+            print(f"{site_name}: {what} {accuracy:.4f}", flush=True)
             flare.send(flare.FLModel(metrics={"accuracy": accuracy}))
             continue
         global_model = copy.deepcopy(model) if fedprox is not None else None

@@ -14,7 +14,7 @@ import numpy as np
 from fl.filters.base import Filter, FilterContext
 from fl.tensors import BLOCK_BYTES, Layout, TensorSpec, iter_blocks, load_numpy, numpy_dtype, open_tensors
 from fl.tensors.io import as_byte_view, tensor_pieces, write_layout
-from fl.workflows.aggregation import _from_acc, _to_acc
+from fl.workflows.aggregation import from_accumulator, to_accumulator
 
 __all__ = ["ExcludeVars", "PercentilePrivacy"]
 
@@ -140,9 +140,9 @@ class PercentilePrivacy(Filter):
         floats = [s for s in layout.tensors if s.is_float]
         deltas: dict[str, np.ndarray] = {}
         for spec in floats:
-            delta = _to_acc(spec, values[spec.name].reshape(-1)).astype(np.float64)
+            delta = to_accumulator(spec, values[spec.name].reshape(-1)).astype(np.float64)
             if base is not None:
-                delta = delta - _to_acc(spec, base[spec.name].reshape(-1))
+                delta = delta - to_accumulator(spec, base[spec.name].reshape(-1))
             deltas[spec.name] = delta / steps
         if not deltas or not any(d.size for d in deltas.values()):
             return False
@@ -156,7 +156,7 @@ class PercentilePrivacy(Filter):
                 delta = np.clip(delta, -self.gamma, self.gamma)
             delta = delta * steps
             if base is not None:
-                delta = delta + _to_acc(spec, base[spec.name].reshape(-1))
-            out[spec.name] = np.ascontiguousarray(_from_acc(spec, delta)).reshape(spec.shape)
+                delta = delta + to_accumulator(spec, base[spec.name].reshape(-1))
+            out[spec.name] = np.ascontiguousarray(from_accumulator(spec, delta)).reshape(spec.shape)
         write_layout(dst, layout, tensor_pieces(layout, out))
         return True

@@ -40,7 +40,10 @@ __all__ = [
     "NonFiniteAverage",
     "ParamsType",
     "WeightedAverage",
+    "accumulator_dtype",
     "capped_weights",
+    "from_accumulator",
+    "to_accumulator",
     "weighted_average",
     "weighted_metrics",
     "write_arrays",
@@ -58,19 +61,20 @@ class ParamsType:
     DIFF = "DIFF"
 
 
-def _acc_dtype(spec: TensorSpec) -> type[np.floating[Any]]:
+def accumulator_dtype(spec: TensorSpec) -> type[np.floating[Any]]:
+    """The dtype sums and means are kept in: float32 for 32- and 16-bit floats, float64 otherwise."""
     return np.float32 if spec.dtype in ("F32", "F16", "BF16") else np.float64
 
 
-def _to_acc(spec: TensorSpec, block: np.ndarray) -> np.ndarray:
+def to_accumulator(spec: TensorSpec, block: np.ndarray) -> np.ndarray:
     """Elements of ``block`` as the accumulator dtype (a view when no conversion is needed)."""
     if spec.dtype == "BF16":
         return (block.astype(np.uint32) << 16).view(np.float32)
-    acc = _acc_dtype(spec)
+    acc = accumulator_dtype(spec)
     return block if block.dtype == acc else block.astype(acc)
 
 
-def _from_acc(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
+def from_accumulator(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
     """Accumulator values back in ``spec``'s dtype (BF16 as raw bits, rounded to nearest even)."""
     if spec.dtype == "BF16":
         bits = values.astype(np.float32, copy=False).view(np.uint32)
@@ -117,7 +121,7 @@ def _diff_values(spec: TensorSpec, block: np.ndarray, base_blocks: Iterator[Bloc
     if base_start != start or base.size != block.size:
         raise LayoutError(f"tensor {spec.name!r}: base model blocks out of step")
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what the caller checks for
-        values: np.ndarray = _to_acc(spec, block) + _to_acc(spec, base)
+        values: np.ndarray = to_accumulator(spec, block) + to_accumulator(spec, base)
     return values
 
 
@@ -132,7 +136,7 @@ def _check_diff_sums(per_tensor: Iterable[tuple[TensorSpec, Iterator[Block], Ite
             continue
         for start, block in blocks:
             with np.errstate(over="ignore"):
-                values = _to_acc(spec, _from_acc(spec, _diff_values(spec, block, base_blocks, start)))
+                values = to_accumulator(spec, from_accumulator(spec, _diff_values(spec, block, base_blocks, start)))
             finite = np.isfinite(values)
             if not finite.all():
                 index = start + int(np.flatnonzero(~finite)[0])
@@ -153,7 +157,7 @@ class WeightedAverage:
         self.layout = layout
         self.total_weight = 0.0
         self.count = 0
-        self._means = {s.name: np.zeros(s.numel, dtype=_acc_dtype(s)) for s in layout.tensors}
+        self._means = {s.name: np.zeros(s.numel, dtype=accumulator_dtype(s)) for s in layout.tensors}
         self._scratch: dict[np.dtype[Any], np.ndarray] = {}
         self._lock = threading.Lock()
         self._broken: str | None = None
@@ -249,7 +253,11 @@ class WeightedAverage:
             acc = self._means[spec.name]
             keep, share = _fold_shares(weight, self.total_weight, acc.dtype)
             for start, block in blocks:
-                values = _to_acc(spec, block) if base_blocks is None else _diff_values(spec, block, base_blocks, start)
+                values = (
+                    to_accumulator(spec, block)
+                    if base_blocks is None
+                    else _diff_values(spec, block, base_blocks, start)
+                )
                 target = acc[start : start + values.size]
                 if first:
                     np.copyto(target, values, casting="unsafe")
@@ -287,7 +295,7 @@ class WeightedAverage:
                 out: dict[str, np.ndarray] = {}
                 for spec in self.layout.tensors:
                     with np.errstate(over="ignore"):  # an overflow to Inf is caught just below
-                        values = _from_acc(spec, self._means[spec.name])
+                        values = from_accumulator(spec, self._means[spec.name])
                     self._check_finite(spec, values)
                     out[spec.name] = values.reshape(spec.shape)
                 self._final = out

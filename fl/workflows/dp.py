@@ -39,7 +39,7 @@ import numpy as np
 
 from fl.tensors import Layout, check_finite, iter_blocks, open_tensors
 from fl.tensors.io import as_byte_view, write_layout
-from fl.workflows.aggregation import ParamsType, WeightedAverage, _acc_dtype, _from_acc, _to_acc
+from fl.workflows.aggregation import ParamsType, WeightedAverage, accumulator_dtype, from_accumulator, to_accumulator
 
 __all__ = [
     "AdaptiveClipping",
@@ -93,9 +93,9 @@ def delta_norm(path: PathLike, layout: Layout, base_path: PathLike | None = None
                 blocks = iter_blocks(f, specs[spec.name], offset)
                 base_blocks = iter_blocks(base[0], base[1].by_name()[spec.name], base[2]) if base else None
                 for _, block in blocks:
-                    values = _to_acc(spec, block).astype(np.float64)
+                    values = to_accumulator(spec, block).astype(np.float64)
                     if base_blocks is not None:
-                        values -= _to_acc(spec, next(base_blocks)[1])
+                        values -= to_accumulator(spec, next(base_blocks)[1])
                     total += float(np.dot(values, values))
         finally:
             if base is not None:
@@ -232,9 +232,9 @@ def _noised_pieces(
             if not spec.is_float or std == 0:
                 yield bytes(as_byte_view(block))
                 continue
-            values = _to_acc(spec, block) + rng.normal(0.0, std, block.size).astype(_acc_dtype(spec))
+            values = to_accumulator(spec, block) + rng.normal(0.0, std, block.size).astype(accumulator_dtype(spec))
             with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
-                noised = _from_acc(spec, values)
+                noised = from_accumulator(spec, values)
             check_finite(spec, noised)
             yield as_byte_view(np.ascontiguousarray(noised))
 

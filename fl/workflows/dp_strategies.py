@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fl.tensors import Layout, LayoutError, TensorSpec, check_finite
-from fl.workflows.aggregation import NonFiniteAverage, ParamsType, WeightedAverage, _from_acc, _to_acc
+from fl.workflows.aggregation import NonFiniteAverage, ParamsType, WeightedAverage, from_accumulator, to_accumulator
 from fl.workflows.base import JobContext, RoundFailed
 from fl.workflows.dp import AdaptiveClipping, ClippedRound, FixedClipping, delta_norm, log_privacy
 from fl.workflows.fedavg import FedAvg
@@ -99,10 +99,10 @@ class _ServerSideDP(FedAvg):
         """``values`` plus N(0, std^2) on each element of a float tensor (others unchanged)."""
         if not spec.is_float or std == 0:
             return values
-        acc = _to_acc(spec, values.reshape(-1))
+        acc = to_accumulator(spec, values.reshape(-1))
         noise = self._rng.normal(0.0, std, acc.size).astype(acc.dtype)
         with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
-            out = _from_acc(spec, acc + noise)
+            out = from_accumulator(spec, acc + noise)
         try:
             check_finite(spec, out)
         except LayoutError as exc:

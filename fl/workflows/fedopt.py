@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fl.tensors import Layout, LayoutError, TensorSpec, check_finite, iter_blocks, open_tensors
-from fl.workflows.aggregation import NonFiniteAverage, _from_acc, _to_acc
+from fl.workflows.aggregation import NonFiniteAverage, from_accumulator, to_accumulator
 from fl.workflows.engine import Arrays, RoundEngine
 from fl.workflows.support import check_number
 
@@ -71,12 +71,12 @@ class ServerOptimizer(RoundEngine):
         moments = self._moments_for(spec)
         for start, block in global_blocks:
             end = start + block.size
-            base = _to_acc(spec, block)
+            base = to_accumulator(spec, block)
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite step is refused just below
-                delta = np.subtract(_to_acc(spec, flat[start:end]), base)
+                delta = np.subtract(to_accumulator(spec, flat[start:end]), base)
                 new = self.step(rnd, delta, {k: m[start:end] for k, m in moments.items()})
                 new += base
-                out = _from_acc(spec, new)
+                out = from_accumulator(spec, new)
             try:
                 check_finite(spec, out)
             except LayoutError as exc:

@@ -25,7 +25,7 @@ import numpy as np
 
 from fl.tensors import BLOCK_BYTES, Layout, LayoutError, TensorSpec, check_finite, iter_blocks, open_tensors
 from fl.tensors.io import as_byte_view, write_layout
-from fl.workflows.aggregation import NonFiniteAverage, WeightedAverage, _from_acc, _to_acc
+from fl.workflows.aggregation import NonFiniteAverage, WeightedAverage, from_accumulator, to_accumulator
 
 __all__ = [
     "coordinate_median",
@@ -68,7 +68,7 @@ def _stacked(paths: Sequence[PathLike], layout: Layout) -> Iterator[Callable[[Te
             readers = [iter_blocks(f, specs[spec.name], off, block_bytes=block_bytes) for f, specs, off in opened]
             for parts in zip(*readers, strict=True):
                 start = parts[0][0]
-                yield start, np.stack([_to_acc(spec, block) for _, block in parts])
+                yield start, np.stack([to_accumulator(spec, block) for _, block in parts])
 
         yield read
 
@@ -80,7 +80,7 @@ def _reduced_pieces(
     for spec in layout.tensors:
         for _, stacked in read(spec):
             with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
-                values = _from_acc(spec, reduce(stacked))
+                values = from_accumulator(spec, reduce(stacked))
             if spec.is_float:
                 try:
                     check_finite(spec, values.reshape(-1))

@@ -68,6 +68,7 @@ NVFLARE_ALIASES: dict[str, str] = {
     "nvflare.job_config.api.FedJob": "fl.job.fed_job.FedJob",
     "nvflare.job_config.script_runner.ScriptRunner": "fl.job.fed_job.ScriptRunner",
     "nvflare.job_config.script_runner.FrameworkType": "fl.job.fed_job.FrameworkType",
+    "nvflare.job_config.defs.FilterType": "fl.job.fed_job.FilterType",
     "nvflare.app_opt.pt.job_config.fed_avg.FedAvgJob": "fl.job.fed_avg.FedAvgJob",
     "nvflare.app_opt.pt.job_config.model.PTModel": "fl.job.fed_job.PTModel",
     # The Recipe API.

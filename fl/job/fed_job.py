@@ -29,10 +29,11 @@ from fl.components.persistor import CHECKPOINT_SUFFIX, TORCH_SUFFIXES, PTFileMod
 from fl.components.script_executor import ScriptExecutor
 from fl.components.tb_receiver import TBAnalyticsReceiver
 from fl.components.validation_json import ValidationJsonGenerator
+from fl.filters.base import Filter
 from fl.server.jobstore import ALL_SITES, SITE_NAME
 from fl.workflows.base import Controller
 
-__all__ = ["FedJob", "FrameworkType", "JobConfigError", "PTModel", "ScriptRunner"]
+__all__ = ["FedJob", "FilterType", "FrameworkType", "JobConfigError", "PTModel", "ScriptRunner"]
 
 SERVER = "server"
 _SERVER_APP = "app_server"  # the server's app folder in an exported job
@@ -53,6 +54,16 @@ class FrameworkType:
     RAW = "raw"
     TENSORFLOW = "tensorflow"
 
+
+class FilterType:
+    """FLARE's ``FilterType``: which chain ``job.to(filter, target, filter_type=...)`` adds a filter to."""
+
+    TASK_RESULT = "TASK_RESULT"
+    TASK_DATA = "TASK_DATA"
+
+
+#: FilterType value -> the config key of its chain (FLARE's names).
+FILTER_CHAINS = {FilterType.TASK_DATA: "task_data_filters", FilterType.TASK_RESULT: "task_result_filters"}
 
 #: FLARE's default interpreter command; fl runs the site's own Python instead (same flags).
 FLARE_DEFAULT_COMMAND = "python3 -u"
@@ -130,6 +141,10 @@ class _App:
     code: dict[str, Path] = field(default_factory=dict)  # path inside custom/ -> source file
     initial_models: list[tuple[dict[str, Any], Any]] = field(default_factory=list)  # (model config, module)
     checkpoints: dict[str, Path] = field(default_factory=dict)  # path in the job folder -> the user's .pt
+    #: config key -> FLARE's ``[{"tasks": [...], "filters": [{"path", "args"}, ...]}, ...]``
+    filters: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {key: [] for key in FILTER_CHAINS.values()}
+    )
 
     def ids(self) -> set[str]:
         return {c["id"] for c in self.components} | {w["id"] for w in self.workflows}
@@ -357,14 +372,24 @@ class FedJob:
 
         Accepts a workflow (e.g. FedAvg), a torch ``nn.Module``, :class:`PTModel` or a numpy ndarray (server: the
         initial model, with persistor and model locator), a :class:`ScriptRunner` (sites), any fl
-        component, or a path to a file or folder of code to ship. ``tasks`` (FLARE's keyword for
-        executors) names the tasks a ScriptRunner runs, default all.
+        component, a filter (``filter_type=FilterType.TASK_RESULT`` or ``TASK_DATA``, as FLARE's), or a
+        path to a file or folder of code to ship. ``tasks`` (FLARE's keyword) names the tasks a
+        ScriptRunner runs or a filter applies to, default all.
         """
         tasks = kwargs.pop("tasks", None)
+        filter_type = kwargs.pop("filter_type", None)
         if kwargs:
-            raise JobConfigError(f"unexpected arguments to FedJob.to: {', '.join(kwargs)} (accepted: id, tasks)")
+            raise JobConfigError(
+                f"unexpected arguments to FedJob.to: {', '.join(kwargs)} (accepted: id, tasks, filter_type)"
+            )
+        if isinstance(obj, Filter):
+            return self._add_filter(self._app(target), target, obj, filter_type, tasks)
+        if filter_type is not None:
+            raise JobConfigError(f"FedJob.to(filter_type=...) applies to a filter, not a {type(obj).__name__}")
         if tasks is not None and not isinstance(obj, ScriptRunner):
-            raise JobConfigError(f"FedJob.to(tasks=...) applies to a ScriptRunner, not a {type(obj).__name__}")
+            raise JobConfigError(
+                f"FedJob.to(tasks=...) applies to a ScriptRunner or a filter, not a {type(obj).__name__}"
+            )
         app = self._app(target)
         if isinstance(obj, str | os.PathLike):
             path = (self._base / obj).resolve()
@@ -405,6 +430,45 @@ class FedJob:
             app.components.append(_component_config(obj, cid))
             return cid
         raise JobConfigError(f"FedJob.to: don't know how to add a {type(obj).__name__}")
+
+    def _add_filter(self, app: _App, target: str, obj: Filter, filter_type: Any, tasks: Any) -> str:
+        """Add ``obj`` to ``target``'s task data or task result filters for ``tasks`` (FLARE's rules).
+
+        Filters for the same task set run in the order added; a task set that overlaps another one
+        (but is not equal to it) is refused, as FLARE's ``_add_task_filter`` does.
+        """
+        kind = getattr(filter_type, "value", filter_type)
+        key = FILTER_CHAINS.get(kind) if isinstance(kind, str) else None
+        if key is None:
+            raise JobConfigError(
+                f"FedJob.to({type(obj).__name__}, {target!r}): filter_type must be FilterType.TASK_RESULT or "
+                f"FilterType.TASK_DATA, got {filter_type!r}"
+            )
+        if target == SERVER and key == "task_data_filters":
+            raise JobConfigError(
+                f"FedJob.to({type(obj).__name__}, 'server', filter_type=FilterType.TASK_DATA): fl's server does "
+                "not filter task data (every site receives the global model as it is); put the filter on the "
+                "sites: job.to(filter, 'site-1', filter_type=FilterType.TASK_DATA) or job.to_clients(...)"
+            )
+        wanted = ["*"] if tasks is None else tasks
+        if not isinstance(wanted, list | tuple) or not wanted or not all(isinstance(t, str) and t for t in wanted):
+            raise JobConfigError(f"FedJob.to({type(obj).__name__}, tasks=...): a list of task names, got {tasks!r}")
+        config = _component_config(obj, key)
+        if not config["path"].startswith("fl."):
+            app.code.update(_module_code(type(obj)))
+        spec = {"path": config["path"], "args": config["args"]}
+        task_set = set(wanted)
+        for entry in app.filters[key]:
+            if set(entry["tasks"]) == task_set:
+                entry["filters"].append(spec)
+                return key
+            if task_set & set(entry["tasks"]):
+                raise JobConfigError(
+                    f"FedJob.to({type(obj).__name__}, {target!r}): tasks {sorted(task_set)} overlap the tasks "
+                    f"{entry['tasks']} that {key} has filters for; use the same task list or disjoint ones"
+                )
+        app.filters[key].append({"tasks": sorted(task_set), "filters": [spec]})
+        return key
 
     def _add_numpy_model(self, app: _App, target: str, array: Any, id: str | None) -> str:
         """An ndarray initial model: the NumPy persistor holds it in the config (FLARE casts to float32)."""
@@ -481,6 +545,11 @@ class FedJob:
     def sites(self) -> list[str]:
         return sorted(t for t in self._apps if t not in (SERVER, ALL_SITES))
 
+    @property
+    def client_targets(self) -> list[str]:
+        """The job's site apps: its named sites, and "@ALL" if something was added to every site."""
+        return sorted(t for t in self._apps if t != SERVER)
+
     def _check(self) -> None:
         server = self._apps.get(SERVER)
         if server is None or not server.workflows:
@@ -510,8 +579,7 @@ class FedJob:
                         "format_version": 2,
                         "workflows": app.workflows,
                         "components": app.components,
-                        "task_data_filters": [],
-                        "task_result_filters": [],
+                        **app.filters,
                     }
                     name = "config_fed_server.json"
                 else:
@@ -519,8 +587,7 @@ class FedJob:
                         "format_version": 2,
                         "executors": app.executors,
                         "components": app.components,
-                        "task_data_filters": [],
-                        "task_result_filters": [],
+                        **app.filters,
                     }
                     name = "config_fed_client.json"
                 (config_dir / name).write_text(json.dumps(config, indent=2) + "\n")

@@ -193,7 +193,9 @@ def test_script_runner_takes_flares_arguments(code):
     assert instantiate(executors[0]["executor"]).params_exchange_format == "numpy"  # what fl's sites hand over
     with pytest.raises(JobConfigError, match=r"framework must be one of FrameworkType\.PYTORCH, NUMPY, RAW"):
         ScriptRunner("train.py", framework=FrameworkType.TENSORFLOW)
-    with pytest.raises(JobConfigError, match=r"unexpected arguments to FedJob.to: gpu \(accepted: id, tasks\)"):
+    with pytest.raises(
+        JobConfigError, match=r"unexpected arguments to FedJob.to: gpu \(accepted: id, tasks, filter_type\)"
+    ):
         job.to(ScriptRunner("train.py"), "site-2", gpu=0)
     with pytest.raises(JobConfigError, match="mandatory_clients"):
         FedJob(name="j", mandatory_clients=["site-1"])

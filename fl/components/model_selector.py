@@ -9,6 +9,7 @@ from fl.components.base import Component, Events
 from fl.fsutil import atomic_write_json, read_json
 from fl.rounds import model_label
 from fl.workflows.aggregation import weighted_metrics
+from fl.workflows.support import keep_best_model
 
 __all__ = ["IntimeModelSelector"]
 
@@ -86,6 +87,7 @@ class IntimeModelSelector(Component):
         if persistor is None:
             raise ValueError(f"model selector: no persistor component {self.persistor_id!r}")
         persistor.save_best(ctx, data["model_path"], model_version=data["model_version"], metric=score)
+        keep_best_model(ctx.run_dir, data["model_path"])  # the tensors cross-site evaluation scores
         description = model_label(data["model_version"], data.get("num_rounds"))
         self.best = {
             "key_metric": self.key_metric,

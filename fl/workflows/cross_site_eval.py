@@ -1,7 +1,8 @@
 """Cross-site model evaluation (FLARE's ``CrossSiteModelEval``): every site scores every model.
 
 The models are the server's global model (``SRV_FL_global_model.pt``: the last global model of the
-workflow before, e.g. FedAvg, or the initial model) and, unless ``evaluate_site_models`` is off, each
+workflow before, e.g. FedAvg, or the initial model), its best model (``SRV_best_FL_global_model.pt``:
+the one the model selector chose, when there is one) and, unless ``evaluate_site_models`` is off, each
 site's local model, which a ``submit_model`` task asks for (``flare.is_submit_model()`` on the site:
 it sends its weights, in the global model's layout). Each model then goes to every site in a
 ``validate`` task. The result is ``cross_site_val/cross_val_results.json`` in FLARE's shape,
@@ -21,14 +22,22 @@ from typing import Any
 from fl.fsutil import atomic_path, atomic_write_json
 from fl.tensors import Layout
 from fl.workflows.base import Controller, JobContext, TaskResult, TaskSpec
-from fl.workflows.support import VALIDATE_TASK, check_number, read_layout
+from fl.workflows.support import VALIDATE_TASK, best_model_path, check_number, read_layout
 
-__all__ = ["GLOBAL_MODEL_NAME", "MODEL_OWNER", "RESULTS_FILE", "SERVER_MODEL_PREFIX", "CrossSiteModelEval"]
+__all__ = [
+    "BEST_MODEL_NAME",
+    "GLOBAL_MODEL_NAME",
+    "MODEL_OWNER",
+    "RESULTS_FILE",
+    "SERVER_MODEL_PREFIX",
+    "CrossSiteModelEval",
+]
 
 SUBMIT_MODEL_TASK = "submit_model"
 #: FLARE's name of the server's global model (PTFileModelLocator's), with its "SRV_" prefix.
 SERVER_MODEL_PREFIX = "SRV_"
 GLOBAL_MODEL_NAME = SERVER_MODEL_PREFIX + "FL_global_model.pt"
+BEST_MODEL_NAME = SERVER_MODEL_PREFIX + "best_FL_global_model.pt"
 #: The validate task's meta key naming the model being evaluated (FLARE's AppConstants.MODEL_OWNER).
 MODEL_OWNER = "_model_owner_"
 RESULTS_FILE = "cross_val_results.json"
@@ -109,6 +118,9 @@ class CrossSiteModelEval(Controller):
 
         if GLOBAL_MODEL_NAME not in models:
             models[GLOBAL_MODEL_NAME] = self._copy_global_model(ctx, models_dir / "0.safetensors").name
+            best = self._copy_best_model(ctx, models_dir / "best.safetensors")
+            if best is not None:
+                models[BEST_MODEL_NAME] = best.name
             save(False)
         layout = read_layout(models_dir / models[GLOBAL_MODEL_NAME])
         if self.evaluate_site_models and not state.get("submitted"):
@@ -154,6 +166,19 @@ class CrossSiteModelEval(Controller):
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         ctx.log.info("cross-site evaluation: the server's model is %s", source.name)
+        return target
+
+    def _copy_best_model(self, ctx: JobContext, target: Path) -> Path | None:
+        """The best global model the selector kept (``keep_best_model``), copied to ``target``.
+
+        None when the job has none (no selector, or no site reported its key metric), as FLARE's locator.
+        """
+        source = best_model_path(ctx.run_dir)
+        if not source.is_file():
+            ctx.log.info("cross-site evaluation: no best global model to score (no model selector chose one)")
+            return None
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
         return target
 
     def _collect_site_models(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import secrets
 import shutil
 import threading
 from collections.abc import Callable
@@ -21,11 +23,14 @@ from fl.workflows.aggregation import ParamsType, WeightedAverage, capped_weights
 from fl.workflows.base import TaskResult
 
 __all__ = [
+    "BEST_MODEL_FILE",
     "DEFAULT_MAX_WEIGHT",
     "Background",
     "Spool",
     "Spooled",
+    "best_model_path",
     "check_number",
+    "keep_best_model",
     "read_layout",
     "remove_old_model",
     "result_weight",
@@ -156,6 +161,34 @@ def remove_old_model(path: Path) -> None:
     """Drop a superseded global model file (its .pt checkpoints are separate files)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+#: The tensors of the best global model so far (the model selector's choice), in the job's ``models/``:
+#: what cross-site evaluation scores as FLARE's ``SRV_best_FL_global_model.pt`` (the .pt is never read back).
+BEST_MODEL_FILE = "best-global.safetensors"
+
+
+def best_model_path(run_dir: Path) -> Path:
+    """Where :func:`keep_best_model` keeps the best global model's tensors for the job in ``run_dir``."""
+    return Path(run_dir) / "models" / BEST_MODEL_FILE
+
+
+def keep_best_model(run_dir: Path, model_path: Path) -> Path:
+    """Keep the global model file ``model_path`` as the job's best model (a hard link: no copy; else a copy).
+
+    The engine removes superseded global models; the link keeps this one's data for as long as it is the best.
+    """
+    target = best_model_path(run_dir)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}")
+    try:
+        try:
+            os.link(model_path, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(model_path, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def check_number(owner: str, name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:

@@ -103,3 +103,33 @@ def test_a_failing_site_filter_refuses_the_result_with_its_name(monkeypatch, tmp
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-4000:]
     assert "task_data_filters[0].filters[0] (PercentilePrivacy) failed on task 'train' of site 'site-" in output
+
+
+def test_filters_added_with_the_job_api_run_on_the_sites_and_the_server(monkeypatch, tmp_path):
+    """job.to(ExcludeVars, site, TASK_RESULT) keeps "bias" on the sites; the server's PercentilePrivacy clips."""
+    from fl.filters import ExcludeVars, PercentilePrivacy
+    from fl.job import FilterType
+
+    with monkeypatch.context() as m:
+        m.chdir(FIXTURES)
+        m.syspath_prepend(str(FIXTURES))
+        from src.models import TwoPartModel
+
+        job = FedJob(name="filters-job-api", min_clients=2)
+        job.to(FedAvg(num_clients=2, num_rounds=2, round_timeout=120.0), "server")
+        job.to(TwoPartModel(16), "server")
+        for site in ("site-1", "site-2"):
+            job.to(ScriptRunner(script="src/plus_one.py", framework="numpy"), site)
+            job.to(ExcludeVars(exclude_vars=["bias"]), site, filter_type=FilterType.TASK_RESULT, tasks=["train"])
+        # Each change of 1.0 (one step) is clipped to gamma; percentile 0 zeroes none of them.
+        job.to(
+            PercentilePrivacy(percentile=0, gamma=0.5), "server", filter_type=FilterType.TASK_RESULT, tasks=["train"]
+        )
+        folder = job.export_job(tmp_path / "export")
+    for name in ("src.models", "src"):
+        sys.modules.pop(name, None)
+    proc = simulate(folder, tmp_path / "ws")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    model = torch.load(run_dir(tmp_path / "ws") / "FL_global_model.pt", weights_only=True)["model"]
+    assert torch.equal(model["bias"], torch.zeros(4))  # the sites' filter: never left them
+    assert torch.equal(model["weight"], torch.full((16,), 1.0))  # the server's filter: 2 rounds of +0.5, not +1

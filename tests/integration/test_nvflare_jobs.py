@@ -232,3 +232,30 @@ def test_poc_daemons_end_when_the_process_that_started_them_is_killed(tmp_path):
         for pid in pids:  # only if the test failed: the daemons it started
             if _alive(pid):
                 os.kill(pid, 9)
+
+
+@pytest.mark.timeout(1000)
+def test_flares_privacy_filter_job_script_runs_its_filter_on_the_sites(tmp_path):
+    """FLARE's Job API example with PercentilePrivacy as a site result filter (job.to(..., filter_type=...))."""
+    folder = "examples/advanced/job_api/pt"
+    files = _files(_repo(), "main", folder)
+    name = "fedavg_script_runner_dp_filter_cifar10.py"
+    if name not in files or "FilterType.TASK_RESULT" not in files[name]:
+        pytest.skip("this NVFlare has no Job API example with a privacy filter")
+    workspace = tmp_path / "workdir"
+    job = files[name]
+    assert '"/tmp/nvflare/jobs/workdir/pt_dp_filter"' in job
+    files[name] = job.replace('"/tmp/nvflare/jobs/workdir/pt_dp_filter"', repr(str(workspace)))
+    files["src/cifar10_fl.py"] = OFFLINE_CIFAR10 + files["src/cifar10_fl.py"].replace(
+        '"/tmp/nvflare/data/cifar10"', repr(str(tmp_path / "data"))
+    )
+    _write(files, tmp_path)
+    proc = _run(name, [], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = (workspace / "latest").resolve()
+    config = json.loads((run / "job" / "app_site-1" / "config" / "config_fed_client.json").read_text())
+    (rule,) = config["task_result_filters"]
+    assert rule["tasks"] == ["train"] and rule["filters"][0]["args"] == {"percentile": 10, "gamma": 0.01}
+    output = proc.stdout + proc.stderr
+    assert output.count("train: task_result_filters applied") >= 4, output[-4000:]  # 2 sites x 2 rounds
+    assert torch.load(run / "FL_global_model.pt", weights_only=True)["round"] == 1

@@ -13,7 +13,13 @@ from fl.fsutil import atomic_write_json, read_json
 from fl.server.jobs import WorkflowStates
 from fl.tensors import write_tensors
 from fl.workflows.base import TaskSpec
-from fl.workflows.cross_site_eval import GLOBAL_MODEL_NAME, MODEL_OWNER, RESULTS_FILE, CrossSiteModelEval
+from fl.workflows.cross_site_eval import (
+    BEST_MODEL_NAME,
+    GLOBAL_MODEL_NAME,
+    MODEL_OWNER,
+    RESULTS_FILE,
+    CrossSiteModelEval,
+)
 from fl.workflows.fedavg import FedAvg
 from tests.unit.test_fedavg import Context, FakePersistor
 
@@ -83,6 +89,37 @@ def test_cross_site_eval_after_fedavg_writes_the_full_site_by_model_matrix(tmp_p
     assert read_json(tmp_path / "state-1.json")["evaluated"] == [GLOBAL_MODEL_NAME, "a", "b"]
     shared = sorted(p.name for p in (tmp_path / "cross_site_val" / "model_shareables").iterdir())
     assert shared == ["0.safetensors", "1.safetensors", "2.safetensors"]
+
+
+def test_the_servers_best_model_is_scored_beside_its_last_global_model_as_flares(tmp_path):
+    """The selector's best (round 1's model, w=1, which the sites scored 100) is ``SRV_best_FL_global_model.pt``."""
+    from fl.components.model_selector import IntimeModelSelector
+
+    def site(name: str) -> Any:
+        local = make_site(name, [])
+
+        def answer(task: TaskSpec, model: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+            params, metrics, meta = local(task, model)
+            if task.name == "train":  # the score of the model received: 100 for w=1, 0 for the others
+                metrics = {"accuracy": 100.0 if float(model["w"].mean()) == 1.0 else 0.0}
+            return params, metrics, meta
+
+        return answer
+
+    persistor = FakePersistor({"w": np.zeros(4, np.float32)})
+    components = {"persistor": persistor, "selector": IntimeModelSelector(key_metric="accuracy")}
+    ctx = StatesContext(tmp_path, {"a": site("a"), "b": site("b")}, components, resume=False)
+    ctx.states.run_all([("fedavg", FedAvg(num_clients=2, num_rounds=2)), ("xsite", CrossSiteModelEval())], ctx)
+    assert persistor.best == [(0, 0.0), (1, 100.0)]
+    scores = {GLOBAL_MODEL_NAME: {"accuracy": 2.0}, BEST_MODEL_NAME: {"accuracy": 1.0}}
+    scores |= {"a": {"accuracy": 10.0}, "b": {"accuracy": 20.0}}
+    assert read_json(tmp_path / "cross_site_val" / RESULTS_FILE) == {"a": scores, "b": scores}
+    assert read_json(tmp_path / "state-1.json")["evaluated"] == [GLOBAL_MODEL_NAME, BEST_MODEL_NAME, "a", "b"]
+    # The best model's file outlived the engine's removal of superseded global models.
+    assert sorted(p.name for p in (tmp_path / "models").glob("*.safetensors")) == [
+        "best-global.safetensors",
+        "global-r0002.safetensors",
+    ]
 
 
 def test_a_site_that_fails_one_evaluation_is_recorded_in_the_matrix_and_the_job_goes_on(tmp_path):

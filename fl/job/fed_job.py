@@ -455,7 +455,11 @@ class FedJob:
             raise JobConfigError(f"FedJob.to({type(obj).__name__}, tasks=...): a list of task names, got {tasks!r}")
         config = _component_config(obj, key)
         if not config["path"].startswith("fl."):
-            app.code.update(_module_code(type(obj)))
+            raise JobConfigError(
+                f"FedJob.to({type(obj).__name__}, {target!r}): {config['path']} is the job's own code; filters run "
+                "in the site agent and the server themselves, which never import a job's code: use fl's filters "
+                "(fl.filters.ExcludeVars, fl.filters.PercentilePrivacy)"
+            )
         spec = {"path": config["path"], "args": config["args"]}
         task_set = set(wanted)
         for entry in app.filters[key]:

@@ -7,10 +7,13 @@ completed round after a restart, events for the selector / validation JSON / Ten
 progress, and the final validation. An algorithm (a subclass, Flower's strategy layering) supplies:
 
 * :meth:`RoundEngine.train_meta` - extra config sent with the round's train task;
+* :meth:`RoundEngine.check_result` - a strategy's own refusal of a train result, before it is folded;
+* :meth:`RoundEngine.results_in` - what a strategy notes of a round's accepted results (SCAFFOLD:
+  how many of the job's sites sent one);
 * :meth:`RoundEngine.update_global` - the new global arrays from the round's average (FedAvg: the
   average itself; FedOpt: the server optimizer's step over ``average - global``);
 * :meth:`RoundEngine.strategy_state` / :meth:`RoundEngine.load_strategy_state` - its own tensors to
-  resume with (saved as safetensors next to the model, never JSON or pickle).
+  resume with (saved as safetensors next to the model, never JSON or pickle; :mod:`fl.workflows.resume`).
 
 ``streams`` says whether results are folded as they arrive (server memory: one model for the
 average, whatever the number of sites); a strategy that cannot stream (median, Krum) sets it False
@@ -23,7 +26,7 @@ import contextlib
 import inspect
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,9 +35,10 @@ import numpy as np
 from fl.checksum import Checksum
 from fl.client.model import FLMetaKey
 from fl.rounds import model_label, round_label
-from fl.tensors import Layout, load_numpy, write_tensors
+from fl.tensors import Layout
 from fl.workflows.aggregation import NonFiniteAverage, ParamsType, WeightedAverage, weighted_metrics, write_arrays
 from fl.workflows.base import Controller, JobContext, RoundFailed, TaskResult, TaskSpec
+from fl.workflows.resume import RoundState, write_strategy_state
 from fl.workflows.support import (
     DEFAULT_MAX_WEIGHT,
     TRAIN_TASK,
@@ -128,6 +132,18 @@ class RoundEngine(Controller):
         """Extra config for round ``rnd``'s train task (merged into its meta); none by default."""
         return {}
 
+    def check_result(self, result: TaskResult) -> None:
+        """Refuse a train result before it is folded (raise ValueError naming the site); accepts all by default.
+
+        Called after the server's filters and before the weight check; a refusal fails that site's task only.
+        """
+
+    def results_in(self, rnd: int, results: Sequence[TaskResult], sites: Sequence[str]) -> None:
+        """Round ``rnd``'s accepted (and folded) ``results`` of one leg, before :meth:`update_global`.
+
+        ``sites``: the job's sites that can take tasks now. Nothing to note by default.
+        """
+
     def update_global(self, rnd: int, average: Arrays, model_path: Path, layout: Layout) -> Arrays:
         """Round ``rnd``'s new global arrays from its ``average``; ``model_path`` holds the current global."""
         return average
@@ -188,30 +204,27 @@ class RoundEngine(Controller):
         persistor = ctx.components.get(self.persistor_id)
         if persistor is None:
             raise ValueError(f"{type(self).__name__}: no component with id {self.persistor_id!r} (the model persistor)")
-        state = ctx.load_state() or {}
-        start = int(state.get("next_round", self.start_round))
-        if state.get("model_file"):
-            model_path = ctx.run_dir / "models" / state["model_file"]
+        state = RoundState.load(ctx, self.start_round)
+        start = state.next_round
+        if state.model_path is not None:
+            model_path = state.model_path
             ctx.log.info("resuming at %s from %s", round_label(start, self.num_rounds), model_path.name)
         else:
             model_path = persistor.load_initial(ctx)
-        strategy_file = ctx.run_dir / "models" / state["strategy_file"] if state.get("strategy_file") else None
-        self.load_strategy_state(load_numpy(strategy_file) if strategy_file else {})
+        self.load_strategy_state(state.strategy_arrays())
         layout = read_layout(model_path)
         averager = WeightedAverage(self.result_layout(layout))
-        reported_metrics = bool(state.get("sites_report_metrics", False))
         ctx.set_progress(round=start, num_rounds=self.num_rounds)
         checkpoint = Background()
         # The sums' memory is touched while the sites download and train; the first fold waits.
         checkpoint.start(averager.prefault)
         averager.hold_until(checkpoint.done)
-        if state.get("model_file") and start > 0:
+        if state.resumed and start > 0:
             # After a restart the .pt may lag the resumed model by a round: write it again.
             persistor.save_global(ctx, model_path, round=start - 1)
         try:
-            self._rounds(
-                ctx, persistor, start, (model_path, strategy_file), layout, averager, checkpoint, reported_metrics
-            )
+            files = (model_path, state.strategy_file)
+            self._rounds(ctx, persistor, start, files, layout, averager, checkpoint, state.sites_report_metrics)
         finally:
             checkpoint.wait()
         ctx.set_progress(round=self.num_rounds, num_rounds=self.num_rounds, phase="done")
@@ -259,15 +272,8 @@ class RoundEngine(Controller):
             checkpoint.start(persistor.save_global, ctx, new_path, round=rnd, arrays=arrays)
             averager.hold_until(checkpoint.done)
             ctx.fire("round_completed", round=rnd, model_path=new_path, metrics=metrics, sites=sorted(weights))
-            new_strategy_file = self._save_strategy_state(ctx, rnd)
-            ctx.save_state(
-                {
-                    "next_round": rnd + 1,
-                    "model_file": new_path.name,
-                    "sites_report_metrics": reported_metrics,
-                    **({"strategy_file": new_strategy_file.name} if new_strategy_file else {}),
-                }
-            )
+            new_strategy_file = write_strategy_state(ctx, rnd, self.strategy_state())
+            RoundState(rnd + 1, new_path, new_strategy_file, reported_metrics).save(ctx)
             label = round_label(rnd, self.num_rounds)
             ctx.log.info("%s done: %d results%s", label, len(results), self._scored(rnd, metrics))
             if model_path != new_path:
@@ -328,15 +334,6 @@ class RoundEngine(Controller):
             ) from None
         return arrays, digest.hexdigest()
 
-    def _save_strategy_state(self, ctx: JobContext, rnd: int) -> Path | None:
-        """Write the algorithm's resumable tensors for the state after round ``rnd`` (None if it keeps none)."""
-        arrays = self.strategy_state()
-        if not arrays:
-            return None
-        path = ctx.run_dir / "models" / f"strategy-r{rnd + 1:04d}.safetensors"
-        write_tensors(path, arrays, {"round": str(rnd), "job_id": ctx.job_id})
-        return path
-
     def _scored(self, rnd: int, metrics: dict[str, float]) -> str:
         """How a round's metrics read: they score the model the sites received, not the new one."""
         if not metrics:
@@ -361,6 +358,7 @@ class RoundEngine(Controller):
         def on_result(result: TaskResult) -> None:
             if result.params_path is None:
                 raise ValueError("a train result must carry params")
+            self.check_result(result)
             weight = self._weight(result)
             params_type = result.params_type or ParamsType.FULL
             if spool is not None:
@@ -392,6 +390,7 @@ class RoundEngine(Controller):
                 spool.fold(averager, [r.site for r in results], base_path=model_path)
             elif spool is not None:
                 self.combine(spool.kept([r.site for r in results]), model_path, layout, averager)
+        self.results_in(rnd, results, ctx.sites)
         return results
 
     @staticmethod

@@ -18,7 +18,7 @@ resumes them, and each round's task file (model + controls) is removed when its 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from fl.checksum import Checksum
 from fl.client.scaffold import C_DIFF_PREFIX, C_GLOBAL_PREFIX
 from fl.tensors import Layout, TensorSpec, iter_blocks, open_tensors
 from fl.tensors.io import as_byte_view, write_layout
-from fl.workflows.aggregation import NonFiniteAverage, WeightedAverage
-from fl.workflows.base import JobContext, TaskResult
+from fl.workflows.aggregation import NonFiniteAverage
+from fl.workflows.base import TaskResult
 from fl.workflows.fedavg import FedAvg
 
 __all__ = ["Scaffold", "control_dtype"]
@@ -120,28 +120,17 @@ class Scaffold(FedAvg):
         write_layout(path, task_layout, pieces(), digest=digest)
         return path, task_layout, digest.hexdigest()
 
-    def _weight(self, result: TaskResult) -> float:
-        """FedAvg's weight check, and a train result must be FULL (its control changes are already differences)."""
-        if result.params_path is not None and (result.params_type or "FULL") != "FULL":
+    def check_result(self, result: TaskResult) -> None:
+        """A train result must be FULL (its control changes are already differences)."""
+        if (result.params_type or "FULL") != "FULL":
             raise ValueError(
                 f"{result.site} sent params_type {result.params_type!r}: Scaffold takes FULL results only "
                 "(the model with its scaffold_c_diff. tensors)"
             )
-        return super()._weight(result)
 
-    def _train_round(
-        self,
-        ctx: JobContext,
-        rnd: int,
-        model: tuple[Path, str | None],
-        layout: Layout,
-        averager: WeightedAverage,
-        targets: list[str],
-    ) -> list[TaskResult]:
-        """FedAvg's round; notes ``|S| / N`` (results over the job's sites) for the control update."""
-        results = super()._train_round(ctx, rnd, model, layout, averager, targets)
-        self._share = len(results) / max(len(ctx.sites), len(results))
-        return results
+    def results_in(self, rnd: int, results: Sequence[TaskResult], sites: Sequence[str]) -> None:
+        """Note ``|S| / N`` (the round's results over the job's sites) for the control update."""
+        self._share = len(results) / max(len(sites), len(results))
 
     def update_global(self, rnd: int, average: Arrays, model_path: Path, layout: Layout) -> Arrays:
         """The params' average is the new model; ``c += |S| / N * mean(c_diff)`` (all checked before any is kept)."""

@@ -5,7 +5,7 @@ python jobs/cross-site-eval/job.py --export-dir /tmp/jobs   # the job folder for
 
 The sites run hello-pt's script (jobs/hello-pt/src): a ``submit_model`` task sends the site's last
 local model, a ``validate`` task scores the model it carries. The site x model matrix (the global
-model and each site's) is written to the job's ``cross_site_val/cross_val_results.json``.
+model, the best global model and each site's) is written to the job's ``cross_site_val/cross_val_results.json``.
 """
 
 import sys

@@ -31,7 +31,7 @@ def test_cross_site_eval_job_writes_the_full_site_by_model_matrix(tmp_path):
     run_job("cross-site-eval", tmp_path)
     job = run_dir(tmp_path)
     matrix = read_json(job / "cross_site_val" / "cross_val_results.json")
-    models = {"SRV_FL_global_model.pt", "site-1", "site-2"}
+    models = {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", "site-1", "site-2"}  # FLARE's names
     assert set(matrix) == {"site-1", "site-2"}
     for site, scores in matrix.items():
         assert set(scores) == models, site

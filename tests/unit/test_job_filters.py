@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fl.config import ConfigError
 from fl.filters import ExcludeVars, FilterChain, PercentilePrivacy, server_result_filters
 from fl.job import FedJob, FilterType, JobConfigError, ScriptRunner
 from fl.recipe import NumpyFedAvgRecipe
@@ -135,15 +136,15 @@ def test_filter_type_on_something_that_is_not_a_filter_is_refused(code):
         _job().to(FedAvg(), "server", filter_type=FilterType.TASK_RESULT)
 
 
-def test_a_filter_of_the_jobs_own_code_ships_with_that_site(code):
+def test_a_filter_of_the_jobs_own_code_is_refused_as_the_sites_would_refuse_it(code):
     from myfilters import KeepAll
 
-    job = _job()
-    job.to(KeepAll(note="y"), "site-2", filter_type=FilterType.TASK_RESULT)
-    job_dir = job.export_job(code / "out")
-    spec = _config(job_dir, "app_site-2")["task_result_filters"][0]["filters"][0]
-    assert spec == {"path": "myfilters.KeepAll", "args": {"note": "y"}}
-    assert (job_dir / "app_site-2" / "custom" / "myfilters.py").is_file()
+    with pytest.raises(JobConfigError, match=r"myfilters.KeepAll is the job's own code; filters run in the site"):
+        _job().to(KeepAll(note="y"), "site-2", filter_type=FilterType.TASK_RESULT)
+    # What the site would do with it: its config may name fl's classes only.
+    config = {"task_result_filters": [{"tasks": ["*"], "filters": [{"path": "myfilters.KeepAll", "args": {}}]}]}
+    with pytest.raises(ConfigError, match=r"myfilters\.KeepAll"):
+        FilterChain.from_config(config, "task_result_filters", where="config_fed_client.json")
 
 
 def test_recipe_filter_methods_add_to_every_site_app_or_the_ones_named(code):

@@ -11,7 +11,6 @@ import io
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import numpy as np
@@ -36,6 +35,9 @@ __all__ = [
 #: Upper bound on the bytes read or converted at once (transient buffers stay small next to a model).
 BLOCK_BYTES = 8 * 1024 * 1024
 
+#: Bytes asked of the kernel per read when a whole tensor is loaded (one syscall moves at most 2 GiB).
+_READ_BYTES = 64 * 1024 * 1024
+
 TensorSource = Any  # numpy.ndarray or torch.Tensor
 
 _TORCH_TO_ST = {
@@ -53,6 +55,9 @@ _TORCH_TO_ST = {
     "torch.uint8": "U8",
     "torch.bool": "BOOL",
 }
+
+#: torch's dtype attribute (``torch.<name>``) for each safetensors dtype.
+_ST_TO_TORCH = {st: name.removeprefix("torch.") for name, st in _TORCH_TO_ST.items()}
 
 _NUMPY_TO_ST = {
     "float64": "F64",
@@ -206,6 +211,14 @@ def iter_blocks(
         position += want
 
 
+def _read_exactly(f: BinaryIO, view: memoryview, spec: TensorSpec) -> None:
+    """Fill ``view`` with ``spec``'s bytes from ``f`` (positioned at them), in bounded reads."""
+    for start in range(0, len(view), _READ_BYTES):
+        piece = view[start : start + _READ_BYTES]
+        if cast(io.BufferedReader, f).readinto(piece) != len(piece):
+            raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
+
+
 def load_numpy(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Load a whole safetensors file as numpy arrays (BF16 stays raw uint16)."""
     f, layout, data_offset = open_tensors(path)
@@ -214,14 +227,25 @@ def load_numpy(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         for spec in layout.tensors:
             f.seek(data_offset + spec.begin)
             buf = bytearray(spec.nbytes)
-            if cast(io.BufferedReader, f).readinto(buf) != spec.nbytes:
-                raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
+            _read_exactly(f, memoryview(buf), spec)
             out[spec.name] = np.frombuffer(buf, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
         return out
 
 
 def load_torch(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a safetensors file as torch tensors (via the ``safetensors`` library)."""
-    from safetensors.torch import load_file
+    """Load a safetensors file as torch tensors read into this process's own memory.
 
-    return dict(load_file(str(Path(path))))
+    Read, not mapped: the tensors do not hold the file's pages, so once loaded the file can be
+    removed and its memory (in tmpfs, /dev/shm) is freed at once. One read per tensor, no pickle.
+    """
+    import torch
+
+    f, layout, data_offset = open_tensors(path)
+    with f:
+        out: dict[str, Any] = {}
+        for spec in layout.tensors:
+            raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+            f.seek(data_offset + spec.begin)
+            _read_exactly(f, memoryview(raw.numpy()), spec)  # type: ignore[arg-type]
+            out[spec.name] = raw.view(getattr(torch, _ST_TO_TORCH[spec.dtype])).reshape(spec.shape)
+        return out

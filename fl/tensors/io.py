@@ -8,6 +8,7 @@ written atomically (temp file + rename) so that a crash never leaves a half-writ
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -193,12 +194,42 @@ def open_tensors(path: str | os.PathLike[str]) -> tuple[BinaryIO, Layout, int]:
 def iter_blocks(
     f: BinaryIO, spec: TensorSpec, data_offset: int, *, block_bytes: int = BLOCK_BYTES
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first element index, 1-D numpy block)`` covering one tensor, reading bounded blocks.
+    """Yield ``(first element index, 1-D numpy block)`` covering one tensor, in blocks of bounded size.
 
-    Blocks share one reused buffer: each is valid only until the next one is produced.
+    A real file is mapped one block at a time (the block is a view of its pages, copy-on-write: no
+    copy into a buffer; the mapping ends when the block is dropped); other file objects are read
+    into one reused buffer. Either way a block is valid only until the next one is produced.
     """
-    dtype = numpy_dtype(spec.dtype)
     step = max(spec.itemsize, block_bytes - block_bytes % spec.itemsize)
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return _read_blocks(f, spec, data_offset, step)
+    return _mapped_blocks(fd, spec, data_offset, step)
+
+
+def _mapped_blocks(fd: int, spec: TensorSpec, data_offset: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``spec``'s blocks as copy-on-write views of windows of the file ``fd``, one window at a time."""
+    dtype = numpy_dtype(spec.dtype)
+    position = 0
+    while position < spec.nbytes:
+        want = min(step, spec.nbytes - position)
+        start = data_offset + spec.begin + position
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            window = mmap.mmap(fd, want + start - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+        except ValueError:  # the window reaches past the end of the file
+            raise LayoutError(f"tensor {spec.name!r}: file ends inside its data") from None
+        block = np.frombuffer(window, dtype=dtype, count=want // spec.itemsize, offset=start - aligned)
+        del window  # unmapped as soon as the caller drops the block
+        yield position // spec.itemsize, block
+        del block
+        position += want
+
+
+def _read_blocks(f: BinaryIO, spec: TensorSpec, data_offset: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``spec``'s blocks read from ``f`` into one reused buffer."""
+    dtype = numpy_dtype(spec.dtype)
     buffer = bytearray(min(step, spec.nbytes))
     f.seek(data_offset + spec.begin)
     position = 0

@@ -270,6 +270,6 @@ def _save_pt(source: Path, target: Path, info: dict[str, Any], arrays: Mapping[s
             if arrays is not None:
                 view = as_byte_view(arrays[spec.name])
                 return (view[i : i + BLOCK_BYTES] for i in range(0, len(view), BLOCK_BYTES))
-            return (block.tobytes() for _, block in iter_blocks(f, spec, data_offset))
+            return (block.data for _, block in iter_blocks(f, spec, data_offset))  # mapped: no copy
 
         write_pt(target, layout, tensor_bytes, info)

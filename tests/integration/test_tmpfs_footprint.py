@@ -11,12 +11,13 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from fl.footprint import tmpfs_bytes
+from fl.footprint import OWNER_FILE, tmpfs_bytes
 from fl.simulator import SHM
 from tests.integration.conftest import run_dir
 
@@ -37,6 +38,7 @@ class TreeTmpfsSampler:
         self.peak = 0
         self.samples = 0
         self.nonzero = 0
+        self.folders: set[Path] = set()  # the run's folders in /dev/shm (made by a process of its tree)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -47,15 +49,23 @@ class TreeTmpfsSampler:
                 pids = [root.pid, *(p.pid for p in root.children(recursive=True))]
             except psutil.Error:
                 break
+            self.folders |= {f for f in SHM.glob("fl-sim-*") if _owner(f) in pids}
             held = tmpfs_bytes(pids)
             self.peak = max(self.peak, held)
             self.samples += 1
             self.nonzero += held > 2 * HEADER_SLACK
 
 
+def _owner(folder: Path) -> int | None:
+    """The pid in a simulator folder's owner file (None if unreadable)."""
+    try:
+        return int((folder / OWNER_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_two_sites_never_hold_more_than_two_models_in_tmpfs(make_job, tmp_path):
     folder = make_job(name="tmpfs", numel=NUMEL, framework="pytorch", rounds=2).export_job(tmp_path / "export")
-    before = set(SHM.glob("fl-sim-*"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
         stdout=subprocess.PIPE,
@@ -74,4 +84,5 @@ def test_two_sites_never_hold_more_than_two_models_in_tmpfs(make_job, tmp_path):
     )
     model = torch.load(run_dir(tmp_path / "ws") / "FL_global_model.pt", weights_only=True)["model"]
     assert torch.equal(model["weight"], torch.full((NUMEL,), 2.0))  # two rounds of params + 1, exact
-    assert set(SHM.glob("fl-sim-*")) - before == set(), "the run left its folder in /dev/shm"
+    assert sampler.folders, "the sampler never saw the run's folder in /dev/shm"
+    assert not [f for f in sampler.folders if f.exists()], "the run left its folder in /dev/shm"

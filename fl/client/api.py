@@ -140,6 +140,8 @@ class ClientAPI:
         params = None
         if task.get("model_path"):
             params = self._load(task["model_path"])
+            if task.get("model_disposable"):  # read into memory: the file's tmpfs memory is freed now
+                Path(task["model_path"]).unlink(missing_ok=True)
         meta = dict(task.get("meta") or {})
         meta.setdefault(FLMetaKey.CURRENT_ROUND, task["round"])
         meta.setdefault(FLMetaKey.TOTAL_ROUNDS, task["num_rounds"])

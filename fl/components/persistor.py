@@ -242,9 +242,14 @@ class PTFileModelPersistor(Component):
         info = {**self._info(model_version, ctx), "metric": metric}
         current = self.global_model_path(ctx)
         if self._global_version == model_version and current.exists():
-            # FL_global_model.pt holds this very model: copy it (in the kernel).
+            # FL_global_model.pt holds this very model: link to it, no copy (it is only ever replaced, by
+            # rename, so the best model keeps its file when the next round's takes the name).
             with atomic_path(target) as tmp:
-                shutil.copyfile(current, tmp)
+                tmp.unlink()
+                try:
+                    os.link(current, tmp)
+                except OSError:  # a filesystem without hard links: copy (in the kernel)
+                    shutil.copyfile(current, tmp)
             return
         _save_pt(model_path, target, info)
 
@@ -265,6 +270,6 @@ def _save_pt(source: Path, target: Path, info: dict[str, Any], arrays: Mapping[s
             if arrays is not None:
                 view = as_byte_view(arrays[spec.name])
                 return (view[i : i + BLOCK_BYTES] for i in range(0, len(view), BLOCK_BYTES))
-            return (block.tobytes() for _, block in iter_blocks(f, spec, data_offset))
+            return (block.data for _, block in iter_blocks(f, spec, data_offset))  # mapped: no copy
 
         write_pt(target, layout, tensor_bytes, info)

@@ -328,6 +328,8 @@ class JobRunner:
                 "meta": json.loads(task.meta_json or "{}"),
                 "params_type": task.params_type or "FULL",
                 "model_path": str(path) if path else None,
+                # The script removes the model file once loaded, unless a result filter needs it as the base.
+                "model_disposable": not self.result_filters.for_task(task.name),
                 "result_path": str(self.exchange / f"result-{task.task_id}.safetensors"),
             },
         }
@@ -367,6 +369,7 @@ class JobRunner:
                     meter=self.agent.metrics.transfers,
                 )
                 self._log_transfer("result uploaded", result_path.stat().st_size, started, task)
+                result_path.unlink(missing_ok=True)  # on the server now: free its memory before the next task's
             reply = self.agent.call(
                 "SubmitResult",
                 pb.SubmitResultRequest(

@@ -8,10 +8,10 @@ written atomically (temp file + rename) so that a crash never leaves a half-writ
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import numpy as np
@@ -36,6 +36,9 @@ __all__ = [
 #: Upper bound on the bytes read or converted at once (transient buffers stay small next to a model).
 BLOCK_BYTES = 8 * 1024 * 1024
 
+#: Bytes asked of the kernel per read when a whole tensor is loaded (one syscall moves at most 2 GiB).
+_READ_BYTES = 64 * 1024 * 1024
+
 TensorSource = Any  # numpy.ndarray or torch.Tensor
 
 _TORCH_TO_ST = {
@@ -53,6 +56,9 @@ _TORCH_TO_ST = {
     "torch.uint8": "U8",
     "torch.bool": "BOOL",
 }
+
+#: torch's dtype attribute (``torch.<name>``) for each safetensors dtype.
+_ST_TO_TORCH = {st: name.removeprefix("torch.") for name, st in _TORCH_TO_ST.items()}
 
 _NUMPY_TO_ST = {
     "float64": "F64",
@@ -188,12 +194,42 @@ def open_tensors(path: str | os.PathLike[str]) -> tuple[BinaryIO, Layout, int]:
 def iter_blocks(
     f: BinaryIO, spec: TensorSpec, data_offset: int, *, block_bytes: int = BLOCK_BYTES
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first element index, 1-D numpy block)`` covering one tensor, reading bounded blocks.
+    """Yield ``(first element index, 1-D numpy block)`` covering one tensor, in blocks of bounded size.
 
-    Blocks share one reused buffer: each is valid only until the next one is produced.
+    A real file is mapped one block at a time (the block is a view of its pages, copy-on-write: no
+    copy into a buffer; the mapping ends when the block is dropped); other file objects are read
+    into one reused buffer. Either way a block is valid only until the next one is produced.
     """
-    dtype = numpy_dtype(spec.dtype)
     step = max(spec.itemsize, block_bytes - block_bytes % spec.itemsize)
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return _read_blocks(f, spec, data_offset, step)
+    return _mapped_blocks(fd, spec, data_offset, step)
+
+
+def _mapped_blocks(fd: int, spec: TensorSpec, data_offset: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``spec``'s blocks as copy-on-write views of windows of the file ``fd``, one window at a time."""
+    dtype = numpy_dtype(spec.dtype)
+    position = 0
+    while position < spec.nbytes:
+        want = min(step, spec.nbytes - position)
+        start = data_offset + spec.begin + position
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            window = mmap.mmap(fd, want + start - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+        except ValueError:  # the window reaches past the end of the file
+            raise LayoutError(f"tensor {spec.name!r}: file ends inside its data") from None
+        block = np.frombuffer(window, dtype=dtype, count=want // spec.itemsize, offset=start - aligned)
+        del window  # unmapped as soon as the caller drops the block
+        yield position // spec.itemsize, block
+        del block
+        position += want
+
+
+def _read_blocks(f: BinaryIO, spec: TensorSpec, data_offset: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``spec``'s blocks read from ``f`` into one reused buffer."""
+    dtype = numpy_dtype(spec.dtype)
     buffer = bytearray(min(step, spec.nbytes))
     f.seek(data_offset + spec.begin)
     position = 0
@@ -206,6 +242,14 @@ def iter_blocks(
         position += want
 
 
+def _read_exactly(f: BinaryIO, view: memoryview, spec: TensorSpec) -> None:
+    """Fill ``view`` with ``spec``'s bytes from ``f`` (positioned at them), in bounded reads."""
+    for start in range(0, len(view), _READ_BYTES):
+        piece = view[start : start + _READ_BYTES]
+        if cast(io.BufferedReader, f).readinto(piece) != len(piece):
+            raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
+
+
 def load_numpy(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Load a whole safetensors file as numpy arrays (BF16 stays raw uint16)."""
     f, layout, data_offset = open_tensors(path)
@@ -214,14 +258,25 @@ def load_numpy(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         for spec in layout.tensors:
             f.seek(data_offset + spec.begin)
             buf = bytearray(spec.nbytes)
-            if cast(io.BufferedReader, f).readinto(buf) != spec.nbytes:
-                raise LayoutError(f"tensor {spec.name!r}: file ends inside its data")
+            _read_exactly(f, memoryview(buf), spec)
             out[spec.name] = np.frombuffer(buf, dtype=numpy_dtype(spec.dtype)).reshape(spec.shape)
         return out
 
 
 def load_torch(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a safetensors file as torch tensors (via the ``safetensors`` library)."""
-    from safetensors.torch import load_file
+    """Load a safetensors file as torch tensors read into this process's own memory.
 
-    return dict(load_file(str(Path(path))))
+    Read, not mapped: the tensors do not hold the file's pages, so once loaded the file can be
+    removed and its memory (in tmpfs, /dev/shm) is freed at once. One read per tensor, no pickle.
+    """
+    import torch
+
+    f, layout, data_offset = open_tensors(path)
+    with f:
+        out: dict[str, Any] = {}
+        for spec in layout.tensors:
+            raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+            f.seek(data_offset + spec.begin)
+            _read_exactly(f, memoryview(raw.numpy()), spec)  # type: ignore[arg-type]
+            out[spec.name] = raw.view(getattr(torch, _ST_TO_TORCH[spec.dtype])).reshape(spec.shape)
+        return out

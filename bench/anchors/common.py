@@ -238,7 +238,7 @@ def base_parser(description: str, scenario: str | None = None) -> argparse.Argum
         "--mem-cap-gib",
         type=float,
         default=measure.DEFAULT_MEM_CAP_GIB,
-        help="kill the run when the tree's summed RSS passes this (GiB)",
+        help="memory cap of the tree (GiB): a cgroup limit where possible, else PSS+tmpfs and an RSS watchdog",
     )
     ap.add_argument("--keep", action="store_true", help="keep the /tmp/fl-bench-* workspace")
     ap.add_argument("--log", default=None, help="file for the framework's own output (default: stderr)")

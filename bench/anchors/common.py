@@ -202,7 +202,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # The same CNN, a little training per site (16 samples: 4 steps), many sites.
     "scale": {
         "sites": 2,
-        "rounds": 4,
+        "rounds": 2,
         "train_size": 16,
         "val_size": 0,
         "epochs": 1,
@@ -319,6 +319,12 @@ def drive(
             "peak_role_rss_bytes": m.get("peak_role_rss_bytes"),
             "max_procs": m["max_procs"],
             "mem_cap_gib": m["mem_cap_gib"],
+            "mem_cap_mechanism": m["mem_cap_mechanism"],
+            # fl's simulator keeps models in /dev/shm during a round: counted beside PSS (bench/measure.py)
+            "peak_tmpfs_bytes": m["peak_tmpfs_bytes"],
+            "peak_pss_plus_tmpfs_bytes": m["peak_pss_plus_tmpfs_bytes"],
+            "peak_pss_plus_tmpfs_gib": m["peak_pss_plus_tmpfs_gib"],
+            "cgroup_peak_bytes": m["cgroup_peak_bytes"],
             "torch_threads_per_process": int(threads),
             # The machine is shared: the 1-minute load average before and after, for context.
             "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

@@ -84,7 +84,7 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
         "--client-cpus",
         type=int,
         default=1,
-        help="Ray CPUs per ClientApp (Flower's client-resources-num-cpus); default 1",
+        help="Ray CPUs per ClientApp (Flower's client-resources-num-cpus); default 1; 0: not set (Flower's own default)",
     )
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
@@ -108,7 +108,9 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
                 "momentum": float(args.momentum),
             }
         )
-    fed_config = {"num-supernodes": args.sites, "client-resources-num-cpus": args.client_cpus}
+    fed_config: dict[str, Any] = {"num-supernodes": args.sites}
+    if args.client_cpus:
+        fed_config["client-resources-num-cpus"] = args.client_cpus
     flwr = str(Path(sys.executable).parent / "flwr")
     ray_tmp = Path(tempfile.mkdtemp(prefix="fl-bench-ray-", dir="/tmp"))
 
@@ -154,7 +156,7 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
         return {}
 
     params = {k: getattr(args, k) for k in sp}
-    params["client_cpus"] = args.client_cpus
+    params["client_cpus"] = args.client_cpus or "Flower's default"
     try:
         out = common.drive(
             anchor="flower",
@@ -180,7 +182,7 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
     out["simulator"] = (
         "Flower Simulation Engine via `flwr run` (managed local SuperLink, subprocess isolation): "
         f"ServerApp in the flwr-simulation process, {args.sites} virtual SuperNodes, ClientApps in "
-        f"Ray backend actors with {args.client_cpus} CPU(s) each"
+        f"Ray backend actors with {args.client_cpus or 'the default number of'} CPU(s) each"
     )
     out["flower_settings"] = {
         "run_config": run_config,

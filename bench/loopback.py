@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import statistics
 import socket
+import statistics
 import sys
 import time
 from typing import Any

@@ -497,7 +497,8 @@ class TreeSampler:
     def _external_kill(self) -> str | None:
         """The reason, when the cgroup's kernel OOM killer or the watchdog process stopped the tree."""
         if self.cgroup is not None and self.cgroup.oom_kills() > 0:
-            return f"{oom_status(self.cgroup.limit_bytes)} (cgroup v{self.cgroup.version} memory limit: the kernel killed a process of the tree)"
+            how = f"cgroup v{self.cgroup.version} memory limit: the kernel killed a process of the tree"
+            return f"{oom_status(self.cgroup.limit_bytes)} ({how})"
         if self.watchdog_reason_path:
             with contextlib.suppress(OSError):
                 reason = open(self.watchdog_reason_path).read().strip()  # noqa: SIM115

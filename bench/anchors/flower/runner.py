@@ -84,7 +84,7 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
         "--client-cpus",
         type=int,
         default=1,
-        help="Ray CPUs per ClientApp (Flower's client-resources-num-cpus); default 1; 0: not set (Flower's own default)",
+        help="Ray CPUs per ClientApp (Flower's client-resources-num-cpus); default 1; 0: Flower's own default",
     )
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)

@@ -667,7 +667,7 @@ def run_measured(
         roles=roles,
         cgroup=cgroup,
         watchdog_reason_path=reason_path,
-        mechanism=f"cgroup v{cgroup.version} memory limit" if cgroup is not None else "RSS watchdog process",
+        mechanism=f"cgroup v{cgroup.version} memory limit" if cgroup is not None else "PSS+tmpfs sampler",
     ).start()
     try:
         proc.wait()
@@ -687,6 +687,8 @@ def run_measured(
         if sampler.killed_reason is None:
             sampler.killed_reason = sampler._external_kill()  # an OOM kill the last sample did not see
         memory = sampler.result()
+        if watchdog is not None:
+            memory["mem_cap_mechanism"] = "RSS watchdog process (every 20 ms) and the PSS+tmpfs sampler"
         if cgroup is not None:
             cgroup.close()
         if watchdog is not None:

@@ -49,6 +49,7 @@ MiB = 1024**2
 DEFAULT_MEM_CAP_GIB = float(os.environ.get("FL_BENCH_MEM_CAP_GIB", "14"))
 # Kill the tree too if the machine as a whole runs this low (it is shared).
 DEFAULT_MIN_AVAILABLE_GIB = float(os.environ.get("FL_BENCH_MIN_AVAILABLE_GIB", "1.5"))
+MAX_SAMPLE_GAP_S = 0.5
 TAG_ENV = "FL_BENCH_TREE_TAG"
 
 CmdlinePredicate = Callable[[Sequence[str]], bool]
@@ -332,6 +333,7 @@ class TreeSampler:
         self.count_tmpfs = count_tmpfs
         self.mechanism = mechanism
         self.peak_tmpfs = 0
+        self.max_gap = 0.0
         self.peak_pss_plus_tmpfs = 0
         self.interval = interval
         self.server_predicate = server_predicate
@@ -541,8 +543,12 @@ class TreeSampler:
                 print(f"[bench.measure] sampler error: {e!r}", file=sys.stderr)
             spent = time.monotonic() - t0
             # Reading PSS walks each process's page tables (tens of ms for a GiB-sized process):
-            # keep the sampler under ~10% of one core, so it does not slow what it measures.
-            self._stop.wait(max(self.interval - spent, 9 * spent, 0.01))
+            # keep the sampler under ~10% of one core, so it does not slow what it measures; but never
+            # more than MAX_SAMPLE_GAP_S between samples (on a loaded machine a sample can take a second,
+            # and 9 s gaps missed a whole 2.6 s round's peak). The gaps are reported (max_sample_gap_s).
+            wait = max(self.interval - spent, min(9 * spent, MAX_SAMPLE_GAP_S), 0.01)
+            self.max_gap = max(self.max_gap, spent + wait)
+            self._stop.wait(wait)
 
     def start(self) -> TreeSampler:
         self.t_start = time.monotonic()
@@ -577,6 +583,7 @@ class TreeSampler:
                 "peak_role_rss_bytes": dict(self.peak_role_rss) if self.roles else None,
                 "max_procs": self.max_procs,
                 "samples": self.samples,
+                "max_sample_gap_s": round(self.max_gap, 3),
                 "sample_interval_s": self.interval,
                 "mem_cap_gib": self.mem_cap_gib,
                 "mem_cap_mechanism": self.mechanism,

@@ -387,6 +387,7 @@ COLUMNS = [
     ("server RSS GiB", "peak_server_rss_gib", 2),
     ("tree PSS GiB", "peak_pss_gib", 2),
     ("PSS+tmpfs GiB", "peak_pss_plus_tmpfs_gib", 2),
+    ("cgroup peak GiB", "cgroup_peak_gib", 2),
     ("exact", None, None),
     ("accuracy", "final_accuracy", 3),
 ]

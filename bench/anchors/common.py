@@ -325,6 +325,9 @@ def drive(
             "peak_pss_plus_tmpfs_bytes": m["peak_pss_plus_tmpfs_bytes"],
             "peak_pss_plus_tmpfs_gib": m["peak_pss_plus_tmpfs_gib"],
             "cgroup_peak_bytes": m["cgroup_peak_bytes"],
+            "cgroup_peak_gib": None if m["cgroup_peak_bytes"] is None else round(m["cgroup_peak_bytes"] / GiB, 3),
+            "samples": m["samples"],
+            "max_sample_gap_s": m["max_sample_gap_s"],
             "torch_threads_per_process": int(threads),
             # The machine is shared: the 1-minute load average before and after, for context.
             "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

@@ -202,7 +202,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # The same CNN, a little training per site (16 samples: 4 steps), many sites.
     "scale": {
         "sites": 2,
-        "rounds": 4,
+        "rounds": 2,
         "train_size": 16,
         "val_size": 0,
         "epochs": 1,
@@ -238,7 +238,7 @@ def base_parser(description: str, scenario: str | None = None) -> argparse.Argum
         "--mem-cap-gib",
         type=float,
         default=measure.DEFAULT_MEM_CAP_GIB,
-        help="kill the run when the tree's summed RSS passes this (GiB)",
+        help="memory cap of the tree (GiB): a cgroup limit where possible, else PSS+tmpfs and an RSS watchdog",
     )
     ap.add_argument("--keep", action="store_true", help="keep the /tmp/fl-bench-* workspace")
     ap.add_argument("--log", default=None, help="file for the framework's own output (default: stderr)")
@@ -319,6 +319,15 @@ def drive(
             "peak_role_rss_bytes": m.get("peak_role_rss_bytes"),
             "max_procs": m["max_procs"],
             "mem_cap_gib": m["mem_cap_gib"],
+            "mem_cap_mechanism": m["mem_cap_mechanism"],
+            # fl's simulator keeps models in /dev/shm during a round: counted beside PSS (bench/measure.py)
+            "peak_tmpfs_bytes": m["peak_tmpfs_bytes"],
+            "peak_pss_plus_tmpfs_bytes": m["peak_pss_plus_tmpfs_bytes"],
+            "peak_pss_plus_tmpfs_gib": m["peak_pss_plus_tmpfs_gib"],
+            "cgroup_peak_bytes": m["cgroup_peak_bytes"],
+            "cgroup_peak_gib": None if m["cgroup_peak_bytes"] is None else round(m["cgroup_peak_bytes"] / GiB, 3),
+            "samples": m["samples"],
+            "max_sample_gap_s": m["max_sample_gap_s"],
             "torch_threads_per_process": int(threads),
             # The machine is shared: the 1-minute load average before and after, for context.
             "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

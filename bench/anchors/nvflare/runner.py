@@ -26,6 +26,10 @@ if str(REPO_ROOT) not in sys.path:
 from bench.anchors import common  # noqa: E402
 
 JOB_NAME = "bench"
+LARGE_MODEL_OPTIONS = (
+    "server_expected_format=ExchangeFormat.PYTORCH, enable_tensor_disk_offload=True, "
+    "server_memory_gc_rounds=1, client_memory_gc_rounds=1"
+)
 
 
 def _is_server(cmdline: Sequence[str]) -> bool:
@@ -58,6 +62,7 @@ def inner(scenario: str, args: Any) -> None:
             f"--batch-size {args.batch_size} --lr {args.lr} --momentum {args.momentum}"
         )
     recipe = FedAvgRecipe(
+        **large_model_options(args.large_model_options),
         name=JOB_NAME,
         min_clients=args.sites,
         num_rounds=args.rounds,
@@ -70,6 +75,23 @@ def inner(scenario: str, args: Any) -> None:
     env = SimEnv(num_clients=args.sites, num_threads=threads, workspace_root=sim_root)
     run = recipe.execute(env)
     common.write_result(job_result=str(run.get_result()))
+
+
+def large_model_options(enabled: bool) -> dict[str, Any]:
+    """FLARE 2.9's own options for large models (FedAvgRecipe's arguments): tensors exchanged as
+    PyTorch tensors rather than numpy (no conversion copy), streamed tensors downloaded to disk files
+    instead of memory (``enable_tensor_disk_offload``, which FLARE allows only with the PyTorch format),
+    and a gc.collect + malloc_trim after every round on the server and the clients."""
+    if not enabled:
+        return {}
+    from nvflare.client.config import ExchangeFormat
+
+    return {
+        "server_expected_format": ExchangeFormat.PYTORCH,
+        "enable_tensor_disk_offload": True,
+        "server_memory_gc_rounds": 1,
+        "client_memory_gc_rounds": 1,
+    }
 
 
 def _post(scenario: str, args: Any) -> Any:
@@ -91,6 +113,11 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
         default=0,
         help="simulator threads (client worker processes); default = sites, SimEnv's default",
     )
+    ap.add_argument(
+        "--large-model-options",
+        action="store_true",
+        help="FLARE's large-model options: ExchangeFormat.PYTORCH, enable_tensor_disk_offload, memory gc every round",
+    )
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
     if args.inner:
@@ -99,6 +126,8 @@ def main(scenario: str, argv: list[str] | None = None) -> int:
 
     params = {k: getattr(args, k) for k in common.SCENARIOS[scenario]}
     params["threads"] = args.threads or args.sites
+    if args.large_model_options:
+        params["large_model_options"] = LARGE_MODEL_OPTIONS
     out = common.drive(
         anchor="nvflare",
         scenario=scenario,

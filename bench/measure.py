@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -217,30 +218,13 @@ FL_SIM_OWNER = ".owner"  # fl/simulator.py: the pid of the process that made an 
 
 
 def fl_sim_tmpfs_bytes(pids: set[int], shm: str = SHM) -> int:
-    """Bytes allocated in ``shm``'s ``fl-sim-*`` folders whose owner (the pid in ``.owner``) is in ``pids``."""
-    total = 0
+    """fl's own count of its tmpfs bytes (``fl.footprint.tmpfs_bytes``: the run's ``fl-sim-*`` folders
+    and removed files its processes still hold); 0 where fl is not importable (an anchor's venv)."""
     try:
-        folders = [e for e in os.scandir(shm) if e.name.startswith("fl-sim-") and e.is_dir(follow_symlinks=False)]
-    except OSError:
+        from fl.footprint import tmpfs_bytes as fl_tmpfs_bytes
+    except ImportError:
         return 0
-    for folder in folders:
-        try:
-            with open(os.path.join(folder.path, FL_SIM_OWNER)) as f:
-                owner = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-        if owner in pids:
-            total += _allocated_bytes(folder.path)
-    return total
-
-
-def _allocated_bytes(top: str) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(top):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
+    return fl_tmpfs_bytes(pids, shm=Path(shm))
 
 
 #: What the sampler adds to the tree's PSS as its tmpfs bytes: each counter gets the tree's pids.

@@ -204,12 +204,16 @@ def pod_name(site: str, job_id: str) -> str:
 
 
 def _resources(config: LauncherConfig) -> dict[str, Any]:
-    """The container's resources with the GPU request and limit set exactly when gpus > 0."""
+    """The container's resources with the GPU request and limit set exactly when gpus > 0.
+
+    Quantities are strings, as the API's schema (and the client's validation) has them.
+    """
     out: dict[str, Any] = {}
     for part in ("requests", "limits"):
-        values = {k: v for k, v in dict(config.resources.get(part) or {}).items() if k != config.gpu_resource}
+        given = dict(config.resources.get(part) or {})
+        values = {k: str(v) for k, v in given.items() if k != config.gpu_resource and v is not None}
         if config.gpus > 0:
-            values[config.gpu_resource] = config.gpus
+            values[config.gpu_resource] = str(config.gpus)
         if values:
             out[part] = values
     return out

@@ -35,7 +35,7 @@ class FakePod:
         return dict(self.body["spec"]["containers"][0])
 
     def gpus(self) -> int:
-        return int((self.container.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        return int((self.container.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", "0"))
 
     def start(self) -> None:
         env = dict(os.environ)

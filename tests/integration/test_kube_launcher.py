@@ -116,7 +116,7 @@ def test_a_pod_waiting_for_a_busy_gpu_fails_after_the_schedule_deadline_saying_w
     text = json.dumps(fed.job(info["job_id"]))
     assert "scheduleTimeoutSeconds" in text and "Insufficient nvidia.com/gpu" in text, text
     assert "still Pending" in site.log()
-    assert kube.created[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert kube.created[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     wait_for(lambda: not kube.pods, 30, "the pending job pod to be deleted")
 
 

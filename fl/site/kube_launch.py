@@ -66,6 +66,8 @@ FATAL_WAITING = frozenset(
     }
 )
 #: Environment the job's script always gets from the runner (besides the job's own variables).
+#: Connections the relay checks for the token at the same time; more are closed at once.
+MAX_PENDING_AUTH = 16
 RUNNER_ENV = ("FL_SITE_NAME", "FL_JOB_ID", "PYTHONUNBUFFERED", "PYTHONPATH")
 
 
@@ -433,6 +435,7 @@ class Relay:
         self.created = False
         self.allowed_results: set[str] = set()
         self._accepted: queue.Queue[Wire] = queue.Queue()
+        self._connected = threading.Event()
 
     # -- lifecycle
     def run(self) -> int:
@@ -470,18 +473,38 @@ class Relay:
         return f"image {self.config.image}, {gpus}"
 
     def _accept(self, listener: socket.socket) -> None:
-        """Hand on the first connection that presents the token; refuse (close) the others."""
-        while True:
+        """Check each connection in a thread of its own (a silent one cannot hold up the pod's); at most
+        MAX_PENDING_AUTH at a time, the rest closed at once."""
+        pending = threading.BoundedSemaphore(MAX_PENDING_AUTH)
+        while not self._connected.is_set():
             try:
                 sock, peer = listener.accept()
             except OSError:
                 return
-            wire = authenticate(sock, self.token)
-            if wire is None:
-                _say(f"refused a connection from {peer[0]} without the job's token")
+            if not pending.acquire(blocking=False):
+                sock.close()
                 continue
+            threading.Thread(target=self._check, args=(sock, peer[0], pending), daemon=True).start()
+
+    def _check(self, sock: socket.socket, peer: str, pending: threading.BoundedSemaphore) -> None:
+        try:
+            wire = authenticate(sock, self.token)
+        finally:
+            pending.release()
+        if wire is None:
+            _say(f"refused a connection from {peer} without the job's token")
+        elif self._connected.is_set():
+            wire.close()  # the token is for one connection
+        else:
+            self._connected.set()
             self._accepted.put(wire)
-            return
+
+    def _read_state(self) -> PodState:
+        """The pod's state; an API error is a wait (counted against the deadlines), not a failure."""
+        try:
+            return pod_state(self.api.read(self.namespace, self.name))
+        except Exception as exc:
+            return PodState("Unknown", waiting=f"cannot read the pod: {type(exc).__name__}: {exc}")
 
     def _wait_for_pod(self) -> Wire | int:
         """The shim's connection, or the exit code when the pod cannot run (having said why)."""
@@ -491,7 +514,7 @@ class Relay:
         while not self.stop.is_set():
             with contextlib.suppress(queue.Empty):
                 return self._accepted.get(timeout=1.0)
-            state = pod_state(self.api.read(self.namespace, self.name))
+            state = self._read_state()
             now = time.monotonic()
             if state.fatal:
                 return self._fail(state.fatal, state.exit_code)
@@ -519,7 +542,9 @@ class Relay:
 
     def _fail(self, why: str, code: int | None = None) -> int:
         _say(f"job pod {self.name} failed: {why}")
-        tail = self.api.log_tail(self.namespace, self.name, 20).strip()
+        tail = ""
+        with contextlib.suppress(Exception):  # the reason above is what matters; the log tail is a bonus
+            tail = self.api.log_tail(self.namespace, self.name, 20).strip()
         if tail:
             _say("last lines of the job pod's log:")
             for line in tail.splitlines():
@@ -551,7 +576,7 @@ class Relay:
             if time.monotonic() - checked < 5.0:
                 continue
             checked = time.monotonic()
-            state = pod_state(self.api.read(self.namespace, self.name))
+            state = self._read_state()
             if state.fatal:
                 return self._fail(state.fatal, state.exit_code)
         if self.stop.is_set() and not self.pod_done.is_set():
@@ -563,10 +588,10 @@ class Relay:
         if self.exit_code == 0:
             return 0
         deadline = time.monotonic() + 15
-        state = pod_state(self.api.read(self.namespace, self.name))
+        state = self._read_state()
         while state.exit_code is None and not state.fatal and time.monotonic() < deadline:
             time.sleep(0.5)
-            state = pod_state(self.api.read(self.namespace, self.name))
+            state = self._read_state()
         if state.fatal and not (state.phase == "Gone" and self.exit_code is not None):
             return self._fail(state.fatal, state.exit_code or self.exit_code)
         if self.exit_code is None:

@@ -141,3 +141,37 @@ def test_the_relay_refuses_a_connection_without_the_jobs_token(federation, kube,
     job_id = json.loads(proc.stdout)["job_id"]
     wait_for(lambda: fed.job(job_id).get("status") in ("finished", "failed"), 400, "the job to end")
     assert fed.job(job_id)["status"] == "finished", fed.job(job_id)
+
+
+def _running_pod(kube: FakeKube) -> str:
+    def running() -> str:
+        with kube.lock:
+            return next((name for name, pod in kube.pods.items() if pod.running()), "")
+
+    name: str = wait_for(running, 120, "a running job pod")
+    return name
+
+
+def test_aborting_the_job_deletes_its_pod(federation, kube, tmp_path):
+    fed = federation
+    fed.start_server()
+    fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1"))
+    fed.wait_sites(["site-1"])
+    proc = fed.fl("submit", str(_one_site_job(tmp_path / "export")), "--json")
+    assert proc.returncode == 0, proc.stderr
+    _running_pod(kube)
+    aborted = fed.fl("abort", json.loads(proc.stdout)["job_id"])
+    assert aborted.returncode == 0, aborted.stderr
+    wait_for(lambda: not kube.pods, 60, "the aborted job's pod to be deleted")
+
+
+def test_a_site_killed_with_sigkill_leaves_no_running_pod(federation, kube, tmp_path):
+    fed = federation
+    fed.start_server()
+    site = fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1"))
+    fed.wait_sites(["site-1"])
+    proc = fed.fl("submit", str(_one_site_job(tmp_path / "export")), "--json")
+    assert proc.returncode == 0, proc.stderr
+    _running_pod(kube)
+    site.kill9()  # no cleanup code runs in the site: the relay's parent-death signal (SIGTERM) does it
+    wait_for(lambda: not kube.pods, 60, "the job pod of the killed site to be deleted")

@@ -151,9 +151,8 @@ class LauncherConfig:
             if key not in data or data[key] is None:
                 continue
             value, default = data[key], getattr(defaults, attr)
-            if isinstance(default, bool) or not isinstance(
-                value, type(default) if not isinstance(default, float) else int | float
-            ):
+            expected = (int, float) if isinstance(default, float) else type(default)
+            if isinstance(value, bool) or not isinstance(value, expected):
                 raise ValueError(f"{where}: {key}: {value!r} is not a {type(default).__name__}")
             kwargs[attr] = value
         config = cls(**kwargs)

@@ -141,7 +141,7 @@ def _kubernetes_launcher(args: argparse.Namespace) -> tuple[Path | None, str]:
     try:
         config = LauncherConfig.load(path)
         api = KubePodApi(config.kubeconfig)
-        delete_stale_pods(api, config.resolved_namespace(), args.name, log=log.info)
+        delete_stale_pods(api, config.resolved_namespace(), args.name, labels=config.labels, log=log.info)
     except Exception as exc:  # a bad file, no API access, RBAC
         return None, f"kubernetes launcher ({path}): {exc}"
     return path, ""

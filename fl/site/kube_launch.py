@@ -396,9 +396,21 @@ class KubePodApi:
             return ""
 
 
-def delete_stale_pods(api: PodApi, namespace: str, site: str, *, log: Callable[[str], None] = _say) -> int:
-    """Delete every job pod this site's earlier life left (by label); how many. Called when a site starts."""
-    pods = api.list(namespace, ",".join(f"{k}={v}" for k, v in pod_labels(site).items()))
+def delete_stale_pods(
+    api: PodApi,
+    namespace: str,
+    site: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = _say,
+) -> int:
+    """Delete every job pod this site's earlier life left; how many. Called when a site starts.
+
+    Selected by the site's labels and the config's (the chart's release labels), so that a site of
+    the same name in another release in the namespace keeps its pods.
+    """
+    selector = {**(labels or {}), **pod_labels(site)}
+    pods = api.list(namespace, ",".join(f"{k}={v}" for k, v in sorted(selector.items())))
     for pod in pods:
         name = pod["metadata"]["name"]
         log(f"deleting job pod {name} left by an earlier run of site {site}")

@@ -144,9 +144,12 @@ class _Pods:
 
 def test_a_starting_site_deletes_the_pods_of_its_earlier_life_by_label() -> None:
     pods = _Pods(["fl-job-site-1-a", "fl-job-site-1-b"])
-    assert delete_stale_pods(pods, "ns", "site-1", log=lambda _: None) == 2  # type: ignore[arg-type]
+    release = {"app.kubernetes.io/instance": "fl-a"}
+    assert delete_stale_pods(pods, "ns", "site-1", labels=release, log=lambda _: None) == 2  # type: ignore[arg-type]
     assert pods.deleted == ["fl-job-site-1-a", "fl-job-site-1-b"]
-    assert pods.selectors == ["app.kubernetes.io/managed-by=fl-site-launcher,fl/site=site-1"]
+    assert pods.selectors == [
+        "app.kubernetes.io/instance=fl-a,app.kubernetes.io/managed-by=fl-site-launcher,fl/site=site-1"
+    ]
 
 
 def test_the_relay_command_wraps_the_script_and_passes_the_jobs_env_names(tmp_path: Path) -> None:

@@ -129,6 +129,24 @@ def cmd_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _kubernetes_launcher(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The launcher config of ``--launcher kubernetes`` (checked, stale job pods deleted), or why not."""
+    if args.launcher != "kubernetes":
+        return None, "--launcher-config is only for --launcher kubernetes" if args.launcher_config else ""
+    if not args.launcher_config:
+        return None, "--launcher kubernetes needs --launcher-config FILE (the job pods' settings)"
+    from fl.site.kube_launch import KubePodApi, LauncherConfig, delete_stale_pods
+
+    path = Path(args.launcher_config)
+    try:
+        config = LauncherConfig.load(path)
+        api = KubePodApi(config.kubeconfig)
+        delete_stale_pods(api, config.resolved_namespace(), args.name, labels=config.labels, log=log.info)
+    except Exception as exc:  # a bad file, no API access, RBAC
+        return None, f"kubernetes launcher ({path}): {exc}"
+    return path, ""
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from fl.site.agent import SiteAgent
 
@@ -140,6 +158,9 @@ def cmd_site(args: argparse.Namespace) -> int:
     tls, error = _tls_or_insecure(args, "fl site")
     if error is not None:
         return error
+    launcher_config, problem = _kubernetes_launcher(args)
+    if problem:
+        return _fail(f"fl site: {problem}")
     agent = SiteAgent(
         args.name,
         args.server,
@@ -150,6 +171,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         exchange_root=Path(args.exchange_dir) if args.exchange_dir else None,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or "127.0.0.1",
+        launcher_config=launcher_config,
     )
     stop = threading.Event()
     _on_signals(stop)

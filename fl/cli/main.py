@@ -181,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("FL_NO_CUSTOM_CODE") == "1",
         help="refuse jobs that carry custom code",
     )
+    p.add_argument(
+        "--launcher",
+        choices=("process", "kubernetes"),
+        default=_env("FL_LAUNCHER") or "process",
+        help="where job scripts run: a local process, or a Kubernetes pod per run (env FL_LAUNCHER)",
+    )
+    p.add_argument(
+        "--launcher-config",
+        default=_env("FL_LAUNCHER_CONFIG"),
+        help="JSON file describing the job pods (--launcher kubernetes; docs/operations.md)",
+    )
     _add_metrics(p, "127.0.0.1")
     _add_connection(p)
     _add_logging(p)

@@ -48,6 +48,7 @@ class SiteAgent:
         exchange_root: Path | None = None,
         metrics_port: int = 0,
         metrics_host: str = "127.0.0.1",
+        launcher_config: Path | None = None,
     ) -> None:
         self.name = name
         self.server = server
@@ -59,6 +60,8 @@ class SiteAgent:
         #: Where models pass between this agent and its scripts (default: each job's folder);
         #: a memory-backed folder (/dev/shm) spares the disk two model-sized writes per round.
         self.exchange_root = exchange_root
+        #: None: job scripts run as local processes; else each runs in a Kubernetes pod (fl.site.kube_launch).
+        self.launcher_config = launcher_config
         self.log = adapter("fl.site", site=name)
         self.channel = make_channel(server, tls=tls, server_name=server_name)
         self.stub = pb_grpc.FederationStub(self.channel)

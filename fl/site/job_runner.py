@@ -34,6 +34,7 @@ from fl.proto import federation_pb2 as pb
 from fl.pythonpath import script_command
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
+from fl.site.kube_launch import relay_command
 from fl.site.transfers import TransferFailed, download_blob, upload_file
 
 if TYPE_CHECKING:
@@ -231,8 +232,15 @@ class JobRunner:
             }
         )
         self.log.info("starting training script: %s", shlex.join(command))
+        death_signal = signal.SIGKILL
+        if self.agent.launcher_config is not None:  # the relay deletes the job's pod when it gets SIGTERM
+            command = relay_command(
+                self.agent.launcher_config, self.job_dir, self.exchange, list(self.start_msg.env), command
+            )
+            death_signal = signal.SIGTERM
         self.process = popen_bound_to_parent(
             command,
+            death_signal=death_signal,
             cwd=self.job_dir,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -315,6 +315,9 @@ Checks that the schema also makes, repeated here with the allowed values so that
 {{- $settings := include "fl.site.settings" (dict "root" $ "site" $site) | fromYaml }}
 {{- include "fl.validateImage" (dict "where" (printf "sites[%d].image" $i) "image" $settings.image) }}
 {{- include "fl.validatePodLabels" (dict "where" (printf "sites[%d].podLabels" $i) "labels" $settings.podLabels) }}
+{{- if not (has $settings.launcher (list "process" "kubernetes")) }}
+{{- fail (printf "sites[%d].launcher: %v is not allowed (site %s); allowed values: process, kubernetes" $i $settings.launcher $site.name) }}
+{{- end }}
 {{- range $key, $value := $settings.probes }}
 {{- if not (and (or (kindIs "float64" $value) (kindIs "int64" $value) (kindIs "int" $value)) (ge (float64 $value) 1.0)) }}
 {{- fail (printf "sites[%d].probes.%s: %v must be a whole number >= 1 (site %s)" $i $key $value $site.name) }}
@@ -328,7 +331,7 @@ The keys a site may set besides name, image and tlsSecret, as a JSON list: each 
 siteDefaults.<key>. One list for the settings below and for the check of a site's keys.
 */}}
 {{- define "fl.site.settingKeys" -}}
-{{- toJson (list "gpus" "gpuResource" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "podLabels" "priorityClassName" "topologySpreadConstraints" "env" "extraArgs" "extraVolumes" "extraVolumeMounts" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds") }}
+{{- toJson (list "gpus" "gpuResource" "launcher" "kubernetesLauncher" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "podLabels" "priorityClassName" "topologySpreadConstraints" "env" "extraArgs" "extraVolumes" "extraVolumeMounts" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds") }}
 {{- end }}
 
 {{/*
@@ -584,4 +587,73 @@ NetworkPolicy ingress rule that lets scrapers (metrics.from; empty: any peer) re
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+Whether any site launches its jobs as Kubernetes pods ("true" or empty): the launcher's
+ServiceAccount, Role and RoleBinding are rendered only then.
+*/}}
+{{- define "fl.launcher.used" -}}
+{{- range $entry := .Values.sites }}
+{{- $site := include "fl.site.settings" (dict "root" $ "site" $entry) | fromYaml }}
+{{- if eq $site.launcher "kubernetes" }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The launcher's ServiceAccount (the site pods that create job pods), and its Role and RoleBinding.
+*/}}
+{{- define "fl.launcher.name" -}}
+{{- printf "%s-launcher" (include "fl.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+A site's job pods, as fl.site.kube_launch's launcher config (JSON): the site's image, GPUs,
+resources, scheduling, data volume and env; the release's secure defaults; labels naming the
+release. Call with (dict "root" $ "site" <the site's settings>).
+*/}}
+{{- define "fl.launcher.config" -}}
+{{- $root := .root }}
+{{- $site := .site }}
+{{- $labels := include "fl.selectorLabels" $root | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" "job" }}
+{{- $labels = merge $labels (default (dict) $site.podLabels) }}
+{{- $config := dict
+  "image" (include "fl.image" (dict "root" $root "image" $site.image))
+  "imagePullPolicy" $site.image.pullPolicy
+  "imagePullSecrets" (default (list) $root.Values.imagePullSecrets)
+  "serviceAccountName" (include "fl.serviceAccountName" $root)
+  "namespace" $root.Release.Namespace
+  "gpus" (int $site.gpus)
+  "gpuResource" $site.gpuResource
+  "resources" (default (dict) $site.resources)
+  "nodeSelector" (default (dict) $site.nodeSelector)
+  "tolerations" (default (list) $site.tolerations)
+  "affinity" (default (dict) $site.affinity)
+  "runtimeClassName" (default "" $site.runtimeClassName)
+  "priorityClassName" (default "" $site.priorityClassName)
+  "env" (default (list) $site.env)
+  "labels" $labels
+  "podSecurityContext" $root.Values.podSecurityContext
+  "containerSecurityContext" $root.Values.containerSecurityContext
+  "shmSize" (toString (default "" $site.shmSize))
+  "scheduleTimeoutSeconds" (int $site.kubernetesLauncher.scheduleTimeoutSeconds)
+  "pendingLogSeconds" (int $site.kubernetesLauncher.pendingLogSeconds)
+  "connectTimeoutSeconds" (int $site.kubernetesLauncher.connectTimeoutSeconds) }}
+{{- if $site.data }}
+{{- $_ := set $config "volumes" (list (merge (dict "name" "data") (omit $site.data.volume "name"))) }}
+{{- $_ := set $config "volumeMounts" (list (dict "name" "data" "mountPath" $site.data.mountPath "readOnly" (ternary $site.data.readOnly true (hasKey $site.data "readOnly")))) }}
+{{- end }}
+{{- toPrettyJson $config }}
+{{- end }}
+
+{{/*
+The site pods' ingress rule for their job pods' connections back to the relay (ephemeral ports).
+*/}}
+{{- define "fl.networkPolicy.fromJobPods" -}}
+- from:
+    - podSelector:
+        matchLabels:
+          {{- include "fl.selectorLabels" . | nindent 10 }}
+          app.kubernetes.io/component: job
 {{- end }}

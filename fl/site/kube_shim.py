@@ -1,0 +1,187 @@
+"""The job pod's side of the Kubernetes launcher: dial the site's relay, run the job's script, relay for it.
+
+The pod cannot share the site's socketpair or its exchange folder, so this shim stands in for the
+site: it connects to ``FL_RELAY_ADDRESS`` with ``FL_RELAY_TOKEN`` (:mod:`fl.site.kube_wire`),
+receives the script's command, environment and the job's app, unpacks the app under
+``FL_JOB_ROOT`` (checked like any job archive), starts the script with a socketpair of its own, and
+carries its LineChannel messages and model/result files over the connection, with the site's paths
+mapped to this pod's. The script's output goes to the pod's log and to the relay. The shim exits
+with the script's exit code; if the relay goes away it stops the script and exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fl.channel import ChannelClosed, LineChannel
+from fl.process import popen_bound_to_parent
+from fl.server.jobstore import extract_zip
+from fl.site.kube_wire import Wire, present_token
+
+__all__ = ["PathMap", "main"]
+
+MAX_FILE_BYTES = 64 * 2**30
+
+
+class PathMap:
+    """Site paths (the job folder, the exchange folder, the site's python) to this pod's, and back."""
+
+    def __init__(self, start: Mapping[str, Any], root: Path) -> None:
+        # the exchange folder first: it may lie inside the job folder
+        self.pairs = [(str(start["exchange"]), str(root / "exchange")), (str(start["job_dir"]), str(root / "job"))]
+        self.python = str(start.get("python") or "")
+
+    def to_pod(self, value: str) -> str:
+        if self.python and value == self.python:
+            return sys.executable
+        return self._swap(value, 0, 1)
+
+    def to_site(self, value: str) -> str:
+        return self._swap(value, 1, 0)
+
+    def _swap(self, value: str, src: int, dst: int) -> str:
+        for pair in self.pairs:
+            if value == pair[src] or value.startswith(pair[src] + "/"):
+                return pair[dst] + value[len(pair[src]) :]
+        return value
+
+
+class Shim:
+    """One script run in this pod, relayed to the site."""
+
+    def __init__(self, wire: Wire, root: Path) -> None:
+        self.wire = wire
+        self.root = root
+        self.process: subprocess.Popen[bytes] | None = None
+        self.output_done = threading.Event()
+
+    def run(self) -> int:
+        start = self.wire.recv()
+        if start["op"] != "_start":
+            raise ValueError(f"expected _start from the relay, got {start['op']!r}")
+        paths = PathMap(start, self.root)
+        app = self.wire.recv()
+        archive = self.root / "app.zip"
+        self.wire.recv_body(app, archive, limit=MAX_FILE_BYTES)
+        extract_zip(archive, Path(paths.to_pod(str(Path(start["job_dir"]) / "app"))))
+        archive.unlink()
+        Path(paths.to_pod(str(start["exchange"]))).mkdir(parents=True, exist_ok=True)
+        command = [paths.to_pod(str(a)) for a in start["command"]]
+        env = dict(os.environ)
+        for key in ("FL_RELAY_TOKEN", "FL_RELAY_ADDRESS"):
+            env.pop(key, None)
+        for key, value in dict(start.get("env") or {}).items():
+            env[str(key)] = os.pathsep.join(paths.to_pod(p) for p in str(value).split(os.pathsep))
+        parent, child = socket.socketpair()
+        env["FL_CHANNEL_FD"] = str(child.fileno())
+        self.process = popen_bound_to_parent(
+            command,
+            cwd=paths.to_pod(str(start["job_dir"])),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=(child.fileno(),),
+            start_new_session=True,
+        )
+        child.close()
+        script = LineChannel(parent)
+        threading.Thread(target=self._pump_output, daemon=True).start()
+        threading.Thread(target=self._script_to_site, args=(script, paths), daemon=True).start()
+        threading.Thread(target=self._site_to_script, args=(script, paths), daemon=True).start()
+        code = self.process.wait()
+        self.output_done.wait(10)
+        self.stop_script()
+        self.wire.send({"op": "_exit", "code": code if code >= 0 else 128 - code})
+        return code if code >= 0 else 128 - code
+
+    def stop_script(self) -> None:
+        """SIGTERM, then SIGKILL, to the script's process group (what it started too)."""
+        process = self.process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def _pump_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        try:
+            for raw in iter(self.process.stdout.readline, b""):
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                print(line, flush=True)  # the pod's log (kubectl logs)
+                self.wire.send({"op": "_out", "line": line})
+        except (ChannelClosed, ValueError):
+            pass
+        finally:
+            self.output_done.set()
+
+    def _script_to_site(self, script: LineChannel, paths: PathMap) -> None:
+        try:
+            while True:
+                message = script.recv()
+                body = None
+                if message["op"] == "result" and message.get("path"):
+                    body = Path(str(message["path"]))
+                    message["path"] = paths.to_site(str(body))
+                self.wire.send(message, body if body is not None and body.is_file() else None)
+                if body is not None:
+                    body.unlink(missing_ok=True)
+        except (ChannelClosed, ValueError):
+            pass
+
+    def _site_to_script(self, script: LineChannel, paths: PathMap) -> None:
+        try:
+            while True:
+                message = self.wire.recv()
+                task = message.get("task") if message["op"] == "task" else None
+                if isinstance(task, dict):
+                    for key in ("model_path", "result_path"):
+                        if task.get(key):
+                            task[key] = paths.to_pod(str(task[key]))
+                dest = Path(task["model_path"]) if isinstance(task, dict) and task.get("model_path") else None
+                if "_size" in message:
+                    self.wire.recv_body(message, dest, limit=MAX_FILE_BYTES)
+                    message.pop("_size")
+                script.send(message)
+        except (ChannelClosed, ValueError, OSError):
+            self.stop_script()  # the site went away: the job is over here too
+
+
+def main() -> int:
+    """Connect to the relay named in the environment and run the job's script; its exit code."""
+    address, token = os.environ.get("FL_RELAY_ADDRESS", ""), os.environ.get("FL_RELAY_TOKEN", "")
+    root = Path(os.environ.get("FL_JOB_ROOT") or "/fl-job")
+    if not address or not token:
+        print("fl kube shim: FL_RELAY_ADDRESS and FL_RELAY_TOKEN must be set (this runs in a job pod)", flush=True)
+        return 2
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.settimeout(None)
+    wire = Wire(sock)
+    present_token(wire, token)
+    shim = Shim(wire, root)
+    signal.signal(signal.SIGTERM, lambda *_: shim.stop_script())
+    try:
+        return shim.run()
+    except (ChannelClosed, ValueError, OSError) as exc:
+        print(f"fl kube shim: {type(exc).__name__}: {exc}", flush=True)
+        shim.stop_script()
+        return 1
+    finally:
+        wire.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The wire between a site's Kubernetes launcher (the relay) and its job pod (the shim).
+
+One TCP connection carries JSON lines; a line with a ``_size`` key is followed by exactly that many
+raw bytes (a model, a result, the job's app as a zip). Nothing is ever unpickled. The pod's first
+line must be ``{"op": "_auth", "token": ...}`` with the per-job secret token; a connection that does
+not present it within a few seconds is closed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from fl.channel import MAX_LINE_BYTES, ChannelClosed
+
+__all__ = ["AUTH_TIMEOUT_S", "Wire", "authenticate", "present_token"]
+
+AUTH_TIMEOUT_S = 10.0
+_CHUNK = 1 << 20
+
+
+class Wire:
+    """JSON lines with optional file bodies over a socket; ``send`` is thread-safe, ``recv`` is for one reader."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader = sock.makefile("rb", buffering=65536)
+        self._send_lock = threading.Lock()
+
+    def send(self, message: dict[str, Any], body: Path | None = None) -> None:
+        """Send ``message``; with ``body``, the file's bytes follow it (its size in ``_size``)."""
+        if body is not None:
+            message = {**message, "_size": body.stat().st_size}
+        data = (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        if len(data) > MAX_LINE_BYTES:
+            raise ValueError(f"wire message of {len(data)} bytes exceeds {MAX_LINE_BYTES}")
+        with self._send_lock:
+            try:
+                self.sock.sendall(data)
+                if body is not None:
+                    with body.open("rb") as f:
+                        self.sock.sendfile(f)
+            except OSError as exc:
+                raise ChannelClosed(str(exc)) from exc
+
+    def recv(self) -> dict[str, Any]:
+        """The next message (its body, if any, must be read with :meth:`recv_body` before the next one)."""
+        try:
+            line = self._reader.readline(MAX_LINE_BYTES + 1)
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        if not line:
+            raise ChannelClosed("connection closed")
+        if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
+            raise ValueError("wire message too long or truncated")
+        message = json.loads(line)
+        if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+            raise ValueError("wire messages must be JSON objects with an 'op'")
+        size = message.get("_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise ValueError(f"wire message body size {size!r} is not a byte count")
+        return message
+
+    def recv_body(self, message: dict[str, Any], dest: Path | None, *, limit: int) -> None:
+        """Read the body announced by ``message`` into ``dest`` (written atomically), or discard it when None."""
+        size = int(message.get("_size") or 0)
+        if size > limit:
+            raise ValueError(f"file of {size} bytes exceeds the limit of {limit} bytes")
+        tmp = dest.with_name(f".{dest.name}.part") if dest is not None else None
+        try:
+            out = tmp.open("wb") if tmp is not None else open(os.devnull, "wb")  # noqa: SIM115
+            with out:
+                left = size
+                while left:
+                    chunk = self._reader.read(min(left, _CHUNK))
+                    if not chunk:
+                        raise ChannelClosed(f"connection closed with {left} of {size} file bytes unread")
+                    out.write(chunk)
+                    left -= len(chunk)
+            if tmp is not None and dest is not None:
+                os.replace(tmp, dest)
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        try:
+            self._reader.close()
+        finally:
+            self.sock.close()
+
+
+def present_token(wire: Wire, token: str) -> None:
+    """The pod's side of the handshake: send the job's token first."""
+    wire.send({"op": "_auth", "token": token})
+
+
+def authenticate(sock: socket.socket, token: str) -> Wire | None:
+    """The relay's side: a Wire when the peer's first line carries ``token`` in AUTH_TIMEOUT_S, else None."""
+    sock.settimeout(AUTH_TIMEOUT_S)
+    wire = Wire(sock)
+    try:
+        first = wire.recv()
+        given = first.get("token")
+        if first["op"] == "_auth" and isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
+            sock.settimeout(None)
+            return wire
+    except (ChannelClosed, ValueError, OSError):
+        pass
+    wire.close()
+    return None

@@ -1,0 +1,177 @@
+"""The Kubernetes launcher end to end against a fake pod API: real server, real sites, the relay, the shim.
+
+The fake (tests/integration/fake_kube.py) runs each job pod as a local process, so the channel and
+file relay between the site and its "pod" are tested for real; no cluster is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fl.site.kube_launch import LauncherConfig, build_pod
+from tests.integration.fake_kube import FakeKube
+from tests.integration.federation import REPO, Federation, export_hello_pt, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path, ["site-1", "site-2"])
+    yield fed
+    fed.stop()
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[FakeKube]:
+    fake = FakeKube(tmp_path, gpus=1)
+    yield fake
+    fake.close()
+
+
+def _launcher(tmp_path: Path, kube: FakeKube, name: str, **settings: Any) -> tuple[str, ...]:
+    config = {
+        "image": "fl-site:test",
+        "namespace": kube.namespace,
+        "kubeconfig": str(kube.kubeconfig),
+        "shimCommand": [sys.executable, "-m", "fl.site.kube_shim"],
+        **settings,
+    }
+    path = tmp_path / f"launcher-{name}.json"
+    path.write_text(json.dumps(config))
+    return ("--launcher", "kubernetes", "--launcher-config", str(path))
+
+
+def _one_site_job(out: Path) -> Path:
+    """hello-pt for site-1 alone, 1 round, tiny synthetic data."""
+    subprocess.run(
+        [sys.executable, str(REPO / "jobs/hello-pt/job.py"), "--export-dir", str(out), "--dataset", "synthetic",
+         "--train-size", "32", "--test-size", "32", "--n-clients", "1", "--num-rounds", "1"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return out / "hello-pt"
+
+
+def _submit(fed: Federation, job: Path) -> dict[str, Any]:
+    proc = fed.fl("submit", str(job), "--wait", "--json", timeout=500)
+    assert proc.stdout, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def test_hello_pt_trains_in_job_pods_that_are_deleted_after_the_job(federation, kube, tmp_path):
+    fed = federation
+    stale = build_pod(
+        LauncherConfig(image="old"), name="fl-job-site-1-old", site="site-1", job_id="old", relay_address="x:1",
+        token="t", owner=None,
+    )  # fmt: skip
+    kube.add_stale_pod(stale)
+    fed.start_server()
+    sites = [fed.start_site(n, extra=_launcher(tmp_path, kube, n, gpus=0)) for n in ("site-1", "site-2")]
+    fed.wait_sites(["site-1", "site-2"])
+    assert "fl-job-site-1-old" not in kube.pods, "a site that starts deletes the pods its earlier life left"
+
+    info = _submit(fed, export_hello_pt(tmp_path / "export"))
+    assert info["status"] == "finished", info
+    created = {p["metadata"]["labels"]["fl/site"] for p in kube.created}
+    assert created == {"site-1", "site-2"}
+    wait_for(lambda: not kube.pods, 30, "the job pods to be deleted")
+    logs = fed.fl("logs", info["job_id"], "--site", "site-1")
+    assert "round 2 epoch 2/2" in logs.stdout, logs.stdout[-2000:]
+    assert "job pod" in sites[0].log() and "connected" in sites[0].log()
+
+
+def test_a_pod_whose_image_cannot_be_pulled_fails_the_job_with_the_reason(federation, kube, tmp_path):
+    fed = federation
+    fed.start_server()
+    fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1", image="missing/fl-site:nope"))
+    fed.wait_sites(["site-1"])
+    job = _one_site_job(tmp_path / "export")
+    info = _submit(fed, job)
+    assert info["status"] == "failed", info
+    status = fed.job(info["job_id"])
+    assert "ErrImagePull" in json.dumps(status), status
+    wait_for(lambda: not kube.pods, 30, "the failed job pod to be deleted")
+
+
+def test_a_pod_waiting_for_a_busy_gpu_fails_after_the_schedule_deadline_saying_why(federation, kube, tmp_path):
+    fed = federation
+    kube.gpus = 0  # the node's one GPU is taken
+    fed.start_server()
+    site = fed.start_site(
+        "site-1", extra=_launcher(tmp_path, kube, "site-1", gpus=1, scheduleTimeoutSeconds=6, pendingLogSeconds=2)
+    )
+    fed.wait_sites(["site-1"])
+    job = _one_site_job(tmp_path / "export")
+    info = _submit(fed, job)
+    assert info["status"] == "failed", info
+    text = json.dumps(fed.job(info["job_id"]))
+    assert "scheduleTimeoutSeconds" in text and "Insufficient nvidia.com/gpu" in text, text
+    assert "still Pending" in site.log()
+    assert kube.created[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    wait_for(lambda: not kube.pods, 30, "the pending job pod to be deleted")
+
+
+def test_the_relay_refuses_a_connection_without_the_jobs_token(federation, kube, tmp_path):
+    fed = federation
+    kube.gpus = 0  # keep the pod Pending: only our connection reaches the relay
+    fed.start_server()
+    site = fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1", gpus=1, scheduleTimeoutSeconds=30))
+    fed.wait_sites(["site-1"])
+    job = _one_site_job(tmp_path / "export")
+    proc = fed.fl("submit", str(job), "--json")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: kube.created, 60, "the job pod to be created")
+    env = {e["name"]: e["value"] for e in kube.created[0]["spec"]["containers"][0]["env"]}
+    host, _, port = env["FL_RELAY_ADDRESS"].rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b'{"op":"_auth","token":"guessed"}\n')
+        sock.settimeout(15)
+        assert sock.recv(1) == b"", "the relay must close a connection with the wrong token"
+    wait_for(lambda: "refused a connection" in site.log(), 30, "the relay to log the refusal")
+    kube.gpus = 1  # the right pod may now run and connect
+    job_id = json.loads(proc.stdout)["job_id"]
+    wait_for(lambda: fed.job(job_id).get("status") in ("finished", "failed"), 400, "the job to end")
+    assert fed.job(job_id)["status"] == "finished", fed.job(job_id)
+
+
+def _running_pod(kube: FakeKube) -> str:
+    def running() -> str:
+        with kube.lock:
+            return next((name for name, pod in kube.pods.items() if pod.running()), "")
+
+    name: str = wait_for(running, 120, "a running job pod")
+    return name
+
+
+def test_aborting_the_job_deletes_its_pod(federation, kube, tmp_path):
+    fed = federation
+    fed.start_server()
+    fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1"))
+    fed.wait_sites(["site-1"])
+    proc = fed.fl("submit", str(_one_site_job(tmp_path / "export")), "--json")
+    assert proc.returncode == 0, proc.stderr
+    _running_pod(kube)
+    aborted = fed.fl("abort", json.loads(proc.stdout)["job_id"])
+    assert aborted.returncode == 0, aborted.stderr
+    wait_for(lambda: not kube.pods, 60, "the aborted job's pod to be deleted")
+
+
+def test_a_site_killed_with_sigkill_leaves_no_running_pod(federation, kube, tmp_path):
+    fed = federation
+    fed.start_server()
+    site = fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1"))
+    fed.wait_sites(["site-1"])
+    proc = fed.fl("submit", str(_one_site_job(tmp_path / "export")), "--json")
+    assert proc.returncode == 0, proc.stderr
+    _running_pod(kube)
+    site.kill9()  # no cleanup code runs in the site: the relay's parent-death signal (SIGTERM) does it
+    wait_for(lambda: not kube.pods, 60, "the job pod of the killed site to be deleted")

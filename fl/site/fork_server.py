@@ -176,7 +176,7 @@ def _warm_torch() -> None:
 
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
-    torch.nn.functional.relu(layer(torch.zeros(1, 2))).sum().backward()
+    torch.nn.functional.relu(layer(torch.zeros(1, 2))).sum().backward()  # type: ignore[no-untyped-call]
     optimizer.step()
 
 

@@ -143,15 +143,24 @@ def _serve(path: Path, preload: list[str]) -> None:
     listener.listen(64)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
+    wakeup, woken = socket.socketpair()  # SIGCHLD wakes the loop: an exit is reported at once
+    wakeup.setblocking(False)
+    woken.setblocking(False)
+    signal.set_wakeup_fd(woken.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    selector.register(wakeup, selectors.EVENT_READ)
     runs: dict[int, _Run] = {}  # by pid
     by_conn: dict[int, _Run] = {}  # by the connection's fd
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     while True:
-        for key, _ in selector.select(timeout=0.2):
+        for key, _ in selector.select(timeout=1.0):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
-            if sock is listener:
+            if sock is wakeup:
+                with contextlib.suppress(BlockingIOError):
+                    wakeup.recv(4096)
+            elif sock is listener:
                 conn, _ = listener.accept()
                 if _peer_uid(conn) != os.getuid():
                     conn.close()
@@ -282,6 +291,7 @@ def _become_script(request: dict[str, Any], out_fd: int, channel_fd: int, server
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() == 1:
         os._exit(137)  # the server died between the fork and the prctl
+    signal.set_wakeup_fd(-1)  # the server's wakeup socket is not the script's
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at start

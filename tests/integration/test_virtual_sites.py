@@ -52,8 +52,13 @@ class Measured:
     seconds: float
     killed: str | None
 
+    def problems(self) -> str:
+        """The run's warnings and errors (its first 20), for a failure's message."""
+        lines = [line[:400] for line in self.output.splitlines() if " WARNING " in line or " ERROR " in line]
+        return "\n".join(lines[:20]) or self.output[-3000:]
 
-def run_hello_pt(workspace: Path, sites: int, *args: str, timeout: float = 800) -> Measured:
+
+def run_hello_pt(workspace: Path, sites: int, *args: str, timeout: float = 1500) -> Measured:
     """hello-pt's job.py simulating ``sites`` sites, its whole tree's PSS sampled and capped."""
     log = workspace.parent / f"{workspace.name}.log"
     command = [sys.executable, str(HELLO_PT), "-w", str(workspace), "--n-sites", str(sites), *TINY, *args]
@@ -215,6 +220,8 @@ def test_kill_9_of_a_relay_ends_its_script_and_spares_the_others(make_job, tmp_p
 
 
 # ---------------------------------------------------------------------- 200 virtual sites
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_200_virtual_sites_fit_in_the_memory_of_a_few_sites(tmp_path):
     """The issue's case: hello-pt's CNN, 16 samples a site, 2 rounds, 2 sites training at once.
 
@@ -223,10 +230,10 @@ def test_200_virtual_sites_fit_in_the_memory_of_a_few_sites(tmp_path):
     registrations and the server's state for 200 sites (a process per site would need 200 of them).
     """
     one = run_hello_pt(tmp_path / "one", 1)
-    assert one.code == 0 and one.killed is None, one.output[-3000:]
+    assert one.code == 0 and one.killed is None, one.problems()
     many = run_hello_pt(tmp_path / "many", 200, "-t", "2")
-    assert many.killed is None, f"{many.killed}; output:\n{many.output[-3000:]}"
-    assert many.code == 0, many.output[-3000:]
+    assert many.killed is None, f"{many.killed}; output:\n{many.problems()}"
+    assert many.code == 0, many.problems()
     assert "scripts run per task (launch_once=False): 200 sites and threads=2" in many.output
     bound = 3 * one.peak_pss
     print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,6 +90,11 @@ def _export_hello_pt(folder: Path, sites: int, launch_once: bool | None) -> Path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     job = next(p.parent.parent.parent for p in folder.rglob("config_fed_client.json"))
+    return _set_launch_once(job, launch_once)
+
+
+def _set_launch_once(job: Path, launch_once: bool | None) -> Path:
+    """``job`` with its executors' launch_once set as given."""
     for config in job.glob("*/config/config_fed_client.json"):
         data = json.loads(config.read_text())
         data["executors"][0]["executor"]["args"]["launch_once"] = launch_once
@@ -99,9 +105,10 @@ def _export_hello_pt(folder: Path, sites: int, launch_once: bool | None) -> Path
 def test_per_task_runs_take_one_task_each_and_train_to_the_launch_once_model(tmp_path):
     """3 sites, 1 training at once: per task (the simulator's choice) and launch-once (the job's) agree."""
     runs = {}
+    exported = _export_hello_pt(tmp_path / "export", 3, None)  # one export: one initial model for both
     for mode, setting in (("per-task", None), ("launch-once", True)):
-        job = _export_hello_pt(tmp_path / f"export-{mode}", 3, setting)
-        workspace = tmp_path / mode
+        job = _set_launch_once(shutil.copytree(exported, tmp_path / mode / "job"), setting)
+        workspace = tmp_path / mode / "ws"
         code = subprocess.run(
             [sys.executable, "-m", "fl", "simulate", str(job), "-w", str(workspace), "-t", "1"],
             capture_output=True, text=True, env=_env(), timeout=600,

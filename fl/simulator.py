@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fl.components.script_executor import LAUNCH_ONCE_ENV, choose_launch_once, job_launch_once, launch_mode_line
 from fl.fsutil import atomic_write_json, read_json
 from fl.log import adapter, setup_logging
 from fl.process import popen_bound_to_parent
@@ -42,6 +43,7 @@ from fl.rounds import model_label
 from fl.server.app import FLServer
 from fl.server.jobs import TERMINAL, JobRecord
 from fl.server.jobstore import JobError, read_job
+from fl.site import fork_server
 from fl.site.agent import SiteAgent
 
 __all__ = ["WorkspaceBusy", "simulate", "workspace_lock"]
@@ -354,9 +356,12 @@ def _run(
     concurrent = min(threads or len(sites), len(sites))
     per_site = max(1, (os.cpu_count() or 1) // concurrent)
     gpus = [g.strip() for g in gpu.split(",")] if gpu else []
+    launch_once, why = choose_launch_once(job_launch_once(job_dir), len(sites), threads)
+    log.info("%s", launch_mode_line(launch_once, why))
 
     def site_env(site: str, n: int) -> dict[str, str]:
         env = {"OMP_NUM_THREADS": str(per_site), "MKL_NUM_THREADS": str(per_site), "FL_TORCH_THREADS": str(per_site)}
+        env[LAUNCH_ONCE_ENV] = "1" if launch_once else "0"
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[sites.index(site) % len(gpus)] if site in sites else gpus[0]
         return env
@@ -373,7 +378,7 @@ def _run(
         status_interval=status_interval,
     )
     port = server.start()
-    host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads)
+    host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads, fork_server=not launch_once)
     interrupted = threading.Event()
     previous_handler = None
 
@@ -434,13 +439,15 @@ class _SitesHost:
     children's output comes back line by line through this process's stderr.
     """
 
-    def __init__(self, server: str, workspace: Path, sites: list[str], threads: int | None) -> None:
+    def __init__(
+        self, server: str, workspace: Path, sites: list[str], threads: int | None, *, fork_server: bool = False
+    ) -> None:
         groups = 1 if threads else max(1, min(len(sites), os.cpu_count() or 1))
         self.commands = [
             module_command(
                 "fl.simulator", "--server", server, "--workspace", str(workspace),
                 "--sites", ",".join(sites[i::groups]), "--threads", str(threads or 0),
-                "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
+                "--log-format", os.environ.get("FL_LOG_FORMAT", "text"), *(["--fork-server"] if fork_server else []),
             )
             for i in range(groups)
         ]  # fmt: skip
@@ -508,9 +515,11 @@ def _run_sites(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--log-format", default="text")
+    parser.add_argument("--fork-server", action="store_true", help="start per-task scripts from a warm fork worker")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(args.log_format)
+    warm = fork_server.start_or_explain() if args.fork_server else None  # before any gRPC thread exists
     sites = args.sites.split(",")
     gate = threading.Semaphore(args.threads) if 0 < args.threads < len(sites) else None
     memory = _memory_folder()
@@ -533,6 +542,8 @@ def _run_sites(argv: list[str] | None = None) -> int:
             agent.wait_idle(10.0)
     for agent in agents:
         agent.stop("simulation over")
+    if warm is not None:
+        warm.stop()
     if memory is not None:
         shutil.rmtree(memory[0], ignore_errors=True)
         os.close(memory[1])

@@ -19,15 +19,18 @@ from typing import Any
 
 from fl.client.api import ClientAPI, NotUnderAgentError
 from fl.client.model import FLMetaKey, FLModel, ParamsType
+from fl.client.state import SiteState
 
 __all__ = [
     "FLMetaKey",
     "FLModel",
     "NotUnderAgentError",
     "ParamsType",
+    "SiteState",
     "get_config",
     "get_job_id",
     "get_site_name",
+    "get_state",
     "init",
     "is_evaluate",
     "is_running",
@@ -95,6 +98,14 @@ def get_config() -> dict[str, Any]:
 def log(key: str, value: Any, data_type: str = "SCALAR", global_step: int | None = None, **kwargs: Any) -> None:
     """Send a metric to the server (what SummaryWriter uses)."""
     _context.log(key, value, data_type, global_step, **kwargs)
+
+
+def get_state() -> SiteState:
+    """This site's state for this job: a dict that survives between the script's runs (per-task mode).
+
+    Tensors and JSON values only (see :mod:`fl.client.state`); saved when a result is sent.
+    """
+    return _context.get_state()
 
 
 def shutdown() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from fl.channel import ChannelClosed, LineChannel
 from fl.checksum import Checksum
 from fl.client.model import FLMetaKey, FLModel, ParamsType
+from fl.client.state import SiteState
 
 __all__ = ["ClientAPI", "NotUnderAgentError"]
 
@@ -55,6 +56,7 @@ class ClientAPI:
         self._model: FLModel | None = None  # the current task's model, once received
         self._ended = False
         self._rank = 0
+        self._state: SiteState | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, rank: int | str | None = None) -> None:
@@ -90,7 +92,20 @@ class ClientAPI:
         assert self._channel is not None
         return self._channel
 
+    def get_state(self) -> SiteState:
+        """This site's state for this job, kept between the script's runs (saved when a result is sent)."""
+        if self._state is None:
+            folder = os.environ.get("FL_STATE_DIR")
+            if not folder:
+                raise NotUnderAgentError(
+                    "fl.client.get_state(): this script was not started by an fl site (FL_STATE_DIR is not set)"
+                )
+            self._state = SiteState(folder)
+        return self._state
+
     def shutdown(self) -> None:
+        if self._state is not None:
+            self._state.save()
         if self._channel is not None:
             with contextlib.suppress(ChannelClosed):
                 self._channel.send({"op": "bye"})
@@ -201,6 +216,8 @@ class ClientAPI:
             write_tensors(path, dict(params), digest=checksum)
             message["path"] = str(path)
             message["checksum"] = checksum.hexdigest()
+        if self._state is not None:
+            self._state.save()  # before the result: a per-task run may end as soon as it is delivered
         channel.send(message)
         reply = channel.recv()
         if reply.get("op") != "ack":

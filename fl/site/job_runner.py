@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fl.channel import ChannelClosed, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
-from fl.components.script_executor import ScriptExecutor
+from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.filters import FilterChain, FilterContext, FilterError, replace_file
@@ -34,6 +34,7 @@ from fl.proto import federation_pb2 as pb
 from fl.pythonpath import script_command
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
+from fl.site import fork_server
 from fl.site.kube_launch import relay_command
 from fl.site.transfers import TransferFailed, download_blob, upload_file
 
@@ -44,6 +45,9 @@ __all__ = ["JobRunner"]
 
 LAST_LINES = 40
 END_GRACE_S = 30.0
+#: What a per-task run's script hears when it asks for a second task: its run is over, not the job.
+RUN_OVER = {"op": "end", "status": "run_over", "message": "this run's task is done (launch_once=False)"}
+_fallback_logged = False  # the Popen fallback (no fork server for this script) is said once a process
 
 
 class _Ended:
@@ -81,6 +85,12 @@ class JobRunner:
         self._outbox_lock = threading.Lock()
         self._failed_reported = False
         self._gate_held = False
+        #: launch_once (the default) or per task: set from the job's executor and the host's default at setup
+        self.launch_once = True
+        #: per task: the task (and its model) the script being started is to get, until it asks for it
+        self._run_item: tuple[pb.Task, Path | None] | None = None
+        self._command: list[str] = []
+        self._env: dict[str, str] = {}
         self.data_filters = FilterChain("task_data_filters")
         self.result_filters = FilterChain("task_result_filters")
         #: set once the job's config (its filters) is read, or its setup failed: tasks wait for it
@@ -147,24 +157,81 @@ class JobRunner:
                 self._setup()
             finally:
                 self._configured.set()
-            self._launch()
+            self._prepare_launch()
+            if self.launch_once:
+                self._start_script()
+            self._report(job_state="running")
         except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:
             self._fail(f"could not start the job: {exc}")
             self.done.set()
             return
+        if self.launch_once:
+            code = self._wait_script()
+            if self.ended is None and not self.stop_event.is_set():
+                tail = "\n".join(self.last_lines) or "(no output)"
+                self._fail(f"training script exited with code {code} before the job ended. Last output:\n{tail}")
+            else:
+                self.log.info("training script exited (code %d)", code)
+                self._report_finished()
+        elif self._run_per_task():
+            self._report_finished()
+        self._release_gate()
+        shutil.rmtree(self.exchange, ignore_errors=True)
+        self.done.set()
+
+    def _report_finished(self) -> None:
+        self._report(job_state="finished" if self.ended is None or self.ended.status == "finished" else "")
+
+    def _wait_script(self) -> int:
+        """Wait for the script (and its output) to end; its exit code."""
         assert self.process is not None
         self._end_group_when_script_exits()
         code = self.process.wait()
         self._drain_done.wait(5)
-        if self.ended is None and not self.stop_event.is_set():
-            tail = "\n".join(self.last_lines) or "(no output)"
-            self._fail(f"training script exited with code {code} before the job ended. Last output:\n{tail}")
-        else:
-            self.log.info("training script exited (code %d)", code)
-            self._report(job_state="finished" if self.ended is None or self.ended.status == "finished" else "")
-        self._release_gate()
-        shutil.rmtree(self.exchange, ignore_errors=True)
-        self.done.set()
+        return code
+
+    def _run_per_task(self) -> bool:
+        """launch_once=False: one script run per task, each holding the task gate; False if one failed."""
+        while True:
+            item = self.tasks.get()
+            if isinstance(item, _Ended):
+                self.tasks.put(item)
+                return True
+            if not self._acquire_run_gate():
+                return True
+            task = item[0]
+            self._run_item = item
+            self.current_task = task
+            self.round = task.round
+            try:
+                self._start_script()
+            except OSError as exc:
+                self._release_gate()
+                self._fail(f"could not start the training script for task {task.name}: {exc}")
+                return False
+            code = self._wait_script()
+            self._release_gate()
+            if self.stop_event.is_set():
+                return True
+            answered = self._run_item is None and self.current is None
+            if code != 0 or not answered:
+                unanswered = "" if answered else f" without sending the result of task {task.name}"
+                tail = "\n".join(self.last_lines) or "(no output)"
+                self._fail(f"training script exited with code {code}{unanswered}. Last output:\n{tail}")
+                return False
+
+    def _acquire_run_gate(self) -> bool:
+        """Per task: wait for a place among the scripts allowed at once; False if the job ended meanwhile."""
+        gate = self.agent.task_gate
+        if gate is not None:
+            while not gate.acquire(timeout=0.5):
+                if self.stop_event.is_set() or self.ended is not None:
+                    return False
+            self._gate_held = True
+        if self.stop_event.is_set():
+            self._release_gate()
+            return False
+        return True
 
     def _setup(self) -> None:
         if self.start_msg.has_custom_code and not self.agent.accepts_custom_code:
@@ -197,6 +264,8 @@ class JobRunner:
             raise JobError(f"{spec.get('path')}: fl sites run jobs through ScriptExecutor")
         _, executor = build_component({"id": "executor", **spec}, where="config_fed_client.json")
         self.executor = executor
+        host_default = self.start_msg.env.get(LAUNCH_ONCE_ENV, "1") != "0"
+        self.launch_once = host_default if executor.launch_once is None else executor.launch_once
         self.forward_metrics = False
         self.data_filters = FilterChain.from_config(config, "task_data_filters", where="config_fed_client.json")
         self.result_filters = FilterChain.from_config(config, "task_result_filters", where="config_fed_client.json")
@@ -205,7 +274,8 @@ class JobRunner:
             if isinstance(component, ConvertToFedEvent) and component.forwards_analytics:
                 self.forward_metrics = True
 
-    def _launch(self) -> None:
+    def _prepare_launch(self) -> None:
+        """The script's command and environment (the same for every run of it)."""
         assert self.executor is not None
         app = self.job_dir / "app"
         custom = app / "custom"
@@ -214,30 +284,52 @@ class JobRunner:
             raise JobError(
                 f"task_script_path {self.executor.task_script_path!r} is not a file in the job's custom code"
             )
-        if self.executor.command:
-            command = [*shlex.split(self.executor.command), str(script)]
-        else:
-            command = script_command(script)
-        command += shlex.split(self.executor.task_script_args or "")
-        parent, child = socket.socketpair()
+        args = shlex.split(self.executor.task_script_args or "")
+        self._command = self._script_command(script, args)
         env = dict(os.environ)
         env.update(self.start_msg.env)
         env.update(
             {
-                "FL_CHANNEL_FD": str(child.fileno()),
                 "FL_SITE_NAME": self.agent.name,
                 "FL_JOB_ID": self.job_id,
+                "FL_STATE_DIR": str(self.job_dir / "state"),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
             }
         )
-        self.log.info("starting training script: %s", shlex.join(command))
-        death_signal = signal.SIGKILL
-        if self.agent.launcher_config is not None:  # the relay deletes the job's pod when it gets SIGTERM
-            command = relay_command(
-                self.agent.launcher_config, self.job_dir, self.exchange, list(self.start_msg.env), command
+        self._env = env
+
+    def _script_command(self, script: Path, args: list[str]) -> list[str]:
+        """argv of one run: the Kubernetes relay (the script runs in a job pod), a relay to this
+        process's fork server where one runs, else the interpreter."""
+        global _fallback_logged
+        assert self.executor is not None
+        if self.executor.command:
+            plain = [*shlex.split(self.executor.command), str(script), *args]
+        else:
+            plain = [*script_command(script), *args]
+        if self.agent.launcher_config is not None:
+            return relay_command(
+                self.agent.launcher_config, self.job_dir, self.exchange, list(self.start_msg.env), plain
             )
-            death_signal = signal.SIGTERM
+        warm = fork_server.active_socket()
+        if warm is not None and not self.launch_once and not self.executor.command:
+            return fork_server.relay_command(warm, script, args)
+        if warm is not None and not self.launch_once and not _fallback_logged:
+            _fallback_logged = True
+            self.log.info("the job names its own interpreter (command): its scripts start as processes, not forks")
+        return plain
+
+    def _start_script(self) -> None:
+        """Start one run of the script, with a fresh channel and output reader."""
+        parent, child = socket.socketpair()
+        env = {**self._env, "FL_CHANNEL_FD": str(child.fileno())}
+        command = self._command
+        self.last_lines.clear()
+        log = self.log.info if self.launch_once else self.log.debug
+        log("starting training script: %s", shlex.join(command))
+        # The Kubernetes relay deletes the job's pod when it gets SIGTERM: it must not die of SIGKILL.
+        death_signal = signal.SIGTERM if self.agent.launcher_config is not None else signal.SIGKILL
         self.process = popen_bound_to_parent(
             command,
             death_signal=death_signal,
@@ -253,8 +345,7 @@ class JobRunner:
         self.channel = LineChannel(parent)
         self._drain_done = threading.Event()
         threading.Thread(target=self._pump_output, name="fl-output", daemon=True).start()
-        threading.Thread(target=self._serve_channel, name="fl-channel", daemon=True).start()
-        self._report(job_state="running")
+        threading.Thread(target=self._serve_channel, args=(self.channel,), name="fl-channel", daemon=True).start()
 
     def _pump_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -271,18 +362,18 @@ class JobRunner:
         self._drain_done.set()
 
     # ------------------------------------------------------------------ the script's requests
-    def _serve_channel(self) -> None:
+    def _serve_channel(self, channel: LineChannel) -> None:
         try:
             while True:
-                message = self.channel.recv()
+                message = channel.recv()
                 op = message["op"]
                 if op == "hello":
-                    self.channel.send(self._welcome())
+                    channel.send(self._welcome())
                 elif op == "next_task":
-                    self.channel.send(self._next_task(message.get("timeout")))
+                    channel.send(self._next_task(message.get("timeout")))
                 elif op == "result":
                     accepted, text = self._deliver(message)
-                    self.channel.send({"op": "ack", "accepted": accepted, "message": text})
+                    channel.send({"op": "ack", "accepted": accepted, "message": text})
                 elif op == "metrics":
                     self._queue_metrics(message.get("records") or [])
                 elif op == "bye":
@@ -292,7 +383,7 @@ class JobRunner:
         except (ChannelClosed, ValueError):
             pass
         finally:
-            self.channel.close()
+            channel.close()
 
     def _welcome(self) -> dict[str, Any]:
         assert self.executor is not None
@@ -309,6 +400,9 @@ class JobRunner:
         }
 
     def _next_task(self, timeout: float | None) -> dict[str, Any]:
+        if not self.launch_once:
+            run_item, self._run_item = self._run_item, None
+            return RUN_OVER if run_item is None else self._hand_out(*run_item)
         self._release_gate()
         try:
             waits = isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 <= timeout < float("inf")
@@ -322,6 +416,10 @@ class JobRunner:
         if self.agent.task_gate is not None:
             self.agent.task_gate.acquire()
             self._gate_held = True
+        return self._hand_out(task, path)
+
+    def _hand_out(self, task: pb.Task, path: Path | None) -> dict[str, Any]:
+        """The reply that gives the script ``task``."""
         self.current = task
         self.round = task.round
         self.current_task = task
@@ -401,7 +499,8 @@ class JobRunner:
             for path in (result_path, model_path):
                 if path is not None:
                     path.unlink(missing_ok=True)
-            self._release_gate()
+            if self.launch_once:  # per task, the gate is held until the script has exited
+                self._release_gate()
         extra = _tag(task)
         if accepted:
             self.log.info("%s result delivered", task.name, extra=extra)

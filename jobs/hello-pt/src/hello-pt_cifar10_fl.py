@@ -11,6 +11,10 @@ Data: ``--dataset cifar10`` loads CIFAR10 with torchvision (downloading it into 
 ``--fedprox-mu MU`` adds FedProx's proximal term (fl.client.fedprox.PTFedProxLoss) to the loss
 (jobs/fedprox). Cross-site evaluation (jobs/cross-site-eval): a ``validate`` task scores the model
 it carries without training; a ``submit_model`` task sends this site's last locally trained model.
+
+What a round leaves behind for the next (the optimizer's momentum, the shuffling generator, the last
+local model) is kept in ``flare.get_state()`` too, so the script trains the same whether the site
+runs it once for the job or once per task (``launch_once=False``, the simulator's mode for many sites).
 """
 
 import argparse
@@ -132,9 +136,12 @@ def main():
     batch_size = args.batch_size or DEFAULTS[dataset_name]["batch_size"]
     lr = args.lr or DEFAULTS[dataset_name]["lr"]
     optimizer = SGD(model.parameters(), lr=lr, momentum=0.9)
-    train_loader = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(len(train_set))
-    )
+    shuffle = torch.Generator().manual_seed(len(train_set))
+    state = flare.get_state()  # what an earlier run of this script on this site left (per-task mode)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+        shuffle.set_state(state["shuffle"])
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=shuffle)
     test_loader = DataLoader(test_set, batch_size=256, shuffle=False)
     print(
         f"{site_name}: {dataset_name} data, {len(train_set)} training and {len(test_set)} validation samples, "
@@ -144,7 +151,7 @@ def main():
     )
 
     fedprox = PTFedProxLoss(mu=args.fedprox_mu) if args.fedprox_mu > 0 else None
-    local_weights = None  # this site's model after its last local training (what submit_model sends)
+    local_weights = state.get("local_weights")  # this site's model after its last local training (submit_model)
     summary_writer = SummaryWriter()
     while flare.is_running():
         input_model = flare.receive()
@@ -203,6 +210,7 @@ def main():
         summary_writer.add_scalar(tag="local_accuracy", scalar=local_accuracy, global_step=current_round)
         print(f"{site_name}: accuracy after local training: {local_accuracy:.4f}", flush=True)
         local_weights = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+        state.update(optimizer=optimizer.state_dict(), shuffle=shuffle.get_state(), local_weights=local_weights)
 
         flare.send(
             flare.FLModel(

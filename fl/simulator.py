@@ -29,7 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,10 +40,12 @@ from fl.log import adapter, setup_logging
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 from fl.rounds import model_label
-from fl.server.app import FLServer
+from fl.server.app import DEFAULT_RPC_WORKERS, FLServer
 from fl.server.jobs import TERMINAL, JobRecord
 from fl.server.jobstore import JobError, read_job
 from fl.site.agent import SiteAgent
+from fl.site.loops import SharedLoops
+from fl.transport import make_channel
 
 __all__ = ["WorkspaceBusy", "simulate", "workspace_lock"]
 
@@ -362,16 +365,7 @@ def _run(
         return env
 
     started = time.monotonic()
-    server = FLServer(
-        workspace / "server",
-        host="127.0.0.1",
-        port=0,
-        heartbeat_interval=2.0,
-        lost_after=20.0,
-        site_wait_timeout=60.0,
-        site_env=site_env,
-        status_interval=status_interval,
-    )
+    server = _sim_server(workspace / "server", len(sites), site_env, status_interval)
     port = server.start()
     host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads)
     interrupted = threading.Event()
@@ -423,6 +417,54 @@ def _run(
     if interrupted.is_set():
         return 130
     return 0 if record.status == "finished" else 1
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How often a simulation's sites speak while idle, chosen from how many there are (:func:`liveness`)."""
+
+    heartbeat_interval: float
+    lost_after: float
+    rpc_workers: int
+
+
+#: Sites per second of heartbeat interval: the interval grows with the sites (2 s up to 80 sites, 25 s
+#: for 1000), so that the server hears about 40 heartbeats a second at most, whatever their number.
+HEARTBEATS_PER_S = 40.0
+#: A simulated site's long poll waits this long (the server caps a poll at 60 s): an idle site polls
+#: once a minute, while a directive still reaches it at once.
+SIM_POLL_WAIT_S = 55.0
+#: Channels (TCP connections) a sites host's agents share: gRPC multiplexes their calls; a few keep
+#: model transfers of different sites off one connection's flow-control window.
+CHANNELS_PER_HOST = 4
+
+
+def liveness(n_sites: int) -> Liveness:
+    """The heartbeat, loss and poll settings for a simulation of ``n_sites`` sites (see the constants)."""
+    heartbeat = min(30.0, max(2.0, n_sites / HEARTBEATS_PER_S))
+    return Liveness(
+        heartbeat_interval=heartbeat,
+        lost_after=max(20.0, 4 * heartbeat),
+        rpc_workers=DEFAULT_RPC_WORKERS + n_sites,  # every site's long poll holds a server thread
+    )
+
+
+def _sim_server(
+    folder: Path, n_sites: int, site_env: Callable[[str, int], dict[str, str]] | None, status_interval: float
+) -> FLServer:
+    """The simulation's server on loopback, its liveness settings chosen for ``n_sites`` sites."""
+    settings = liveness(n_sites)
+    return FLServer(
+        folder,
+        host="127.0.0.1",
+        port=0,
+        heartbeat_interval=settings.heartbeat_interval,
+        lost_after=settings.lost_after,
+        site_wait_timeout=60.0,
+        site_env=site_env,
+        status_interval=status_interval,
+        max_workers=settings.rpc_workers,
+    )
 
 
 class _SitesHost:
@@ -515,6 +557,9 @@ def _run_sites(argv: list[str] | None = None) -> int:
     gate = threading.Semaphore(args.threads) if 0 < args.threads < len(sites) else None
     memory = _memory_folder()
     exchange = memory[0] if memory else None
+    # The agents share a few channels and one set of loops: an idle site costs no thread and no connection.
+    channels = [make_channel(args.server, tls=None) for _ in range(min(len(sites), CHANNELS_PER_HOST))]
+    loops = SharedLoops()
     agents = [
         SiteAgent(
             name,
@@ -522,17 +567,22 @@ def _run_sites(argv: list[str] | None = None) -> int:
             Path(args.workspace) / name,
             task_gate=gate,
             exchange_root=exchange / name if exchange else None,
+            channel=channels[i % len(channels)],
+            poll_wait=SIM_POLL_WAIT_S,
         )
-        for name in sites
+        for i, name in enumerate(sites)
     ]
     for agent in agents:
-        agent.start()
+        agent.start(loops)
     command = sys.stdin.readline().strip()  # "finish", "stop", or EOF when the parent died
     if command == "finish":
         for agent in agents:
             agent.wait_idle(10.0)
     for agent in agents:
         agent.stop("simulation over")
+    loops.stop()
+    for channel in channels:
+        channel.close()
     if memory is not None:
         shutil.rmtree(memory[0], ignore_errors=True)
         os.close(memory[1])

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fl import simulator_memory as sim_memory
 from fl.fsutil import atomic_write_json, read_json
 from fl.log import adapter, setup_logging
 from fl.process import popen_bound_to_parent
@@ -78,6 +79,29 @@ def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None)
     if len(names) < spec.min_clients:
         raise JobError(f"the job needs at least {spec.min_clients} sites; simulating {len(names)}")
     return names
+
+
+def _sampled_per_round(job_dir: Path) -> int | None:
+    """The most sites any of the job's workflows asks to train a round (``num_clients``), if they say."""
+    workflows = read_job(job_dir).server_config.get("workflows", [])
+    counts = [w["args"]["num_clients"] for w in workflows if isinstance(w.get("args", {}).get("num_clients"), int)]
+    return max(counts) if counts else None
+
+
+def _check_memory(job_dir: Path, n_sites: int, threads: int | None, site_memory: int | None) -> None:
+    """Refuse (JobError) a run whose estimated memory exceeds what the machine has left, saying what to change."""
+    at_once = min(threads or n_sites, n_sites, _sampled_per_round(job_dir) or n_sites)
+    need = sim_memory.estimate(
+        n_sites,
+        at_once,
+        sim_memory.model_bytes_of(job_dir),
+        site_memory if site_memory is not None else sim_memory.TRAINING_SITE_BYTES,
+    )
+    available, where = sim_memory.available_memory()
+    problem = sim_memory.refusal(need, available, where, threads=threads)
+    if problem is not None:
+        raise JobError(problem)
+    log.info("memory estimate: %s; %.2f GiB %s", need.describe(), available / sim_memory.GiB, where)
 
 
 def _refuse_foreign_workspace(workspace: Path) -> None:
@@ -318,12 +342,15 @@ def simulate(
     timeout: float | None = None,
     progress: bool | None = None,
     status_interval: float | None = None,
+    site_memory: int | None = None,
 ) -> int:
     """Run an exported job; returns 0 when it finished, 1 when it failed, 2 when it could not start
-    (bad job, workspace in use), 130 on Ctrl-C.
+    (bad job, workspace in use, more memory needed than the machine has), 130 on Ctrl-C.
 
     ``timeout``: seconds the whole run may take (default: no limit; see the module's docstring).
     ``status_interval``: seconds between the lines that say whom a waiting round waits for (30).
+    ``site_memory``: bytes one site's script needs while it trains, for the memory estimate
+    (default :data:`fl.simulator_memory.TRAINING_SITE_BYTES`).
     """
     if not logging_configured():
         setup_logging()
@@ -332,6 +359,7 @@ def simulate(
     held = contextlib.ExitStack()
     try:
         sites = _site_names(job_dir, n_clients, clients)
+        _check_memory(job_dir, len(sites), threads, site_memory)
         held.enter_context(workspace_lock(workspace))
         _prepare_workspace(workspace)
     except JobError as exc:

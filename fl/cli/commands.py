@@ -62,6 +62,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         timeout=args.job_timeout,
         status_interval=args.status_interval,
+        site_memory=None if args.site_memory_gib is None else int(args.site_memory_gib * 1024**3),
     )
 
 

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_alias(p, sites, "-c", "--clients")
     p.add_argument("-w", "--workspace", default="/tmp/fl/simulate", help="simulation workspace")
     p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
+    p.add_argument(
+        "--site-memory-gib",
+        type=float,
+        metavar="GIB",
+        help="memory one site's script needs while it trains, for the run's memory estimate (default 0.25)",
+    )
     gpu = p.add_argument("--gpu", metavar="IDS", help="comma-separated GPU ids, assigned to sites in turn (also -gpu)")
     add_alias(p, gpu, "-gpu")
     job_timeout = p.add_argument(

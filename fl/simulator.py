@@ -405,6 +405,7 @@ def _run(
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
     record: JobRecord | None = None
+    broken = False  # a sites host died: the run ends at once, its scripts get no grace
     try:
         host.start()
         problem = host.wait_registered(server, 120.0)
@@ -432,11 +433,20 @@ def _run(
                     server.jobs.abort(record.job_id, reason)
                     server.jobs.wait(record.job_id, 30)
                     break
+                exited = host.exited()
+                if exited is not None:
+                    exited += " during the job (its output is above)"
+                    log.error("%s: aborting the job", exited)
+                    server.jobs.abort(record.job_id, exited)
+                    server.jobs.wait(record.job_id, 30)
+                    broken = True
+                    break
                 display.update(record)
                 server.jobs.wait(record.job_id, 0.25)
     finally:
         # Scripts of a job that ended were told so: they get time to exit on their own.
-        host.stop(graceful=record is not None and record.status in TERMINAL and not interrupted.is_set())
+        ended = record is not None and record.status in TERMINAL
+        host.stop(graceful=ended and not interrupted.is_set() and not broken)
         server.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -456,9 +466,11 @@ class Liveness:
     rpc_workers: int
 
 
-#: Sites per second of heartbeat interval: the interval grows with the sites (2 s up to 80 sites, 25 s
-#: for 1000), so that the server hears about 40 heartbeats a second at most, whatever their number.
-HEARTBEATS_PER_S = 40.0
+#: Heartbeats a second the server hears from all sites together, at most: the interval grows with the
+#: sites (2 s up to 20 sites, 20 s for 200, 60 s from 600), as a heartbeat costs ~2 ms of CPU.
+HEARTBEATS_PER_S = 10.0
+#: The longest heartbeat interval; a site is declared lost after 4 intervals without a word.
+MAX_HEARTBEAT_S = 60.0
 #: A simulated site's long poll waits this long (the server caps a poll at 60 s): an idle site polls
 #: once a minute, while a directive still reaches it at once.
 SIM_POLL_WAIT_S = 55.0
@@ -469,7 +481,7 @@ CHANNELS_PER_HOST = 4
 
 def liveness(n_sites: int) -> Liveness:
     """The heartbeat, loss and poll settings for a simulation of ``n_sites`` sites (see the constants)."""
-    heartbeat = min(30.0, max(2.0, n_sites / HEARTBEATS_PER_S))
+    heartbeat = min(MAX_HEARTBEAT_S, max(2.0, n_sites / HEARTBEATS_PER_S))
     return Liveness(
         heartbeat_interval=heartbeat,
         lost_after=max(20.0, 4 * heartbeat),
@@ -539,16 +551,21 @@ class _SitesHost:
             connected = set(server.registry.connected_sites())
             if set(self.sites) <= connected:
                 return None
-            for command, proc in zip(self.commands, self.procs, strict=True):
-                if proc.poll() is not None:
-                    names = command[command.index("--sites") + 1]
-                    return (
-                        f"the site process for {names.replace(',', ', ')} exited with code {proc.returncode} "
-                        "before its sites connected (its output is above)"
-                    )
+            exited = self.exited()
+            if exited is not None:
+                return f"{exited} before its sites connected (its output is above)"
             time.sleep(0.05)
         missing = ", ".join(s for s in self.sites if s not in server.registry.connected_sites())
         return f"sites {missing} did not connect within {timeout:.0f} s (their processes still run; output above)"
+
+    def exited(self) -> str | None:
+        """Which sites process has exited (e.g. killed), and how; None while all run."""
+        for command, proc in zip(self.commands, self.procs, strict=True):
+            if proc.poll() is not None:
+                names = command[command.index("--sites") + 1].split(",")
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                return f"the site process for {shown} exited with code {proc.returncode}"
+        return None
 
     def stop(self, *, graceful: bool) -> None:
         for proc in self.procs:

@@ -43,7 +43,7 @@ from fl.pythonpath import module_command
 from fl.rounds import model_label
 from fl.server.app import DEFAULT_RPC_WORKERS, FLServer
 from fl.server.jobs import TERMINAL, JobRecord
-from fl.server.jobstore import JobError, read_job
+from fl.server.jobstore import JobError, JobSpec, read_job
 from fl.site.agent import SiteAgent
 from fl.site.loops import SharedLoops
 from fl.transport import make_channel
@@ -58,8 +58,7 @@ LATEST = "latest"
 SIM_STATUS_INTERVAL_S = 30.0
 
 
-def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None) -> list[str]:
-    spec = read_job(job_dir)
+def _site_names(spec: JobSpec, n_clients: int | None, clients: list[str] | None) -> list[str]:
     if clients:
         names = list(clients)
     elif spec.named_sites:
@@ -81,20 +80,20 @@ def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None)
     return names
 
 
-def _sampled_per_round(job_dir: Path) -> int | None:
+def _sampled_per_round(spec: JobSpec) -> int | None:
     """The most sites any of the job's workflows asks to train a round (``num_clients``), if they say."""
-    workflows = read_job(job_dir).server_config.get("workflows", [])
+    workflows = spec.server_config.get("workflows", [])
     counts = [w["args"]["num_clients"] for w in workflows if isinstance(w.get("args", {}).get("num_clients"), int)]
     return max(counts) if counts else None
 
 
-def _check_memory(job_dir: Path, n_sites: int, threads: int | None, site_memory: int | None) -> None:
+def _check_memory(spec: JobSpec, n_sites: int, threads: int | None, site_memory: int | None) -> None:
     """Refuse (JobError) a run whose estimated memory exceeds what the machine has left, saying what to change."""
-    at_once = min(threads or n_sites, n_sites, _sampled_per_round(job_dir) or n_sites)
+    at_once = min(threads or n_sites, n_sites, _sampled_per_round(spec) or n_sites)
     need = sim_memory.estimate(
         n_sites,
         at_once,
-        sim_memory.model_bytes_of(job_dir),
+        sim_memory.model_bytes_of(spec.folder),
         site_memory if site_memory is not None else sim_memory.TRAINING_SITE_BYTES,
     )
     available, where = sim_memory.available_memory()
@@ -358,8 +357,9 @@ def simulate(
     workspace = Path(workspace).resolve()
     held = contextlib.ExitStack()
     try:
-        sites = _site_names(job_dir, n_clients, clients)
-        _check_memory(job_dir, len(sites), threads, site_memory)
+        spec = read_job(job_dir)
+        sites = _site_names(spec, n_clients, clients)
+        _check_memory(spec, len(sites), threads, site_memory)
         held.enter_context(workspace_lock(workspace))
         _prepare_workspace(workspace)
     except JobError as exc:

@@ -77,30 +77,30 @@ def test_simulate_refuses_a_run_too_big_before_it_makes_its_workspace(export, tm
 
 
 def test_sampling_and_threads_bound_the_sites_counted_as_training(export, monkeypatch):
-    from fl.server.jobstore import JobError
+    from fl.server.jobstore import JobError, read_job
     from fl.simulator import _check_memory
 
     sampled = export(sites=8, per_round=2)
     # Room for the base, 8 idle sites and two training sites, not for eight training sites.
     room = estimate(8, 2, model_bytes_of(sampled)).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
-    _check_memory(sampled, 8, None, None)  # num_clients=2: two train at once
+    _check_memory(read_job(sampled), 8, None, None)  # num_clients=2: two train at once
     everyone = export(sites=8, per_round=8)
     with pytest.raises(JobError, match="8 training at once"):
-        _check_memory(everyone, 8, None, None)
-    _check_memory(everyone, 8, 2, None)  # threads=2
+        _check_memory(read_job(everyone), 8, None, None)
+    _check_memory(read_job(everyone), 8, 2, None)  # threads=2
 
 
 def test_a_lighter_script_said_so_fits_where_the_default_does_not(export, monkeypatch):
-    from fl.server.jobstore import JobError
+    from fl.server.jobstore import JobError, read_job
     from fl.simulator import _check_memory
 
     folder = export(sites=8, per_round=8)
     room = estimate(8, 8, model_bytes_of(folder), training_site_bytes=64 * MiB).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
     with pytest.raises(JobError, match="needs an estimated"):
-        _check_memory(folder, 8, None, None)
-    _check_memory(folder, 8, None, 64 * MiB)
+        _check_memory(read_job(folder), 8, None, None)
+    _check_memory(read_job(folder), 8, None, 64 * MiB)
 
 
 def test_the_cgroup_room_is_the_limit_less_the_usage(tmp_path, monkeypatch):

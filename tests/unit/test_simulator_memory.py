@@ -125,3 +125,18 @@ def test_the_cgroup_v1_room_counts_and_its_no_limit_value_does_not(tmp_path):
     assert sim_memory._cgroup_room(tmp_path, cgroup) == GiB - GiB // 4
     (group / "memory.limit_in_bytes").write_text(f"{(1 << 63) - 4096}\n")
     assert sim_memory._cgroup_room(tmp_path, cgroup) is None
+
+
+def test_the_cli_passes_what_one_site_needs_and_refuses_a_size_that_is_not_positive(monkeypatch, tmp_path, capsys):
+    from fl.cli.main import main
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr("fl.simulator.simulate", lambda *a, **k: calls.append(k) or 0)
+    monkeypatch.setattr("fl.cli.commands.setup_logging", lambda *a, **k: None)
+    job = tmp_path / "job"
+    job.mkdir()
+    assert main(["simulate", "--site-memory-gib", "0.5", str(job)]) == 0
+    assert calls[-1]["site_memory"] == GiB // 2
+    with pytest.raises(SystemExit):
+        main(["simulate", "--site-memory-gib", "-1", str(job)])
+    assert "'-1' is not a positive number of GiB" in capsys.readouterr().err

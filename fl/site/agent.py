@@ -260,6 +260,8 @@ class SiteAgent:
             return
         try:
             reply = call.result()
+        except grpc.FutureCancelledError:
+            return  # only stop() cancels a poll
         except grpc.RpcError as exc:
             self._connection_trouble(exc)
             self._loops.after(RETRY_AFTER_S, self._poll_step)

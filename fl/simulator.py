@@ -29,22 +29,26 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fl import simulator_memory as sim_memory
 from fl.components.script_executor import LAUNCH_ONCE_ENV, choose_launch_once, job_launch_once, launch_mode_line
 from fl.fsutil import atomic_write_json, read_json
 from fl.log import adapter, setup_logging
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 from fl.rounds import model_label
-from fl.server.app import FLServer
+from fl.server.app import DEFAULT_RPC_WORKERS, FLServer
 from fl.server.jobs import TERMINAL, JobRecord
-from fl.server.jobstore import JobError, read_job
+from fl.server.jobstore import JobError, JobSpec, read_job
 from fl.site import fork_server
 from fl.site.agent import SiteAgent
+from fl.site.loops import SharedLoops
+from fl.transport import make_channel
 
 __all__ = ["WorkspaceBusy", "simulate", "workspace_lock"]
 
@@ -56,8 +60,7 @@ LATEST = "latest"
 SIM_STATUS_INTERVAL_S = 30.0
 
 
-def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None) -> list[str]:
-    spec = read_job(job_dir)
+def _site_names(spec: JobSpec, n_clients: int | None, clients: list[str] | None) -> list[str]:
     if clients:
         names = list(clients)
     elif spec.named_sites:
@@ -77,6 +80,29 @@ def _site_names(job_dir: Path, n_clients: int | None, clients: list[str] | None)
     if len(names) < spec.min_clients:
         raise JobError(f"the job needs at least {spec.min_clients} sites; simulating {len(names)}")
     return names
+
+
+def _sampled_per_round(spec: JobSpec) -> int | None:
+    """The most sites any of the job's workflows asks to train a round (``num_clients``), if they say."""
+    workflows = spec.server_config.get("workflows", [])
+    counts = [w["args"]["num_clients"] for w in workflows if isinstance(w.get("args", {}).get("num_clients"), int)]
+    return max(counts) if counts else None
+
+
+def _check_memory(spec: JobSpec, n_sites: int, threads: int | None, site_memory: int | None) -> None:
+    """Refuse (JobError) a run whose estimated memory exceeds what the machine has left, saying what to change."""
+    at_once = min(threads or n_sites, n_sites, _sampled_per_round(spec) or n_sites)
+    need = sim_memory.estimate(
+        n_sites,
+        at_once,
+        sim_memory.model_bytes_of(spec.folder),
+        site_memory if site_memory is not None else sim_memory.TRAINING_SITE_BYTES,
+    )
+    available, where = sim_memory.available_memory()
+    problem = sim_memory.refusal(need, available, where, threads=threads)
+    if problem is not None:
+        raise JobError(problem)
+    log.info("memory estimate: %s; %.2f GiB %s", need.describe(), available / sim_memory.GiB, where)
 
 
 def _refuse_foreign_workspace(workspace: Path) -> None:
@@ -317,12 +343,15 @@ def simulate(
     timeout: float | None = None,
     progress: bool | None = None,
     status_interval: float | None = None,
+    site_memory: int | None = None,
 ) -> int:
     """Run an exported job; returns 0 when it finished, 1 when it failed, 2 when it could not start
-    (bad job, workspace in use), 130 on Ctrl-C.
+    (bad job, workspace in use, more memory needed than the machine has), 130 on Ctrl-C.
 
     ``timeout``: seconds the whole run may take (default: no limit; see the module's docstring).
     ``status_interval``: seconds between the lines that say whom a waiting round waits for (30).
+    ``site_memory``: bytes one site's script needs while it trains, for the memory estimate
+    (default :data:`fl.simulator_memory.TRAINING_SITE_BYTES`).
     """
     if not logging_configured():
         setup_logging()
@@ -330,7 +359,9 @@ def simulate(
     workspace = Path(workspace).resolve()
     held = contextlib.ExitStack()
     try:
-        sites = _site_names(job_dir, n_clients, clients)
+        spec = read_job(job_dir)
+        sites = _site_names(spec, n_clients, clients)
+        _check_memory(spec, len(sites), threads, site_memory)
         held.enter_context(workspace_lock(workspace))
         _prepare_workspace(workspace)
     except JobError as exc:
@@ -367,16 +398,7 @@ def _run(
         return env
 
     started = time.monotonic()
-    server = FLServer(
-        workspace / "server",
-        host="127.0.0.1",
-        port=0,
-        heartbeat_interval=2.0,
-        lost_after=20.0,
-        site_wait_timeout=60.0,
-        site_env=site_env,
-        status_interval=status_interval,
-    )
+    server = _sim_server(workspace / "server", len(sites), site_env, status_interval)
     port = server.start()
     host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads, fork_server=not launch_once)
     interrupted = threading.Event()
@@ -388,6 +410,7 @@ def _run(
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
     record: JobRecord | None = None
+    broken = False  # a sites host died: the run ends at once, its scripts get no grace
     try:
         host.start()
         problem = host.wait_registered(server, 120.0)
@@ -415,11 +438,20 @@ def _run(
                     server.jobs.abort(record.job_id, reason)
                     server.jobs.wait(record.job_id, 30)
                     break
+                exited = host.exited()
+                if exited is not None:
+                    exited += " during the job (its output is above)"
+                    log.error("%s: aborting the job", exited)
+                    server.jobs.abort(record.job_id, exited)
+                    server.jobs.wait(record.job_id, 30)
+                    broken = True
+                    break
                 display.update(record)
                 server.jobs.wait(record.job_id, 0.25)
     finally:
         # Scripts of a job that ended were told so: they get time to exit on their own.
-        host.stop(graceful=record is not None and record.status in TERMINAL and not interrupted.is_set())
+        ended = record is not None and record.status in TERMINAL
+        host.stop(graceful=ended and not interrupted.is_set() and not broken)
         server.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -428,6 +460,56 @@ def _run(
     if interrupted.is_set():
         return 130
     return 0 if record.status == "finished" else 1
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How often a simulation's sites speak while idle, chosen from how many there are (:func:`liveness`)."""
+
+    heartbeat_interval: float
+    lost_after: float
+    rpc_workers: int
+
+
+#: Heartbeats a second the server hears from all sites together, at most: the interval grows with the
+#: sites (2 s up to 20 sites, 20 s for 200, 60 s from 600), as a heartbeat costs ~2 ms of CPU.
+HEARTBEATS_PER_S = 10.0
+#: The longest heartbeat interval; a site is declared lost after 4 intervals without a word.
+MAX_HEARTBEAT_S = 60.0
+#: A simulated site's long poll waits this long (the server caps a poll at 60 s): an idle site polls
+#: once a minute, while a directive still reaches it at once.
+SIM_POLL_WAIT_S = 55.0
+#: Channels (TCP connections) a sites host's agents share: gRPC multiplexes their calls; a few keep
+#: model transfers of different sites off one connection's flow-control window.
+CHANNELS_PER_HOST = 4
+
+
+def liveness(n_sites: int) -> Liveness:
+    """The heartbeat, loss and poll settings for a simulation of ``n_sites`` sites (see the constants)."""
+    heartbeat = min(MAX_HEARTBEAT_S, max(2.0, n_sites / HEARTBEATS_PER_S))
+    return Liveness(
+        heartbeat_interval=heartbeat,
+        lost_after=max(20.0, 4 * heartbeat),
+        rpc_workers=DEFAULT_RPC_WORKERS + n_sites,  # every site's long poll holds a server thread
+    )
+
+
+def _sim_server(
+    folder: Path, n_sites: int, site_env: Callable[[str, int], dict[str, str]] | None, status_interval: float
+) -> FLServer:
+    """The simulation's server on loopback, its liveness settings chosen for ``n_sites`` sites."""
+    settings = liveness(n_sites)
+    return FLServer(
+        folder,
+        host="127.0.0.1",
+        port=0,
+        heartbeat_interval=settings.heartbeat_interval,
+        lost_after=settings.lost_after,
+        site_wait_timeout=60.0,
+        site_env=site_env,
+        status_interval=status_interval,
+        max_workers=settings.rpc_workers,
+    )
 
 
 class _SitesHost:
@@ -476,16 +558,21 @@ class _SitesHost:
             connected = set(server.registry.connected_sites())
             if set(self.sites) <= connected:
                 return None
-            for command, proc in zip(self.commands, self.procs, strict=True):
-                if proc.poll() is not None:
-                    names = command[command.index("--sites") + 1]
-                    return (
-                        f"the site process for {names.replace(',', ', ')} exited with code {proc.returncode} "
-                        "before its sites connected (its output is above)"
-                    )
+            exited = self.exited()
+            if exited is not None:
+                return f"{exited} before its sites connected (its output is above)"
             time.sleep(0.05)
         missing = ", ".join(s for s in self.sites if s not in server.registry.connected_sites())
         return f"sites {missing} did not connect within {timeout:.0f} s (their processes still run; output above)"
+
+    def exited(self) -> str | None:
+        """Which sites process has exited (e.g. killed), and how; None while all run."""
+        for command, proc in zip(self.commands, self.procs, strict=True):
+            if proc.poll() is not None:
+                names = command[command.index("--sites") + 1].split(",")
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                return f"the site process for {shown} exited with code {proc.returncode}"
+        return None
 
     def stop(self, *, graceful: bool) -> None:
         for proc in self.procs:
@@ -524,6 +611,9 @@ def _run_sites(argv: list[str] | None = None) -> int:
     gate = threading.Semaphore(args.threads) if 0 < args.threads < len(sites) else None
     memory = _memory_folder()
     exchange = memory[0] if memory else None
+    # The agents share a few channels and one set of loops: an idle site costs no thread and no connection.
+    channels = [make_channel(args.server, tls=None) for _ in range(min(len(sites), CHANNELS_PER_HOST))]
+    loops = SharedLoops()
     agents = [
         SiteAgent(
             name,
@@ -531,11 +621,13 @@ def _run_sites(argv: list[str] | None = None) -> int:
             Path(args.workspace) / name,
             task_gate=gate,
             exchange_root=exchange / name if exchange else None,
+            channel=channels[i % len(channels)],
+            poll_wait=SIM_POLL_WAIT_S,
         )
-        for name in sites
+        for i, name in enumerate(sites)
     ]
     for agent in agents:
-        agent.start()
+        agent.start(loops)
     command = sys.stdin.readline().strip()  # "finish", "stop", or EOF when the parent died
     if command == "finish":
         for agent in agents:
@@ -544,6 +636,9 @@ def _run_sites(argv: list[str] | None = None) -> int:
         agent.stop("simulation over")
     if warm is not None:
         warm.stop()
+    loops.stop()
+    for channel in channels:
+        channel.close()
     if memory is not None:
         shutil.rmtree(memory[0], ignore_errors=True)
         os.close(memory[1])

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fl.log import adapter, setup_logging
 
@@ -62,7 +63,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         timeout=args.job_timeout,
         status_interval=args.status_interval,
+        **_site_memory(args.site_memory_gib),
     )
+
+
+def _site_memory(gib: float | None) -> dict[str, Any]:
+    """simulate's ``site_memory`` from ``--site-memory-gib`` (nothing when not given: the default counts)."""
+    return {} if gib is None else {"site_memory": int(gib * 1024**3)}
 
 
 def _names(value: str | None) -> list[str]:

@@ -54,6 +54,17 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_gib(value: str) -> float:
+    """A memory size in GiB for ``--site-memory-gib``: a positive number."""
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = 0.0
+    if not 0 < gib < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of GiB")
+    return gib
+
+
 def _port_number(value: str) -> int:
     """A TCP port (0 = off) for ``--metrics-port``; anything else is a usage error that names the value."""
     if not value.isdigit() or int(value) > 65535:
@@ -98,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_alias(p, sites, "-c", "--clients")
     p.add_argument("-w", "--workspace", default="/tmp/fl/simulate", help="simulation workspace")
     p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
+    p.add_argument(
+        "--site-memory-gib",
+        type=_positive_gib,
+        metavar="GIB",
+        help="memory one site's script needs while it trains, for the run's memory estimate (default 0.25)",
+    )
     gpu = p.add_argument("--gpu", metavar="IDS", help="comma-separated GPU ids, assigned to sites in turn (also -gpu)")
     add_alias(p, gpu, "-gpu")
     job_timeout = p.add_argument(

@@ -27,6 +27,8 @@ __all__ = ["FLServer"]
 
 log = adapter("fl.server", site="server")
 SERVICE_NAME = "fl.v1.Federation"
+#: RPCs a server serves at once by default (make_server's): sites' long polls plus transfers and admin calls.
+DEFAULT_RPC_WORKERS = 256
 
 
 class FLServer:
@@ -52,7 +54,10 @@ class FLServer:
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         metrics_port: int = 0,
         metrics_host: str | None = None,
+        max_workers: int = DEFAULT_RPC_WORKERS,
     ) -> None:
+        """``max_workers``: RPCs served at once; every site's long poll holds one, so it must exceed the sites."""
+        self.max_workers = max_workers
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -116,7 +121,7 @@ class FLServer:
         if self.metrics_port:  # first: a port in use stops the start before anything else runs
             self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
-        server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls)
+        server, port = make_server(f"{self.host}:{self.requested_port}", tls=self.tls, max_workers=self.max_workers)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
         bulk = BulkServicer(self)

@@ -119,6 +119,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollReply:
         if self._session(context, request.session_id) is None:
             return pb.PollReply(unknown_session=True)
+        context.add_callback(lambda: self.server.registry.wake(request.session_id))  # caller gone: stop waiting
         return self.server.registry.poll(request.session_id, request.wait_s, context.is_active)
 
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadReply:

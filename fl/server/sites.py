@@ -3,6 +3,10 @@
 Directives (start a job, run a task, end a job) are queued per site *name*, so that they survive a
 site reconnecting with a new session. A site that misses heartbeats for ``lost_after`` seconds is
 declared lost, and listeners (the task broker) fail what it had in flight.
+
+A long poll waits on its own site's condition (all share the registry's one lock): a directive for
+one site wakes that site's poll alone, and a waiting poll costs no CPU, so a server can hold a
+thousand of them (the simulator's sites) without a wake-up per second each.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ class SiteRegistry:
     def __init__(self, *, heartbeat_interval: float = 5.0, lost_after: float = 30.0) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.lost_after = lost_after
-        self._lock = threading.Condition()
+        self._mutex = threading.RLock()  # the registry's one lock, under every condition below
+        self._lock = threading.Condition(self._mutex)  # notified when who is connected changes
+        self._arrivals: dict[str, threading.Condition] = {}  # by site name, on the same lock: wakes its polls
         self._sessions: dict[str, SiteSession] = {}  # by session id
         self._by_name: dict[str, SiteSession] = {}
         self._queues: dict[str, deque[pb.PollReply]] = {}
@@ -81,6 +87,7 @@ class SiteRegistry:
             self._by_name[name] = session
             self._queues.setdefault(name, deque())
             self._lock.notify_all()
+            self._arrival(name).notify_all()  # a poll of the previous session ends with unknown_session
         log.info(
             "site %s %s (running jobs: %s)",
             name,
@@ -141,22 +148,38 @@ class SiteRegistry:
                 return False
             session.connected = False
             self._lock.notify_all()
+            self._arrival(name).notify_all()
         log.warning("site %s expelled: %s", name, reason)
         for listener in self._lost_listeners:
             listener(name, reason)
         return True
 
     # ------------------------------------------------------------------ directives
+    def _arrival(self, site: str) -> threading.Condition:
+        """The condition ``site``'s polls wait on (call with the lock held)."""
+        arrival = self._arrivals.get(site)
+        if arrival is None:
+            arrival = self._arrivals[site] = threading.Condition(self._mutex)
+        return arrival
+
     def enqueue(self, site: str, directive: pb.PollReply) -> None:
         with self._lock:
             self._queues.setdefault(site, deque()).append(directive)
-            self._lock.notify_all()
+            self._arrival(site).notify_all()
+
+    def wake(self, session_id: str) -> None:
+        """Make the session's waiting polls look again (e.g. their caller went away: they end)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self._arrival(session.name).notify_all()
 
     def poll(self, session_id: str, wait: float, is_active: Callable[[], bool] = lambda: True) -> pb.PollReply:
         """The next wanted directive for the session's site, waiting up to ``wait`` seconds.
 
         Waiting is not a sign of life: only the call itself counts as one (a site that died mid-poll
-        must still be declared lost), and a caller that went away gets nothing popped for it.
+        must still be declared lost), and a caller that went away gets nothing popped for it (its
+        RPC's end should call :meth:`wake`, so that the wait ends at once).
         """
         deadline = time.monotonic() + max(0.0, min(wait, 60.0))
         with self._lock:
@@ -178,7 +201,7 @@ class SiteRegistry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
                     return pb.PollReply()
-                self._lock.wait(min(remaining, 1.0))
+                self._arrival(session.name).wait(remaining)
 
     def drop_directives(self, site: str, predicate: Callable[[pb.PollReply], bool]) -> None:
         with self._lock:
@@ -195,6 +218,8 @@ class SiteRegistry:
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
+            for arrival in self._arrivals.values():
+                arrival.notify_all()
 
     def _reap(self) -> None:
         while not self._stop.wait(min(1.0, self.lost_after / 4)):

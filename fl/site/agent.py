@@ -3,11 +3,16 @@
 The agent only ever dials out (sites sit behind firewalls). It survives the server going away:
 it keeps its jobs' scripts running, reconnects with backoff, and registers again, telling the
 server which jobs it still runs, so that a restarted server can resume them.
+
+``fl site`` runs its agent's poll and heartbeat loops on two threads of its own; the simulator's
+sites host runs hundreds of agents on one :class:`~fl.site.loops.SharedLoops` and a few shared
+channels instead (same steps, same RPCs, no thread per site).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -23,6 +28,7 @@ from fl.metrics import SiteMetrics
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.site.job_runner import JobRunner
+from fl.site.loops import SharedLoops
 from fl.transport import TLSConfig, make_channel
 from fl.transport.bulk import BulkStub
 
@@ -30,6 +36,8 @@ __all__ = ["SiteAgent"]
 
 POLL_WAIT_S = 20.0
 RPC_TIMEOUT_S = 30.0
+#: Seconds an agent on shared loops waits after a failed poll before the next (the threaded loop's pause).
+RETRY_AFTER_S = 1.0
 
 
 class SiteAgent:
@@ -49,7 +57,11 @@ class SiteAgent:
         metrics_port: int = 0,
         metrics_host: str = "127.0.0.1",
         launcher_config: Path | None = None,
+        channel: grpc.Channel | None = None,
+        poll_wait: float = POLL_WAIT_S,
     ) -> None:
+        """``channel``: one to share with other agents (the simulator's), left open by :meth:`stop`;
+        by default the agent makes its own. ``poll_wait``: seconds a long poll may wait for a directive."""
         self.name = name
         self.server = server
         self.workspace = Path(workspace)
@@ -63,7 +75,9 @@ class SiteAgent:
         #: None: job scripts run as local processes; else each runs in a Kubernetes pod (fl.site.kube_launch).
         self.launcher_config = launcher_config
         self.log = adapter("fl.site", site=name)
-        self.channel = make_channel(server, tls=tls, server_name=server_name)
+        self._owns_channel = channel is None
+        self.channel = channel or make_channel(server, tls=tls, server_name=server_name)
+        self.poll_wait = poll_wait
         self.stub = pb_grpc.FederationStub(self.channel)
         self.bulk = BulkStub(self.channel)
         self.runners: dict[str, JobRunner] = {}
@@ -74,6 +88,9 @@ class SiteAgent:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._last_error = ""
+        self._loops: SharedLoops | None = None
+        self._register_attempts = 0
+        self._poll_call: grpc.Future | None = None  # the long poll in flight on shared loops
         self.metrics = SiteMetrics()
         #: 0: no metrics endpoint; else the port of ``/metrics`` on ``metrics_host``.
         self.metrics_port = metrics_port
@@ -141,20 +158,33 @@ class SiteAgent:
         self._write_status()
         return True
 
+    @staticmethod
+    def _register_backoff(attempt: int) -> float:
+        """Seconds before registration attempt ``attempt + 1`` (exponential, capped, with jitter so
+        that many sites refused at once do not come back at once)."""
+        return min(10.0, 0.2 * 2.0**attempt) * random.uniform(0.75, 1.25)
+
     def _ensure_registered(self) -> None:
         attempt = 0
         while not self.registered.is_set() and not self.stop_event.is_set():
             if self._register_once():
                 return
             attempt += 1
-            self.stop_event.wait(min(10.0, 0.2 * 2**attempt))
+            self.stop_event.wait(self._register_backoff(attempt))
 
     # ------------------------------------------------------------------ loops
-    def start(self) -> None:
+    def start(self, loops: SharedLoops | None = None) -> None:
+        """Start polling and heartbeating: on two threads of this agent's, or as steps on ``loops``."""
         tune_malloc()
         if self.metrics_port:
             self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
             self.log.info("metrics on http://%s:%d/metrics", self.metrics_host, self.metrics_port)
+        if loops is not None:
+            self._loops = loops
+            loops.after(0.0, self._poll_step)
+            # Spread over one interval, so that a thousand agents' heartbeats do not come in bursts.
+            loops.after(random.uniform(0.0, self.heartbeat_interval), self._heartbeat_step)
+            return
         for target, name in ((self._poll_loop, "fl-poll"), (self._heartbeat_loop, "fl-heartbeat")):
             thread = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
             thread.start()
@@ -174,13 +204,16 @@ class SiteAgent:
 
     def stop(self, reason: str = "site stopping") -> None:
         self.stop_event.set()
+        if self._poll_call is not None:
+            self._poll_call.cancel()
         with self._lock:
             runners = list(self.runners.values())
         for runner in runners:
             runner.stop(reason)
         for runner in runners:
             runner.done.wait(15)
-        self.channel.close()
+        if self._owns_channel:
+            self.channel.close()
         self.metrics.close()
 
     def _poll_loop(self) -> None:
@@ -189,18 +222,55 @@ class SiteAgent:
             if self.stop_event.is_set():
                 return
             try:
-                reply = self.stub.Poll(
-                    pb.PollRequest(session_id=self.session_id, wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + RPC_TIMEOUT_S
-                )
+                reply = self.stub.Poll(self._poll_request(), timeout=self.poll_wait + RPC_TIMEOUT_S)
             except grpc.RpcError as exc:
                 if self.stop_event.is_set():
                     return
                 self._connection_trouble(exc)
+                self.stop_event.wait(RETRY_AFTER_S)
                 continue
-            if reply.unknown_session:
-                self.registered.clear()
-                continue
+            self._on_poll_reply(reply)
+
+    def _poll_request(self) -> pb.PollRequest:
+        return pb.PollRequest(session_id=self.session_id, wait_s=self.poll_wait)
+
+    def _on_poll_reply(self, reply: pb.PollReply) -> None:
+        if reply.unknown_session:
+            self.registered.clear()
+        else:
             self._handle(reply)
+
+    def _poll_step(self) -> None:
+        """One step of the poll loop on shared loops: register (with backoff) or start a long poll
+        whose completion schedules the next step; no thread waits for it."""
+        loops = self._loops
+        if loops is None or self.stop_event.is_set():
+            return
+        if not self.registered.is_set():
+            if not self._register_once():
+                self._register_attempts += 1
+                loops.after(self._register_backoff(self._register_attempts), self._poll_step)
+                return
+            self._register_attempts = 0
+        call = self.stub.Poll.future(self._poll_request(), timeout=self.poll_wait + RPC_TIMEOUT_S)
+        self._poll_call = call
+        call.add_done_callback(lambda done: loops.after(0.0, lambda: self._polled(done)))
+
+    def _polled(self, call: grpc.Future) -> None:
+        """A long poll of :meth:`_poll_step` completed: handle its directive, then poll again."""
+        assert self._loops is not None
+        if self.stop_event.is_set():
+            return
+        try:
+            reply = call.result()
+        except grpc.FutureCancelledError:
+            return  # only stop() cancels a poll
+        except grpc.RpcError as exc:
+            self._connection_trouble(exc)
+            self._loops.after(RETRY_AFTER_S, self._poll_step)
+            return
+        self._on_poll_reply(reply)
+        self._loops.after(0.0, self._poll_step)
 
     def _connection_trouble(self, exc: grpc.RpcError) -> None:
         code = exc.code()
@@ -213,28 +283,37 @@ class SiteAgent:
             self.log.warning("poll failed: %s", error)
         self._last_error = error
         self._write_status()
-        self.stop_event.wait(1.0)
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(self.heartbeat_interval):
-            if not self.registered.is_set():
-                continue
-            try:
-                reply = self.stub.Heartbeat(
-                    pb.HeartbeatRequest(session_id=self.session_id, running_jobs=self.running_jobs()),
-                    timeout=RPC_TIMEOUT_S,
-                )
-            except grpc.RpcError:
-                continue  # the poll loop notices and reconnects
-            if not reply.known:
-                self.registered.clear()
-                continue
-            for job_id in reply.stop_jobs:
-                runner = self.runners.get(job_id)
-                # A job that ended normally gets its grace period to exit; only stray jobs are stopped.
-                if runner is not None and not runner.done.is_set() and runner.ended is None:
-                    runner.stop("the server no longer runs this job")
-            self._write_status()
+            self._heartbeat_once()
+
+    def _heartbeat_step(self) -> None:
+        """One heartbeat on shared loops, then the next one an interval later."""
+        if self._loops is None or self.stop_event.is_set():
+            return
+        self._heartbeat_once()
+        self._loops.after(self.heartbeat_interval, self._heartbeat_step)
+
+    def _heartbeat_once(self) -> None:
+        if not self.registered.is_set():
+            return
+        try:
+            reply = self.stub.Heartbeat(
+                pb.HeartbeatRequest(session_id=self.session_id, running_jobs=self.running_jobs()),
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.RpcError:
+            return  # the poll loop notices and reconnects
+        if not reply.known:
+            self.registered.clear()
+            return
+        for job_id in reply.stop_jobs:
+            runner = self.runners.get(job_id)
+            # A job that ended normally gets its grace period to exit; only stray jobs are stopped.
+            if runner is not None and not runner.done.is_set() and runner.ended is None:
+                runner.stop("the server no longer runs this job")
+        self._write_status()
 
     # ------------------------------------------------------------------ directives
     def _handle(self, reply: pb.PollReply) -> None:

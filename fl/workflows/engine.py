@@ -90,6 +90,7 @@ class RoundEngine(Controller):
         site_wait_timeout: float = 300.0,
         max_weight: float = DEFAULT_MAX_WEIGHT,
         max_site_share: float | None = None,
+        seed: int | None = None,
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be at least 1, got {num_clients}")
@@ -126,6 +127,10 @@ class RoundEngine(Controller):
         self.site_wait_timeout = site_wait_timeout
         self.max_weight = float(max_weight)
         self.max_site_share = max_site_share
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer (or None for a fresh draw each run), got {seed!r}")
+        #: Seeds each round's sample of sites (``num_clients`` of those connected); None: a fresh draw.
+        self.seed = seed
 
     # ------------------------------------------------------------------ strategy hooks
     def train_meta(self, rnd: int) -> dict[str, Any]:
@@ -196,9 +201,22 @@ class RoundEngine(Controller):
                 f"{cannot}: {len(sites)} of its sites can take tasks ({', '.join(sites) or 'none'}) after waiting "
                 f"{self.site_wait_timeout:.0f} s (site_wait_timeout) for {self.min_clients}"
             )
-        if len(sites) > self.num_clients:
-            return sorted(random.sample(sites, self.num_clients))
-        return sites
+        if len(sites) <= self.num_clients:
+            return sites
+        sample = self.sample_sites(sites, rnd)
+        label = round_label(rnd, self.num_rounds) if rnd < self.num_rounds else "final validation"
+        ctx.log.info("%s: sampled %d of %d sites: %s", label, len(sample), len(sites), ", ".join(sample))
+        ctx.set_progress(round_sites=sample)
+        return sample
+
+    def sample_sites(self, sites: list[str], rnd: int) -> list[str]:
+        """``num_clients`` of ``sites`` for round ``rnd``, drawn anew each round (Flower's and FLARE's sampling).
+
+        With a ``seed`` the draw depends only on the seed, the round and the set of sites, so a rerun
+        or a job resumed after a restart samples the same sites for the same round.
+        """
+        rng = random.Random(f"{self.seed}:{rnd}") if self.seed is not None else random.SystemRandom()
+        return sorted(rng.sample(sorted(sites), self.num_clients))
 
     def run(self, ctx: JobContext) -> None:
         persistor = ctx.components.get(self.persistor_id)

@@ -23,7 +23,8 @@ class FedAvg(RoundEngine):
     Parameters
     ----------
     num_clients:
-        Sites asked to train each round (sampled at random if more are in the job).
+        Sites asked to train each round: when more are connected, each round samples this many of
+        them at random (logged, and in the job status's ``round_sites``).
     num_rounds:
         Rounds to run.
     min_clients:
@@ -46,6 +47,9 @@ class FedAvg(RoundEngine):
         it: the largest weights are lowered to a common cap when the round closes
         (:func:`~fl.workflows.aggregation.capped_weights`). The round's updates then wait on the
         server's disk (one model file per site, not memory) and are folded after the round closes.
+    seed:
+        Makes each round's sample of sites reproducible: the same seed, round and sites draw the
+        same sample (also after a resume). None (default): a fresh draw every round of every run.
 
     Round mechanics (deadlines, streaming fold, checkpoints, resume, events, final validation) are
     :class:`~fl.workflows.engine.RoundEngine`'s; FedAvg's new global model is the round's average.

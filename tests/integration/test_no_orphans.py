@@ -160,3 +160,53 @@ def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job
         driver.wait(10)
         _kill(pids)
         _remove_memory_folders_of([h.pid for h in hosts])
+
+
+def _gone_after(procs: list[psutil.Process], bound: float = DEATH_BOUND_S) -> list[psutil.Process]:
+    """Of ``procs`` (each known by its PID and start time, so a reused PID is not mistaken), those
+    still running ``bound`` seconds from now (sooner if all end)."""
+    deadline = time.monotonic() + bound
+
+    def running() -> list[psutil.Process]:
+        alive = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        return alive
+
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running()
+
+
+def test_kill_9_of_one_sites_host_ends_the_whole_run_driver_included(make_job, tmp_path):
+    """The driver sees its sites process die, aborts the job and ends every process of the run (the
+    other sites host and its script too) at once, instead of waiting out the round's timeout."""
+    job = make_job(rounds=2, script_args={s: "--sleep 120" for s in ("site-1", "site-2")})
+    folder = job.export_job(tmp_path / "export")
+    log = tmp_path / "sim.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    run: list[psutil.Process] = []
+    hosts: list[psutil.Process] = []
+    try:
+        wait_for(lambda: log.read_text().count(": round 0 task train") >= 2, 180, "both scripts to train", 0.3)
+        root = psutil.Process(driver.pid)
+        hosts = [p for p in root.children() if "fl.simulator" in p.cmdline()]
+        assert len(hosts) == 2, [p.cmdline() for p in root.children()]  # two cores: a sites host per site
+        run = [root, *root.children(recursive=True)]
+        assert len(_scripts_of(driver.pid)) == 2
+        hosts[0].kill()
+        left = _gone_after(run)
+        assert left == [], f"still running after kill -9 of a sites host: {[p.cmdline() for p in left]}"
+        assert driver.wait(1) == 1
+        assert "exited with code -9 during the job" in log.read_text()
+    finally:
+        driver.kill()
+        driver.wait(10)
+        _kill([p.pid for p in run])
+        _remove_memory_folders_of([h.pid for h in hosts])

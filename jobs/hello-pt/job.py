@@ -39,6 +39,12 @@ def define_parser(name="hello-pt", description="Hello PyTorch: FedAvg with the J
         metavar="N",
         help="FedAvg rounds (default: 2)",
     )
+    add(
+        "--sample",
+        type=int,
+        metavar="K",
+        help="sites that train each round, drawn anew each round (FedAvg's num_clients; default: every site)",
+    )
     add("-w", "--workspace", default=f"/tmp/fl/{name}", help="simulator workspace (default: %(default)s)")
     add("--export-dir", help="export the job folder here instead of simulating")
     add("-t", "--threads", type=int, help="sites training at once in the simulator (default: all)")
@@ -100,7 +106,7 @@ def build_job(args, name="hello-pt", extra_script_args=(), after_training=()):
     job = FedJob(name=name, min_clients=len(sites))
 
     # Define the controller workflow and send to server
-    controller = FedAvg(num_clients=len(sites), num_rounds=args.num_rounds)
+    controller = FedAvg(num_clients=min(args.sample or len(sites), len(sites)), num_rounds=args.num_rounds)
     job.to(controller, "server")
     for workflow in after_training:
         job.to(workflow, "server")

@@ -91,6 +91,10 @@ class ScriptRunner:
         ``"FULL"`` or ``"DIFF"`` (FLARE's ``TransferType``); see :class:`~fl.components.script_executor.ScriptExecutor`.
     server_expected_format:
         ``"numpy"`` or ``"pytorch"`` (FLARE's ``ExchangeFormat``); fl's server keeps arrays either way.
+    launch_once:
+        FLARE's: True runs the script once for the whole job, False once per task (its in-memory state
+        does not survive between tasks: see ``flare.get_state()``); None (fl's default) lets the site
+        decide (a site daemon launches once; the simulator runs per task when sites outnumber threads).
     """
 
     script: str
@@ -100,6 +104,7 @@ class ScriptRunner:
     framework: str = FrameworkType.PYTORCH
     params_transfer_type: str = "FULL"
     server_expected_format: str = "numpy"
+    launch_once: bool | None = None
 
     def __post_init__(self) -> None:
         from fl.components.script_executor import EXCHANGE_FORMATS
@@ -527,6 +532,8 @@ class FedJob:
         if app.executors:
             raise JobConfigError("a site runs one training script per job; this site already has one")
         settings: dict[str, Any] = {"command": runner.command} if runner.command else {}
+        if runner.launch_once is not None:
+            settings["launch_once"] = runner.launch_once
         executor = ScriptExecutor(
             task_script_path=script.relative_to(root).as_posix() if rel_dir != Path(".") else script.name,
             task_script_args=runner.script_args,

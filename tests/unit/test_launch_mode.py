@@ -52,3 +52,18 @@ def test_script_executor_takes_launch_once_true_false_or_none_only():
     assert ScriptExecutor(task_script_path="t.py", launch_once=False).launch_once is False
     with pytest.raises(ValueError, match="launch_once must be true, false or null, got 'no'"):
         ScriptExecutor(task_script_path="t.py", launch_once="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("launch_once", [True, False, None])
+def test_script_runners_launch_once_reaches_the_exported_executor(tmp_path, monkeypatch, launch_once):
+    from pathlib import Path
+
+    from fl.job import FedJob, ScriptRunner
+    from fl.workflows.fedavg import FedAvg
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2] / "jobs" / "hello-pt")
+    job = FedJob(name="modes", min_clients=1, key_metric=None)
+    job.to(FedAvg(num_clients=1, num_rounds=1), "server")
+    job.to(ScriptRunner(script="src/hello-pt_cifar10_fl.py", launch_once=launch_once), "site-1")
+    folder = job.export_job(tmp_path)
+    assert job_launch_once(folder) is launch_once

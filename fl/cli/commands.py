@@ -150,6 +150,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         exchange_root=Path(args.exchange_dir) if args.exchange_dir else None,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or "127.0.0.1",
+        nproc_per_node=args.nproc_per_node,
     )
     stop = threading.Event()
     _on_signals(stop)

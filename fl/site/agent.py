@@ -48,8 +48,11 @@ class SiteAgent:
         exchange_root: Path | None = None,
         metrics_port: int = 0,
         metrics_host: str = "127.0.0.1",
+        nproc_per_node: int = 1,
     ) -> None:
         self.name = name
+        #: Ranks per job's script (> 1: under torch.distributed.run, unless the job's command names its own).
+        self.nproc_per_node = nproc_per_node
         self.server = server
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)

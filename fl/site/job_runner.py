@@ -1,6 +1,7 @@
 """One job on a site: unpack its app, run its script in a process of its own, relay tasks and results.
 
-The script talks to this runner over a socketpair (:mod:`fl.channel`); its output is read line by
+The script talks to this runner over a socketpair, or (ranks of ``torch.distributed.run``, see
+:mod:`fl.site.launch`) a unix socket its rank 0 connects to (:mod:`fl.channel`); its output is read line by
 line, logged with site, job and round, and forwarded to the server. If the script dies, the job
 fails on this site at once with the script's exit code and last lines, so that the server does not
 wait out a deadline.
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl.channel import ChannelClosed, LineChannel
+from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
@@ -31,9 +32,9 @@ from fl.config import ConfigError, build_component, check_config, load_config, r
 from fl.filters import FilterChain, FilterContext, FilterError, replace_file
 from fl.process import popen_bound_to_parent
 from fl.proto import federation_pb2 as pb
-from fl.pythonpath import script_command
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
+from fl.site.launch import training_command
 from fl.site.transfers import TransferFailed, download_blob, upload_file
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class JobRunner:
         self.last_lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
         self.forward_metrics = True
         self.executor: ScriptExecutor | None = None
+        #: The unix socket rank 0 of a torch.distributed.run script connects to (None: a socketpair).
+        self._listener: ChannelListener | None = None
         self.stop_event = threading.Event()
         self.ended: _Ended | None = None
         self.done = threading.Event()
@@ -147,7 +150,7 @@ class JobRunner:
             finally:
                 self._configured.set()
             self._launch()
-        except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:
+        except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:  # a LaunchError is a ValueError
             self._fail(f"could not start the job: {exc}")
             self.done.set()
             return
@@ -213,36 +216,50 @@ class JobRunner:
             raise JobError(
                 f"task_script_path {self.executor.task_script_path!r} is not a file in the job's custom code"
             )
-        if self.executor.command:
-            command = [*shlex.split(self.executor.command), str(script)]
-        else:
-            command = script_command(script)
-        command += shlex.split(self.executor.task_script_args or "")
-        parent, child = socket.socketpair()
+        launch = training_command(
+            self.executor.command, script, self.executor.task_script_args, self.agent.nproc_per_node
+        )
+        command = launch.argv
         env = dict(os.environ)
         env.update(self.start_msg.env)
+        for name in ("FL_CHANNEL_FD", "FL_CHANNEL_PATH", "FL_CHANNEL_TOKEN"):
+            env.pop(name, None)  # the job's env names no channel: this runner's are the only ones
+        if launch.distributed:  # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
+            self._listener = ChannelListener(self.job_dir)
+            env.update({"FL_CHANNEL_PATH": str(self._listener.path), "FL_CHANNEL_TOKEN": self._listener.token})
+            parent = child = None
+        else:
+            parent, child = socket.socketpair()
+            env["FL_CHANNEL_FD"] = str(child.fileno())
         env.update(
             {
-                "FL_CHANNEL_FD": str(child.fileno()),
                 "FL_SITE_NAME": self.agent.name,
                 "FL_JOB_ID": self.job_id,
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
             }
         )
-        self.log.info("starting training script: %s", shlex.join(command))
-        self.process = popen_bound_to_parent(
-            command,
-            cwd=self.job_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(child.fileno(),),
-            start_new_session=True,
-        )
-        child.close()
-        self.channel = LineChannel(parent)
+        self.log.info("starting training script: %s", _shown(command))
+        try:
+            self.process = popen_bound_to_parent(
+                command,
+                cwd=self.job_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child.fileno(),) if child is not None else (),
+                start_new_session=True,
+            )
+        except OSError:
+            if self._listener is not None:
+                self._listener.close()
+            raise
+        finally:
+            if child is not None:
+                child.close()
+        if parent is not None:
+            self.channel = LineChannel(parent)
         self._drain_done = threading.Event()
         threading.Thread(target=self._pump_output, name="fl-output", daemon=True).start()
         threading.Thread(target=self._serve_channel, name="fl-channel", daemon=True).start()
@@ -264,27 +281,39 @@ class JobRunner:
 
     # ------------------------------------------------------------------ the script's requests
     def _serve_channel(self) -> None:
+        if self._listener is not None:
+            process = self.process
+            assert process is not None
+            accepted = self._listener.accept(lambda: process.poll() is None and not self.stop_event.is_set())
+            if accepted is None:
+                return
+            self.channel, hello = accepted
+            self.log.info("training script connected: rank %s, pid %s", hello.get("rank"), hello.get("pid"))
+            self._answer(hello)
         try:
             while True:
-                message = self.channel.recv()
-                op = message["op"]
-                if op == "hello":
-                    self.channel.send(self._welcome())
-                elif op == "next_task":
-                    self.channel.send(self._next_task(message.get("timeout")))
-                elif op == "result":
-                    accepted, text = self._deliver(message)
-                    self.channel.send({"op": "ack", "accepted": accepted, "message": text})
-                elif op == "metrics":
-                    self._queue_metrics(message.get("records") or [])
-                elif op == "bye":
-                    pass
-                else:
-                    self.log.warning("unknown request from the script: %r", op)
+                self._answer(self.channel.recv())
         except (ChannelClosed, ValueError):
             pass
         finally:
             self.channel.close()
+
+    def _answer(self, message: dict[str, Any]) -> None:
+        """Carry out one request of the script and send its reply (the requests that have one)."""
+        op = message["op"]
+        if op == "hello":
+            self.channel.send(self._welcome())
+        elif op == "next_task":
+            self.channel.send(self._next_task(message.get("timeout")))
+        elif op == "result":
+            accepted, text = self._deliver(message)
+            self.channel.send({"op": "ack", "accepted": accepted, "message": text})
+        elif op == "metrics":
+            self._queue_metrics(message.get("records") or [])
+        elif op == "bye":
+            pass
+        else:
+            self.log.warning("unknown request from the script: %r", op)
 
     def _welcome(self) -> dict[str, Any]:
         assert self.executor is not None
@@ -533,6 +562,11 @@ class JobRunner:
             process.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):  # the script if it is still running, and what it started
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def _shown(command: list[str]) -> str:
+    """``command`` for the log, fl's exec wrappers (``python -I -S -c CODE ...``) shortened to ``-c ...``."""
+    return shlex.join("..." if "\n" in arg else arg for arg in command)
 
 
 def _tag(task: pb.Task) -> dict[str, Any]:

@@ -99,7 +99,9 @@ def main() -> None:
         if rank == 0:
             flare.send(flare.FLModel(params={k: v.cpu() for k, v in net.state_dict().items()},
                                      meta={"NUM_STEPS_CURRENT_ROUND": 1}))  # fmt: skip
+    print(f"rank {rank}: the job ended", flush=True)
     dist.destroy_process_group()
+    print(f"rank {rank}: done", flush=True)
 
 
 if __name__ == "__main__":

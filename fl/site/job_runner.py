@@ -75,6 +75,8 @@ class JobRunner:
         self.executor: ScriptExecutor | None = None
         #: The unix socket rank 0 of a torch.distributed.run script connects to (None: a socketpair).
         self._listener: ChannelListener | None = None
+        #: Set once the script's process has exited (seen without reaping it: its pid is its group's id).
+        self._script_exited = threading.Event()
         self.stop_event = threading.Event()
         self.ended: _Ended | None = None
         self.done = threading.Event()
@@ -156,6 +158,7 @@ class JobRunner:
             return
         assert self.process is not None
         self._end_group_when_script_exits()
+        self._script_exited.set()
         code = self.process.wait()
         self._drain_done.wait(5)
         if self.ended is None and not self.stop_event.is_set():
@@ -282,9 +285,7 @@ class JobRunner:
     # ------------------------------------------------------------------ the script's requests
     def _serve_channel(self) -> None:
         if self._listener is not None:
-            process = self.process
-            assert process is not None
-            accepted = self._listener.accept(lambda: process.poll() is None and not self.stop_event.is_set())
+            accepted = self._listener.accept(lambda: not (self._script_exited.is_set() or self.stop_event.is_set()))
             if accepted is None:
                 return
             self.channel, hello = accepted

@@ -2,19 +2,34 @@
 
 A socketpair inherited by the script (its fd in ``FL_CHANNEL_FD``) carries one JSON object per
 line: requests from the script, replies from the agent. Models never travel on it: they are
-safetensors files in the job's exchange folder, named in the messages.
+safetensors files in the job's exchange folder, named in the messages. A script run as ranks of
+``torch.distributed.run`` inherits no fd: its rank 0 connects to a unix socket instead
+(:class:`ChannelListener`, path in ``FL_CHANNEL_PATH``), proving with ``FL_CHANNEL_TOKEN`` that the
+job's own process tree started it; the listener accepts that one connection and is gone.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
+import secrets
+import shutil
 import socket
+import tempfile
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_LINE_BYTES", "ChannelClosed", "LineChannel"]
+__all__ = ["MAX_LINE_BYTES", "ChannelClosed", "ChannelListener", "LineChannel", "connect_channel"]
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
+#: A unix socket's path must fit in sun_path (108 bytes on Linux, with its NUL).
+MAX_SOCKET_PATH = 100
+#: Seconds a connection to the listener has to say hello with the token; failed attempts before it gives up.
+HELLO_TIMEOUT_S = 10.0
+MAX_BAD_HELLOS = 16
 
 
 class ChannelClosed(ConnectionError):
@@ -58,3 +73,67 @@ class LineChannel:
             self._reader.close()
         finally:
             self.sock.close()
+
+
+class ChannelListener:
+    """A unix socket that the first process presenting the token becomes the channel of (then it is removed)."""
+
+    def __init__(self, folder: Path) -> None:
+        path = Path(folder) / "channel.sock"
+        self._own_dir: Path | None = None
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # a deep workspace: a private folder of its own instead
+            self._own_dir = Path(tempfile.mkdtemp(prefix="fl-channel-"))
+            path = self._own_dir / "channel.sock"
+        path.unlink(missing_ok=True)
+        self.path = path
+        self.token = secrets.token_hex(16)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self._sock.listen(4)
+        self._sock.settimeout(0.5)
+
+    def accept(self, waiting: Callable[[], bool]) -> tuple[LineChannel, dict[str, Any]] | None:
+        """The channel of the first connection whose hello carries the token, and that hello; None if
+        ``waiting()`` turned False first (the script ended without connecting). Closes the listener."""
+        bad = 0
+        try:
+            while waiting() and bad < MAX_BAD_HELLOS:
+                try:
+                    conn, _ = self._sock.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(HELLO_TIMEOUT_S)
+                channel = LineChannel(conn)
+                try:
+                    hello = channel.recv()
+                except (ChannelClosed, ValueError, TimeoutError):
+                    hello = {}
+                if hello.get("op") == "hello" and hmac.compare_digest(str(hello.get("token", "")), self.token):
+                    conn.settimeout(None)
+                    return channel, hello
+                bad += 1
+                channel.close()
+            return None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket (and its private folder)."""
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+
+def connect_channel(path: str, token: str, hello: dict[str, Any]) -> LineChannel:
+    """Connect to a :class:`ChannelListener` at ``path`` and say ``hello`` with ``token``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise ChannelClosed(f"cannot connect to the site agent's channel {path}: {exc}") from exc
+    channel = LineChannel(sock)
+    channel.send({**hello, "token": token})
+    return channel

@@ -31,19 +31,26 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-__all__ = ["popen_bound_to_parent"]
+__all__ = ["bound_to_launcher", "launcher_command", "popen_bound_to_parent"]
 
 _T = TypeVar("_T")
 _BOUND = sys.platform.startswith("linux")  # PR_SET_PDEATHSIG is Linux's; elsewhere children are not bound
 # argv: parent pid, signal, command...; PR_SET_PDEATHSIG is 1.
 _BIND_AND_EXEC = """\
 import ctypes, os, sys
-parent, death_signal, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+parent, death_signal, command = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+parent = int(os.environ[parent[1:]] if parent.startswith("$") else parent)
 if ctypes.CDLL(None, use_errno=True).prctl(1, death_signal, 0, 0, 0) != 0:
     sys.exit("fl: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
 if os.getppid() != parent:
     os.kill(os.getpid(), death_signal)
 os.execvp(command[0], command)
+"""
+# argv: an environment variable, command...: exec the command with this process's pid (its own) in it.
+_EXPORT_PID_AND_EXEC = """\
+import os, sys
+os.environ[sys.argv[1]] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
 """
 
 
@@ -105,6 +112,25 @@ def _bound_command(
     if not _BOUND:
         return command
     return [sys.executable, "-I", "-S", "-c", _BIND_AND_EXEC, str(os.getpid()), str(int(death_signal)), *command]
+
+
+def launcher_command(args: Sequence[str], pid_variable: str) -> list[str]:
+    """argv of a launcher (torchrun) that runs as ``args`` with its own pid in env ``pid_variable`` (same pid).
+
+    What :func:`bound_to_launcher` needs: the children it starts know which parent to be bound to.
+    """
+    return [sys.executable, "-I", "-S", "-c", _EXPORT_PID_AND_EXEC, pid_variable, *args]
+
+
+def bound_to_launcher(args: Sequence[str], pid_variable: str, death_signal: int = signal.SIGKILL) -> list[str]:
+    """argv that a launcher started by :func:`launcher_command` runs: ends (``death_signal``) when the launcher ends.
+
+    For processes fl does not fork itself (torchrun's ranks, which it starts in sessions of their own,
+    out of reach of the script's process-group kill): the kernel ends them with their launcher.
+    """
+    if not _BOUND:
+        return list(args)
+    return [sys.executable, "-I", "-S", "-c", _BIND_AND_EXEC, f"${pid_variable}", str(int(death_signal)), *args]
 
 
 def popen_bound_to_parent(

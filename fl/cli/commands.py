@@ -179,6 +179,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or "127.0.0.1",
         launcher_config=launcher_config,
+        nproc_per_node=args.nproc_per_node,
     )
     stop = threading.Event()
     _on_signals(stop)

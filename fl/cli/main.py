@@ -72,6 +72,13 @@ def _port_number(value: str) -> int:
     return int(value)
 
 
+def _rank_count(value: str) -> int:
+    """``--nproc-per-node``: a whole number >= 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of ranks (a whole number >= 1)")
+    return int(value)
+
+
 def _add_metrics(p: argparse.ArgumentParser, host_default: str) -> None:
     p.add_argument(
         "--metrics-port",
@@ -208,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--launcher-config",
         default=_env("FL_LAUNCHER_CONFIG"),
         help="JSON file describing the job pods (--launcher kubernetes; docs/operations.md)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=_rank_count,
+        default=_env("FL_NPROC_PER_NODE", "1"),
+        metavar="N",
+        help="run each job's script as N ranks of torch.distributed.run (one per GPU) unless the job's command "
+        "names its own launcher (env FL_NPROC_PER_NODE; default 1)",
     )
     _add_metrics(p, "127.0.0.1")
     _add_connection(p)

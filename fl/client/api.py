@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fl.channel import ChannelClosed, LineChannel
+from fl.channel import ChannelClosed, LineChannel, connect_channel
 from fl.checksum import Checksum
 from fl.client.model import FLMetaKey, FLModel, ParamsType
 from fl.client.state import SiteState
@@ -57,27 +57,32 @@ class ClientAPI:
         self._ended = False
         self._rank = 0
         self._state: SiteState | None = None
+        self._initialized = False  # init() ran: rank 0 holds the channel, other ranks hold none
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, rank: int | str | None = None) -> None:
-        if self._channel is not None:
+        """Connect to the site agent (rank 0 only: other ranks of a torch.distributed.run script never talk to it)."""
+        if self._initialized:
             return
-        if rank is None:
-            rank = os.environ.get("RANK", "0")
-        self._rank = int(rank)
-        fd = os.environ.get("FL_CHANNEL_FD")
-        if not fd:
+        fd, path = os.environ.get("FL_CHANNEL_FD"), os.environ.get("FL_CHANNEL_PATH")
+        if not fd and not path:
             raise NotUnderAgentError(
-                "fl.client.init(): this script was not started by an fl site (FL_CHANNEL_FD is not set). "
+                "fl.client.init(): this script was not started by an fl site (no FL_CHANNEL_FD nor FL_CHANNEL_PATH). "
                 "Run it through a job: `fl simulate JOB_DIR` or `job.simulator_run(...)`."
             )
+        self._rank = process_rank(rank)
         if self._rank != 0:
-            raise NotImplementedError(
-                "fl.client: only rank 0 talks to the site; run the Client API in the rank-0 process"
-            )
-        sock = socket.socket(fileno=int(fd))
-        self._channel = LineChannel(sock)
-        self._channel.send({"op": "hello", "pid": os.getpid()})
+            self._initialized = True
+            self._info = {"site_name": os.environ.get("FL_SITE_NAME"), "job_id": os.environ.get("FL_JOB_ID")}
+            return
+        hello = {"op": "hello", "pid": os.getpid(), "rank": self._rank}
+        if fd:
+            self._channel = LineChannel(socket.socket(fileno=int(fd)))
+            self._channel.send(hello)
+        else:
+            assert path is not None
+            self._channel = connect_channel(path, os.environ.pop("FL_CHANNEL_TOKEN", ""), hello)
+        self._initialized = True
         welcome = self._channel.recv()
         if welcome.get("op") != "welcome":
             raise RuntimeError(f"fl.client: unexpected reply from the site agent: {welcome}")
@@ -87,9 +92,14 @@ class ClientAPI:
             _limit_torch_threads(int(threads))
 
     def _require(self) -> LineChannel:
-        if self._channel is None:
+        if not self._initialized:
             self.init()
-        assert self._channel is not None
+        if self._channel is None:
+            raise RuntimeError(
+                f"fl.client: rank {self._rank} does not talk to the site (only rank 0 does)"
+                if self._rank != 0
+                else "fl.client: the channel to the site agent is closed (shutdown() was called)"
+            )
         return self._channel
 
     def get_state(self) -> SiteState:
@@ -102,6 +112,17 @@ class ClientAPI:
                 )
             self._state = SiteState(folder)
         return self._state
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (from ``init(rank=...)``, else ``RANK``/``LOCAL_RANK``); 0 talks to the site."""
+        if not self._initialized:
+            self.init()
+        return self._rank
+
+    def _other_rank(self) -> bool:
+        """Whether this is a rank other than 0 (which gets no task: FLARE's behaviour on those ranks)."""
+        return self.rank != 0
 
     def shutdown(self) -> None:
         if self._state is not None:
@@ -136,10 +157,21 @@ class ClientAPI:
         raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
 
     def is_running(self) -> bool:
-        """True while the job runs; blocks until the next task arrives or the job ends."""
+        """True while the job runs; blocks until the next task arrives or the job ends.
+
+        On ranks other than 0: False at once (FLARE's); fl.client.distributed.is_running() gives every
+        rank rank 0's answer."""
+        return self.wait_for_task(None) is True
+
+    def wait_for_task(self, timeout: float | None) -> bool | None:
+        """True: a task is ready (or being worked on); False: the job has ended; None: none came within ``timeout``."""
+        if self._other_rank():
+            return False
         if self._task is not None and not self._task_consumed:
             return True
-        return self._next_task(None)
+        if self._next_task(timeout):
+            return True
+        return False if self._ended else None
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
         """The current task's model; None once the job has ended, or when no task came within ``timeout`` s."""
@@ -147,6 +179,8 @@ class ClientAPI:
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < math.inf
         ):
             raise ValueError(f"fl.client.receive(): timeout must be None or seconds >= 0, got {timeout!r}")
+        if self._other_rank():
+            return None
         if (self._task is None or self._task_consumed) and not self._next_task(timeout):
             return None
         assert self._task is not None
@@ -189,7 +223,9 @@ class ClientAPI:
         return load_torch(path)
 
     def send(self, model: FLModel, clear_cache: bool = True) -> bool:
-        """Send the result of the current task; returns whether the server accepted it."""
+        """Send the result of the current task; returns whether the server accepted it (False on ranks other than 0)."""
+        if self._other_rank():
+            return False
         if self._task is None:
             raise RuntimeError("fl.client.send(): no task received; call receive() first")
         if not isinstance(model, FLModel):
@@ -244,6 +280,8 @@ class ClientAPI:
 
     # ------------------------------------------------------------------ info
     def _task_name(self) -> str | None:
+        if self._other_rank():
+            raise RuntimeError(f"fl.client: only rank 0 knows the task (this is rank {self._rank})")
         if self._task is None and not self._ended:
             self._next_task(None)
         return None if self._task is None else str(self._task["name"])
@@ -258,20 +296,25 @@ class ClientAPI:
         return self._task_name() == TASK_SUBMIT_MODEL
 
     def get_site_name(self) -> str:
-        self._require()
+        self._require_info()
         return str(self._info["site_name"])
 
     def get_job_id(self) -> str:
-        self._require()
+        self._require_info()
         return str(self._info["job_id"])
 
     def system_info(self) -> dict[str, Any]:
-        self._require()
+        self._require_info()
         return {"site_name": self._info["site_name"], "job_id": self._info["job_id"]}
 
     def get_config(self) -> dict[str, Any]:
-        self._require()
+        self._require_info()
         return dict(self._info.get("config") or {})
+
+    def _require_info(self) -> None:
+        """What any rank may ask (site name, job id) is known once init() ran."""
+        if not self._initialized:
+            self.init()
 
     # ------------------------------------------------------------------ metrics
     def log(self, key: str, value: Any, data_type: str = "SCALAR", global_step: int | None = None, **_: Any) -> None:
@@ -280,7 +323,7 @@ class ClientAPI:
         ``data_type`` is FLARE's AnalyticsDataType name: SCALAR/METRIC (``value`` under ``key``),
         SCALARS (a group ``key`` of members), METRICS (a dict of metrics), PARAMETER(S), TAG(S).
         """
-        if self._rank != 0:
+        if self._other_rank():
             return
         self._require().send({"op": "metrics", "records": analytics_records(key, value, data_type, global_step)})
 
@@ -346,6 +389,24 @@ def _json_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"meta {key!r} is not finite: {value}")
         out[str(key)] = value
     return out
+
+
+def process_rank(rank: int | str | None) -> int:
+    """The rank of this process: ``rank`` if given, else ``RANK``, else ``LOCAL_RANK`` (torchrun's), else 0."""
+    where = "init(rank=...)"
+    if rank is None:
+        where, rank = next(
+            ((name, os.environ[name]) for name in ("RANK", "LOCAL_RANK") if os.environ.get(name)), ("", 0)
+        )
+    try:
+        value = int(rank)
+    except (TypeError, ValueError):
+        value = -1
+    if isinstance(rank, bool) or value < 0:
+        raise ValueError(
+            f"fl.client.init(): rank from {where or 'the default'} must be a whole number >= 0, got {rank!r}"
+        )
+    return value
 
 
 def _limit_torch_threads(threads: int) -> None:

@@ -59,10 +59,13 @@ class SiteAgent:
         launcher_config: Path | None = None,
         channel: grpc.Channel | None = None,
         poll_wait: float = POLL_WAIT_S,
+        nproc_per_node: int = 1,
     ) -> None:
         """``channel``: one to share with other agents (the simulator's), left open by :meth:`stop`;
         by default the agent makes its own. ``poll_wait``: seconds a long poll may wait for a directive."""
         self.name = name
+        #: Ranks per job's script (> 1: under torch.distributed.run, unless the job's command names its own).
+        self.nproc_per_node = nproc_per_node
         self.server = server
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)

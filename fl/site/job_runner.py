@@ -1,6 +1,7 @@
 """One job on a site: unpack its app, run its script in a process of its own, relay tasks and results.
 
-The script talks to this runner over a socketpair (:mod:`fl.channel`); its output is read line by
+The script talks to this runner over a socketpair, or (ranks of ``torch.distributed.run``, see
+:mod:`fl.site.launch`) a unix socket its rank 0 connects to (:mod:`fl.channel`); its output is read line by
 line, logged with site, job and round, and forwarded to the server. If the script dies, the job
 fails on this site at once with the script's exit code and last lines, so that the server does not
 wait out a deadline.
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl.channel import ChannelClosed, LineChannel
+from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
@@ -31,11 +32,11 @@ from fl.config import ConfigError, build_component, check_config, load_config, r
 from fl.filters import FilterChain, FilterContext, FilterError, replace_file
 from fl.process import popen_bound_to_parent
 from fl.proto import federation_pb2 as pb
-from fl.pythonpath import script_command
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
 from fl.site import fork_server
 from fl.site.kube_launch import relay_command
+from fl.site.launch import Launch, training_command
 from fl.site.transfers import TransferFailed, download_blob, upload_file
 
 if TYPE_CHECKING:
@@ -77,6 +78,12 @@ class JobRunner:
         self.last_lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
         self.forward_metrics = True
         self.executor: ScriptExecutor | None = None
+        #: The unix socket rank 0 of a torch.distributed.run script connects to (None: a socketpair).
+        self._listener: ChannelListener | None = None
+        #: Whether the script runs as ranks of torch.distributed.run (set with its command).
+        self._distributed = False
+        #: Set once the script's process has exited (seen without reaping it: its pid is its group's id).
+        self._script_exited = threading.Event()
         self.stop_event = threading.Event()
         self.ended: _Ended | None = None
         self.done = threading.Event()
@@ -161,7 +168,7 @@ class JobRunner:
             if self.launch_once:
                 self._start_script()
             self._report(job_state="running")
-        except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:
+        except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:  # a LaunchError is a ValueError
             self._fail(f"could not start the job: {exc}")
             self.done.set()
             return
@@ -186,6 +193,7 @@ class JobRunner:
         """Wait for the script (and its output) to end; its exit code."""
         assert self.process is not None
         self._end_group_when_script_exits()
+        self._script_exited.set()
         code = self.process.wait()
         self._drain_done.wait(5)
         return code
@@ -284,10 +292,15 @@ class JobRunner:
             raise JobError(
                 f"task_script_path {self.executor.task_script_path!r} is not a file in the job's custom code"
             )
-        args = shlex.split(self.executor.task_script_args or "")
-        self._command = self._script_command(script, args)
+        launch = training_command(
+            self.executor.command, script, self.executor.task_script_args, self.agent.nproc_per_node
+        )
+        self._distributed = launch.distributed
+        self._command = self._script_command(script, launch)
         env = dict(os.environ)
         env.update(self.start_msg.env)
+        for name in ("FL_CHANNEL_FD", "FL_CHANNEL_PATH", "FL_CHANNEL_TOKEN"):
+            env.pop(name, None)  # the job's env names no channel: this runner's are the only ones
         env.update(
             {
                 "FL_SITE_NAME": self.agent.name,
@@ -299,53 +312,72 @@ class JobRunner:
         )
         self._env = env
 
-    def _script_command(self, script: Path, args: list[str]) -> list[str]:
+    def _script_command(self, script: Path, launch: Launch) -> list[str]:
         """argv of one run: the Kubernetes relay (the script runs in a job pod), a relay to this
-        process's fork server where one runs, else the interpreter."""
+        process's fork server where one runs, else the interpreter (or torch.distributed.run)."""
         global _fallback_logged
         assert self.executor is not None
-        if self.executor.command:
-            plain = [*shlex.split(self.executor.command), str(script), *args]
-        else:
-            plain = [*script_command(script), *args]
         if self.agent.launcher_config is not None:
+            if launch.distributed:
+                raise JobError(
+                    "this site runs job scripts in Kubernetes pods (--launcher kubernetes), which run one process; "
+                    "ranks of torch.distributed.run (--nproc-per-node, a torchrun command) are not supported there yet"
+                )
             return relay_command(
-                self.agent.launcher_config, self.job_dir, self.exchange, list(self.start_msg.env), plain
+                self.agent.launcher_config, self.job_dir, self.exchange, list(self.start_msg.env), launch.argv
             )
         warm = fork_server.active_socket()
-        if warm is not None and not self.launch_once and not self.executor.command:
-            return fork_server.relay_command(warm, script, args)
+        plain = bool(self.executor.command) or launch.distributed
+        if warm is not None and not self.launch_once and not plain:
+            return fork_server.relay_command(warm, script, shlex.split(self.executor.task_script_args or ""))
         if warm is not None and not self.launch_once and not _fallback_logged:
             _fallback_logged = True
-            self.log.info("the job names its own interpreter (command): its scripts start as processes, not forks")
-        return plain
+            self.log.info(
+                "the job names its own launcher (command or ranks): its scripts start as processes, not forks"
+            )
+        return launch.argv
 
     def _start_script(self) -> None:
         """Start one run of the script, with a fresh channel and output reader."""
-        parent, child = socket.socketpair()
-        env = {**self._env, "FL_CHANNEL_FD": str(child.fileno())}
+        env = dict(self._env)
+        parent: socket.socket | None = None
+        child: socket.socket | None = None
+        if self._distributed:  # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
+            self._listener = ChannelListener(self.job_dir)
+            env.update({"FL_CHANNEL_PATH": str(self._listener.path), "FL_CHANNEL_TOKEN": self._listener.token})
+        else:
+            parent, child = socket.socketpair()
+            env["FL_CHANNEL_FD"] = str(child.fileno())
         command = self._command
         self.last_lines.clear()
+        self._script_exited.clear()
         log = self.log.info if self.launch_once else self.log.debug
-        log("starting training script: %s", shlex.join(command))
+        log("starting training script: %s", _shown(command))
         # The Kubernetes relay deletes the job's pod when it gets SIGTERM: it must not die of SIGKILL.
         death_signal = signal.SIGTERM if self.agent.launcher_config is not None else signal.SIGKILL
-        self.process = popen_bound_to_parent(
-            command,
-            death_signal=death_signal,
-            cwd=self.job_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(child.fileno(),),
-            start_new_session=True,
-        )
-        child.close()
-        self.channel = LineChannel(parent)
+        try:
+            self.process = popen_bound_to_parent(
+                command,
+                death_signal=death_signal,
+                cwd=self.job_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child.fileno(),) if child is not None else (),
+                start_new_session=True,
+            )
+        except OSError:
+            if self._listener is not None:
+                self._listener.close()
+            raise
+        finally:
+            if child is not None:
+                child.close()
+        channel = LineChannel(parent) if parent is not None else None
         self._drain_done = threading.Event()
         threading.Thread(target=self._pump_output, name="fl-output", daemon=True).start()
-        threading.Thread(target=self._serve_channel, args=(self.channel,), name="fl-channel", daemon=True).start()
+        threading.Thread(target=self._serve_channel, args=(channel,), name="fl-channel", daemon=True).start()
 
     def _pump_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -362,28 +394,41 @@ class JobRunner:
         self._drain_done.set()
 
     # ------------------------------------------------------------------ the script's requests
-    def _serve_channel(self, channel: LineChannel) -> None:
+    def _serve_channel(self, channel: LineChannel | None) -> None:
+        """Answer one script run's requests: on ``channel``, or (torchrun ranks) on rank 0's connection."""
+        if channel is None:
+            listener = self._listener
+            assert listener is not None
+            accepted = listener.accept(lambda: not (self._script_exited.is_set() or self.stop_event.is_set()))
+            if accepted is None:
+                return
+            channel, hello = accepted
+            self.log.info("training script connected: rank %s, pid %s", hello.get("rank"), hello.get("pid"))
+            self._answer(channel, hello)
         try:
             while True:
-                message = channel.recv()
-                op = message["op"]
-                if op == "hello":
-                    channel.send(self._welcome())
-                elif op == "next_task":
-                    channel.send(self._next_task(message.get("timeout")))
-                elif op == "result":
-                    accepted, text = self._deliver(message)
-                    channel.send({"op": "ack", "accepted": accepted, "message": text})
-                elif op == "metrics":
-                    self._queue_metrics(message.get("records") or [])
-                elif op == "bye":
-                    pass
-                else:
-                    self.log.warning("unknown request from the script: %r", op)
+                self._answer(channel, channel.recv())
         except (ChannelClosed, ValueError):
             pass
         finally:
             channel.close()
+
+    def _answer(self, channel: LineChannel, message: dict[str, Any]) -> None:
+        """Carry out one request of the script and send its reply (the requests that have one)."""
+        op = message["op"]
+        if op == "hello":
+            channel.send(self._welcome())
+        elif op == "next_task":
+            channel.send(self._next_task(message.get("timeout")))
+        elif op == "result":
+            accepted, text = self._deliver(message)
+            channel.send({"op": "ack", "accepted": accepted, "message": text})
+        elif op == "metrics":
+            self._queue_metrics(message.get("records") or [])
+        elif op == "bye":
+            pass
+        else:
+            self.log.warning("unknown request from the script: %r", op)
 
     def _welcome(self) -> dict[str, Any]:
         assert self.executor is not None
@@ -643,6 +688,11 @@ class JobRunner:
             process.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):  # the script if it is still running, and what it started
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def _shown(command: list[str]) -> str:
+    """``command`` for the log, fl's exec wrappers (``python -I -S -c CODE ...``) shortened to ``-c ...``."""
+    return shlex.join("..." if "\n" in arg else arg for arg in command)
 
 
 def _tag(task: pb.Task) -> dict[str, Any]:

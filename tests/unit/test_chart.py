@@ -344,6 +344,31 @@ def test_a_site_can_turn_its_gpus_off_against_the_default() -> None:
     }
 
 
+def test_sites_run_one_rank_per_gpu_when_gpus_exceed_one_and_a_cpu_site_can_ask_for_two_ranks() -> None:
+    """nprocPerNode (fl site --nproc-per-node): 0, the default, is one rank per GPU for gpus > 1, else none."""
+    objs = render(
+        "(chart defaults)",
+        "--set",
+        "sites[0].name=two-gpus,sites[0].gpus=2,sites[1].name=cpu,sites[1].gpus=0,sites[1].nprocPerNode=2,"
+        "sites[2].name=one-gpu,sites[3].name=pinned,sites[3].gpus=4,sites[3].nprocPerNode=1",
+    )
+
+    def ranks(deployment: Obj) -> str | None:
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return args[args.index("--nproc-per-node") + 1] if "--nproc-per-node" in args else None
+
+    assert {name: ranks(d) for name, d in site_deployments(objs).items()} == {
+        "two-gpus": "2",
+        "cpu": "2",
+        "one-gpu": None,
+        "pinned": None,
+    }
+    cpu = site_deployments(objs)["cpu"]["spec"]["template"]["spec"]["containers"][0]
+    assert gpu_quantities(cpu["resources"]) == {}  # 2 gloo ranks on a CPU site request no GPU
+    defaults = render("(chart defaults)", "--set", "siteDefaults.nprocPerNode=3")
+    assert {ranks(d) for d in site_deployments(defaults).values()} == {"3"}
+
+
 # --- labels, selectors ---------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_labels_and_selectors_are_consistent(case: str) -> None:
@@ -748,6 +773,7 @@ def test_chart_test_pod_checks_health_and_lists_jobs_as_the_admin() -> None:
         ("sites[0].name=a,sites[0].color=red", "sites[0].color: unknown key; allowed keys: name, gpus"),
         ("sites[0].name=a,sites[1].name=a", 'sites[1].name: "a" is listed twice'),
         ("sites[0].name=a,sites[0].gpus=-1", "sites[0].gpus: -1 must be a whole number >= 0"),
+        ("sites[0].name=a,sites[0].nprocPerNode=-2", "sites[0].nprocPerNode: -2 must be a whole number >= 0"),
         (
             "tls.mode=existing,tls.existing.server=s,tls.existing.admin=a",
             "tlsSecret: name the site's TLS Secret",

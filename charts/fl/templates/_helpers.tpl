@@ -306,11 +306,13 @@ Checks that the schema also makes, repeated here with the allowed values so that
 {{- fail (printf "sites[%d].name: %q gives the same object name %q as another site after truncation to 63 characters; shorten the names" $i $site.name $object) }}
 {{- end }}
 {{- $_ := set $seenObjects $object true }}
-{{- $gpus := ternary $site.gpus $.Values.siteDefaults.gpus (hasKey $site "gpus") }}
-{{- if not (or (kindIs "float64" $gpus) (kindIs "int64" $gpus) (kindIs "int" $gpus)) }}
-{{- fail (printf "sites[%d].gpus: %v must be a whole number >= 0" $i $gpus) }}
-{{- else if or (lt (float64 $gpus) 0.0) (ne (float64 (int $gpus)) (float64 $gpus)) }}
-{{- fail (printf "sites[%d].gpus: %v must be a whole number >= 0" $i $gpus) }}
+{{- range $key := list "gpus" "nprocPerNode" }}
+{{- $count := ternary (index $site $key) (index $.Values.siteDefaults $key) (hasKey $site $key) }}
+{{- if not (or (kindIs "float64" $count) (kindIs "int64" $count) (kindIs "int" $count)) }}
+{{- fail (printf "sites[%d].%s: %v must be a whole number >= 0" $i $key $count) }}
+{{- else if or (lt (float64 $count) 0.0) (ne (float64 (int $count)) (float64 $count)) }}
+{{- fail (printf "sites[%d].%s: %v must be a whole number >= 0" $i $key $count) }}
+{{- end }}
 {{- end }}
 {{- $settings := include "fl.site.settings" (dict "root" $ "site" $site) | fromYaml }}
 {{- include "fl.validateImage" (dict "where" (printf "sites[%d].image" $i) "image" $settings.image) }}
@@ -331,7 +333,7 @@ The keys a site may set besides name, image and tlsSecret, as a JSON list: each 
 siteDefaults.<key>. One list for the settings below and for the check of a site's keys.
 */}}
 {{- define "fl.site.settingKeys" -}}
-{{- toJson (list "gpus" "gpuResource" "launcher" "kubernetesLauncher" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "podLabels" "priorityClassName" "topologySpreadConstraints" "env" "extraArgs" "extraVolumes" "extraVolumeMounts" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds") }}
+{{- toJson (list "gpus" "nprocPerNode" "gpuResource" "launcher" "kubernetesLauncher" "runtimeClassName" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "podLabels" "priorityClassName" "topologySpreadConstraints" "env" "extraArgs" "extraVolumes" "extraVolumeMounts" "noCustomCode" "workspaceSizeLimit" "shmSize" "data" "probes" "terminationGracePeriodSeconds") }}
 {{- end }}
 
 {{/*

@@ -145,11 +145,20 @@ def _issue(
     )
     # The role is also a DNS SAN, as in certificates the Helm chart generates (see fl.transport).
     names = [name, *dns, f"{role}{ROLE_SAN_SUFFIX}"]
-    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys(names)]
+    alt_names: list[x509.GeneralName] = [_alt_name(n) for n in dict.fromkeys(names)]
     if role == "server":
         alt_names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _alt_name(name: str) -> x509.GeneralName:
+    """An IP address SAN for an address (a server dialled by IP, e.g. a node's NodePort), else a DNS SAN:
+    TLS clients match an IP they dial only against IP address SANs."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def _signed_by(cert_path: Path, ca_cert: x509.Certificate) -> bool:

@@ -62,6 +62,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="extra image build argument K=V (repeatable)",
     )
     group.addoption("--keep-cluster", action="store_true", help="keep (and reuse) the kind cluster")
+    group.addoption(
+        "--kubeconfig-b",
+        default=os.environ.get("FL_E2E_KUBECONFIG_B"),
+        help="a second cluster whose pods reach the first one's node address (test_two_clusters.py)",
+    )
+    group.addoption(
+        "--image-import-b",
+        default=os.environ.get("FL_E2E_IMAGE_IMPORT_B"),
+        help="command that loads the images built for the first cluster into the second: {tags}",
+    )
     group.addoption("--artifacts", default=str(REPO / "artifacts" / "e2e"), help="where failure dumps go")
 
 
@@ -212,6 +222,28 @@ def cluster(pytestconfig: pytest.Config) -> Iterator[Cluster]:
         if kind_gen is not None:
             with contextlib.suppress(StopIteration):
                 next(kind_gen)  # deletes the kind cluster unless --keep-cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_b(cluster: Cluster, pytestconfig: pytest.Config) -> Cluster:
+    """The second cluster (after the first, whose site image it imports: B runs a sites-only release), or a
+    skip saying why there is none."""
+    kubeconfig = pytestconfig.getoption("--kubeconfig-b")
+    if not kubeconfig:
+        why = os.environ.get("FL_E2E_CLUSTER_B_MISSING") or "no second cluster was given"
+        pytest.skip(
+            f"{why}; give --kubeconfig-b PATH (or FL_E2E_KUBECONFIG_B) for a cluster whose pods reach the first "
+            "cluster's node address (tests/e2e/run_local.sh starts one: tests/e2e/local_cluster/README.md)"
+        )
+    importer = pytestconfig.getoption("--image-import-b")
+    if importer:
+        tags = shlex.quote(":".join(cluster.image("fl-site")))
+        started = time.monotonic()
+        proc = subprocess.run(importer.format(tags=tags), shell=True, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            pytest.fail(f"image import into cluster B failed: {importer}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        print(f"[e2e] image {tags} imported into cluster B in {time.monotonic() - started:.0f} s")
+    return Cluster(kubeconfig, cluster.helm, cluster.kubectl, cluster.image_prefix, cluster.artifacts)
 
 
 def _storage(c: Cluster) -> str | None:

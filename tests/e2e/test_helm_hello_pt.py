@@ -166,11 +166,15 @@ class Release:
 def release(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Release]:
     rel = Release(cluster)
     yield rel
-    # Set-up or test failed (or never reported): save what explains it before the namespace goes.
+    close_release(rel, request, cluster.artifacts / request.node.name)
+
+
+def close_release(rel: Release, request: pytest.FixtureRequest, folder: Path) -> None:
+    """Uninstall and delete the namespace; first, if the set-up or test failed (or never reported), save
+    what explains it to `folder` before the namespace goes."""
     reports = [getattr(request.node, f"rep_{when}", None) for when in ("setup", "call")]
     if any(r is None or r.failed for r in reports):
-        folder = cluster.artifacts / request.node.name
-        dump_artifacts(cluster, rel.namespace, folder, release=rel.name if rel.installed else None)
+        dump_artifacts(rel.c, rel.namespace, folder, release=rel.name if rel.installed else None)
         print(f"\n[e2e] helm status, manifest, pod logs, descriptions, events and the workspace saved in {folder}")
     rel.uninstall()
     rel.delete_namespace()

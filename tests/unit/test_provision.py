@@ -36,6 +36,15 @@ def test_provision_writes_a_folder_per_participant_with_private_keys_0600(tmp_pa
     assert {"fl.example.org", "localhost"} <= set(sans.get_values_for_type(x509.DNSName))
 
 
+def test_a_server_address_given_as_an_ip_becomes_an_ip_san_that_tls_clients_match(tmp_path):
+    provision(tmp_path, server_dns=["10.250.0.10", "fl.example.org"], sites=["a"])
+    server = x509.load_pem_x509_certificate((tmp_path / "server/tls.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"10.250.0.10", "127.0.0.1"}
+    assert "10.250.0.10" not in sans.get_values_for_type(x509.DNSName)
+    assert "fl.example.org" in sans.get_values_for_type(x509.DNSName)
+
+
 def test_adding_a_site_keeps_the_ca_and_the_other_certificates(tmp_path):
     provision(tmp_path, sites=["a"])
     before = {p: (tmp_path / p).read_bytes() for p in ("ca/ca.crt", "ca/ca.key", "a/tls.crt", "a/tls.key")}

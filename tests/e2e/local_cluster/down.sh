@@ -17,6 +17,7 @@ T0=$SECONDS
 
 if [ ! -d "$ROOT" ]; then log "nothing to do: $ROOT does not exist"; exit 0; fi
 NETNS="$FL_CLUSTER_NETNS"; CGROOT=""; RUN_NETNS_WAS_MOUNTED=1; RUN_NETNS_EXISTED=1; NETNS_CREATED=0
+PEER_NETNS=""; PEER_LINK=""
 # shellcheck disable=SC1091
 [ -f "$ROOT/state.env" ] && source "$ROOT/state.env"
 MNTNS="$ROOT/ns/mnt"
@@ -121,7 +122,15 @@ if mountpoint -q "$MNTNS" 2>/dev/null; then umount "$MNTNS" && log "released mou
 findmnt -rn -o TARGET | awk -v r="$ROOT/" 'index($0, r) == 1 || $0 == substr(r, 1, length(r) - 1)' | sort -r |
   while read -r m; do umount "$m" 2>/dev/null || umount -l "$m"; log "umount $m"; done
 
-# 5. network namespace (deleting it removes its veth pair, bridge and iptables rules)
+# 5. the link to a peer cluster (up.sh with FL_CLUSTER_PEER_NETNS): its end and firewall rules in the
+# peer's namespace, which outlives this one; then this network namespace (deleting it removes its veth
+# pairs, bridge and iptables rules)
+if [ -n "$PEER_NETNS" ] && [ -n "$PEER_LINK" ] && ip netns list | awk '{print $1}' | grep -cx "$PEER_NETNS" >/dev/null; then
+  peer_firewall DELETE "$PEER_NETNS" "$PEER_LINK"
+  if ip -n "$PEER_NETNS" link show "$PEER_LINK" >/dev/null 2>&1; then
+    ip -n "$PEER_NETNS" link delete "$PEER_LINK" && log "deleted link $PEER_LINK in netns $PEER_NETNS"
+  fi
+fi
 if [ "${NETNS_CREATED:-0}" = 1 ] && ip netns list | awk '{print $1}' | grep -cx "$NETNS" >/dev/null; then
   ip netns delete "$NETNS" && log "deleted netns $NETNS"
 fi

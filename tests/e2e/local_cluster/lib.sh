@@ -28,7 +28,16 @@ FL_CLUSTER_POD_CIDR="${FL_CLUSTER_POD_CIDR:-10.244.0.0/24}"
 FL_CLUSTER_SERVICE_CIDR="${FL_CLUSTER_SERVICE_CIDR:-10.96.0.0/16}"
 # host loopback port that forwards to the API server inside the namespace
 FL_CLUSTER_API_PORT="${FL_CLUSTER_API_PORT:-16443}"
-NODE_NAME="fl-node"
+FL_CLUSTER_NODE_NAME="${FL_CLUSTER_NODE_NAME:-fl-node}"
+NODE_NAME="$FL_CLUSTER_NODE_NAME"
+# last level of kubelet's cgroupRoot (below the caller's memory cgroup): one per cluster, since down.sh
+# kills whatever runs below it
+FL_CLUSTER_CGROUP="${FL_CLUSTER_CGROUP:-$FL_CLUSTER_NETNS}"
+# A second cluster joins a running one: a veth pair between the two network namespaces, with a /32 route
+# to the other's node address only (nothing else is routed), and on each side only replies and
+# connections forwarded to a NodePort pass that link (README.md, "Two clusters").
+FL_CLUSTER_PEER_NETNS="${FL_CLUSTER_PEER_NETNS:-}"
+FL_CLUSTER_PEER_NODE_CIDR="${FL_CLUSTER_PEER_NODE_CIDR:-10.250.0.0/24}"
 
 log() { printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "$(basename "$0")" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -77,8 +86,25 @@ in_ns() {
   fi
 }
 
-# The node's address: .10 of FL_CLUSTER_NODE_CIDR (a /24).
-node_ip() { local base="${FL_CLUSTER_NODE_CIDR%/*}"; echo "${base%.*}.10"; }
+# The node's address: .10 of FL_CLUSTER_NODE_CIDR, or of the /24 CIDR given.
+node_ip() { local cidr="${1:-$FL_CLUSTER_NODE_CIDR}" base; base="${cidr%/*}"; echo "${base%.*}.10"; }
+# peer_link_name NODE_IP: the name of the link (in either namespace) that leads to the node NODE_IP
+# ("xc" + the address in hex: unique per peer and within IFNAMSIZ)
+peer_link_name() { local IFS=.; set -- $1; printf 'xc%02x%02x%02x%02x\n' "$1" "$2" "$3" "$4"; }
+# peer_firewall ADD|DELETE NETNS LINK: in NETNS, only replies (and forwarded packets: NodePorts, which
+# kube-proxy DNATs before INPUT) may come in through LINK; new connections to the node's own services
+# (API server, kubelet, DNS) are dropped. DELETE removes every copy of both rules and never fails.
+peer_firewall() {
+  local ipt=(nsenter --net="/run/netns/$2" iptables -w) tag=(-m comment --comment "fl-peer $3")
+  local accept=(INPUT -i "$3" -m conntrack --ctstate ESTABLISHED,RELATED "${tag[@]}" -j ACCEPT)
+  local drop=(INPUT -i "$3" "${tag[@]}" -j DROP)
+  if [ "$1" = ADD ]; then
+    "${ipt[@]}" -A "${accept[@]}" && "${ipt[@]}" -A "${drop[@]}"
+  else
+    while "${ipt[@]}" -D "${accept[@]}" 2>/dev/null; do :; done
+    while "${ipt[@]}" -D "${drop[@]}" 2>/dev/null; do :; done
+  fi
+}
 
 # The Debian sources this machine's apt uses: prints "SUITE URI [SIGNED-BY]" for bookworm and
 # bookworm-security, read from the deb822 (*.sources) and one-line (sources.list, *.list) files.

@@ -50,6 +50,13 @@ finish() {
   findmnt -rn -o TARGET | grep -c "^$ROOT\(/\|$\)" >/dev/null && leftovers+=" mounts-under-ROOT"
   ip netns list | awk '{print $1}' | grep -cx "$FL_CLUSTER_NETNS" >/dev/null && leftovers+=" netns"
   ip link show node0 >/dev/null 2>&1 && leftovers+=" veth-on-host"
+  # a cluster linked to a peer (FL_CLUSTER_PEER_NETNS): its link end and firewall rules there are gone
+  local peer_link; peer_link="$(awk -F= '$1=="PEER_LINK"{print $2}' "$ROOT/state.env" 2>/dev/null || true)"
+  if [ -n "$peer_link" ] && ip netns list | awk '{print $1}' | grep -cx "$FL_CLUSTER_PEER_NETNS" >/dev/null; then
+    ip -n "$FL_CLUSTER_PEER_NETNS" link show "$peer_link" >/dev/null 2>&1 && leftovers+=" link:$FL_CLUSTER_PEER_NETNS/$peer_link"
+    nsenter --net="/run/netns/$FL_CLUSTER_PEER_NETNS" iptables -w -S INPUT | grep -c "fl-peer $peer_link" >/dev/null &&
+      leftovers+=" iptables:$FL_CLUSTER_PEER_NETNS/$peer_link"
+  fi
   local cg; cg="$(awk -F= '$1=="CGROOT"{print $2}' "$ROOT/state.env" 2>/dev/null || true)"
   if [ -n "$cg" ]; then for m in /sys/fs/cgroup/*; do [ -d "$m$cg" ] && leftovers+=" cgroup:$m$cg"; done; fi
   if [ -n "$leftovers" ]; then log "LEFT BEHIND:$leftovers"; rc=1; else log "clean: no processes, mounts, netns, veth or cgroups left"; fi

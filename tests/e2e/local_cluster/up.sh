@@ -10,6 +10,8 @@
 #   etcd, kube-apiserver (static token auth, Node+RBAC, own CA), kube-controller-manager, kube-scheduler,
 #   containerd (own root/state/socket, runc, cgroupfs, restrict_oom_score_adj), kubelet (cgroupfs,
 #   cgroupRoot below this process's memory cgroup), kube-proxy (iptables), dnsmasq + dns-sync.sh.
+# With FL_CLUSTER_PEER_NETNS (a running cluster's netns): a veth pair into it and /32 routes between the
+# two node addresses only (README.md, "Two clusters").
 # Plus, in the host namespace, a socat on 127.0.0.1:$FL_CLUSTER_API_PORT that forwards (through a unix
 # socket) to the API server, so kubectl/helm/python clients on the host use the kubeconfig directly.
 #
@@ -23,7 +25,7 @@ UP_DEADLINE="${FL_CLUSTER_UP_TIMEOUT:-300}"   # seconds for the start (after any
 
 NODE_IP="$(node_ip)"
 NETNS="$FL_CLUSTER_NETNS"
-CGROOT="$(my_memory_cgroup)"; CGROOT="${CGROOT%/}/fl-local-cluster"
+CGROOT="$(my_memory_cgroup)"; CGROOT="${CGROOT%/}/$FL_CLUSTER_CGROUP"
 
 # ---------------------------------------------------------------------------------------------------------
 # 0. preconditions
@@ -58,6 +60,18 @@ for line in subprocess.run(["ip", "-4", "route", "show", "table", "all"], captur
         if m.overlaps(net):
             print(f"{m} overlaps the route {line!r}", file=sys.stderr); sys.exit(1)
 PY
+if [ -n "$FL_CLUSTER_PEER_NETNS" ]; then
+  PEER_IP="$(node_ip "$FL_CLUSTER_PEER_NODE_CIDR")"
+  ip netns list | awk '{print $1}' | grep -cx "$FL_CLUSTER_PEER_NETNS" >/dev/null ||
+    die "FL_CLUSTER_PEER_NETNS=$FL_CLUSTER_PEER_NETNS: no such network namespace (start that cluster first)"
+  python3 - "$PEER_IP" "$FL_CLUSTER_NODE_CIDR" "$FL_CLUSTER_POD_CIDR" "$FL_CLUSTER_SERVICE_CIDR" <<'PY' || die "FL_CLUSTER_PEER_NODE_CIDR must not overlap this cluster's ranges"
+import ipaddress, sys
+peer = ipaddress.ip_address(sys.argv[1])
+for cidr in sys.argv[2:]:
+    if peer in ipaddress.ip_network(cidr):
+        sys.exit(f"the peer's node address {peer} (FL_CLUSTER_PEER_NODE_CIDR) lies in this cluster's range {cidr}")
+PY
+fi
 if ss -Hltn "sport = :$FL_CLUSTER_API_PORT" | grep -c . >/dev/null; then
   die "127.0.0.1:$FL_CLUSTER_API_PORT is taken on this machine (set FL_CLUSTER_API_PORT)"
 fi
@@ -123,6 +137,22 @@ ip -n "$NETNS" addr add "$NODE_IP/24" dev node0
 ip -n "$NETNS" link set node0 up
 ip -n "$NETNS" link set node0-peer up
 ip -n "$NETNS" route add default dev node0
+# 1b. (FL_CLUSTER_PEER_NETNS) a veth pair to the peer cluster's namespace; each end carries its own node's
+# address (/32: the source of masqueraded pod traffic) and a /32 route to the other node only
+if [ -n "$FL_CLUSTER_PEER_NETNS" ]; then
+  LINK_HERE="$(peer_link_name "$PEER_IP")" LINK_PEER="$(peer_link_name "$NODE_IP")"
+  { echo "PEER_NETNS=$FL_CLUSTER_PEER_NETNS"; echo "PEER_LINK=$LINK_PEER"; } >> "$ROOT/state.env"
+  ip -n "$NETNS" link add "$LINK_HERE" type veth peer name "$LINK_PEER" netns "$FL_CLUSTER_PEER_NETNS"
+  ip -n "$NETNS" addr add "$NODE_IP/32" dev "$LINK_HERE"
+  ip -n "$FL_CLUSTER_PEER_NETNS" addr add "$PEER_IP/32" dev "$LINK_PEER"
+  ip -n "$NETNS" link set "$LINK_HERE" up
+  ip -n "$FL_CLUSTER_PEER_NETNS" link set "$LINK_PEER" up
+  ip -n "$NETNS" route add "$PEER_IP/32" dev "$LINK_HERE" src "$NODE_IP"
+  ip -n "$FL_CLUSTER_PEER_NETNS" route add "$NODE_IP/32" dev "$LINK_PEER" src "$PEER_IP"
+  peer_firewall ADD "$NETNS" "$LINK_HERE"
+  peer_firewall ADD "$FL_CLUSTER_PEER_NETNS" "$LINK_PEER"
+  log "linked to netns $FL_CLUSTER_PEER_NETNS: $LINK_HERE <-> $LINK_PEER, route to $PEER_IP only"
+fi
 # bridged pod traffic must pass through iptables (kube-proxy); per-namespace sysctls only
 nsenter --net="/run/netns/$NETNS" sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward; [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || echo 1 > /proc/sys/net/bridge/bridge-nf-call-iptables'
 

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.timeout(1800)
 # The server's NodePort on A's node: fixed, because the provisioned site values name it before A installs.
 NODE_PORT = 31802
 ADMIN = "fl-admin"  # its Secret is fl-admin-tls, the one Release.admin uses
-# Extra `--set`s for site-2's release in cluster B: the hook for the Kubernetes launcher (h-k8slaunch),
-# e.g. "siteDefaults.launcher=kubernetes"; FL_E2E_SITE_2_SET adds more (space-separated) without an edit.
-SITE_2_SETS: tuple[str, ...] = ()
+# Extra `--set`s for site-2's release in cluster B: site-2 runs its job scripts in pods of their own
+# (the Kubernetes launcher); FL_E2E_SITE_2_SET adds more (space-separated) without an edit.
+SITE_2_SETS: tuple[str, ...] = ("siteDefaults.launcher=kubernetes",)
 
 
 def node_address(c: Cluster) -> str:
@@ -103,6 +103,10 @@ def test_server_and_site_1_in_cluster_a_and_site_2_alone_in_cluster_b_finish_hel
         log = rel.logs(rel.site_pod(site))
         for line in (f"{site}: round 1/2", f"{site}: round 2/2", f"[{site} job={job['job_id'][:8]} round=2/2]"):
             assert line in log, f"{site}'s log (cluster {'B' if rel is b else 'A'}) lacks {line!r}:\n{log[-3000:]}"
+    # site-2's script ran in a job pod of B's (the Kubernetes launcher), deleted when its run ended.
+    site_2_log = b.logs(b.site_pod("site-2"))
+    assert "job pod " in site_2_log and " deleted" in site_2_log, f"site-2 ran no job pod:\n{site_2_log[-3000:]}"
+    assert b.pods("job") == [], "a job pod of site-2 outlived its job"
     # B runs no server, and A's server registered site-2 (from B's node address, through the NodePort).
     assert b.pods("server") == []
     assert sorted(s["name"] for s in a.registered_sites()) == ["site-1", "site-2"]

@@ -45,12 +45,19 @@ class LineChannel:
         self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
+        self._send(message, None)
+
+    def _send(self, message: dict[str, Any], body: Path | None) -> None:
+        """One JSON line, and with ``body`` the file's bytes after it (as one write under the lock)."""
         data = (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode()
         if len(data) > MAX_LINE_BYTES:
             raise ValueError(f"channel message of {len(data)} bytes exceeds {MAX_LINE_BYTES}")
         with self._send_lock:
             try:
                 self.sock.sendall(data)
+                if body is not None:
+                    with body.open("rb") as f:
+                        self.sock.sendfile(f)
             except OSError as exc:
                 raise ChannelClosed(str(exc)) from exc
 
@@ -64,7 +71,7 @@ class LineChannel:
         if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
             raise ValueError("channel message too long or truncated")
         message = json.loads(line)
-        if not isinstance(message, dict) or "op" not in message:
+        if not isinstance(message, dict) or not isinstance(message.get("op"), str):
             raise ValueError("channel messages must be JSON objects with an 'op'")
         return message
 

@@ -296,23 +296,23 @@ class JobRunner:
             self.executor.command, script, self.executor.task_script_args, self.agent.nproc_per_node
         )
         self._distributed = launch.distributed
-        self._command = self._script_command(script, launch)
         env = dict(os.environ)
         env.update(self.start_msg.env)
         for name in ("FL_CHANNEL_FD", "FL_CHANNEL_PATH", "FL_CHANNEL_TOKEN"):
             env.pop(name, None)  # the job's env names no channel: this runner's are the only ones
-        env.update(
-            {
-                "FL_SITE_NAME": self.agent.name,
-                "FL_JOB_ID": self.job_id,
-                "FL_STATE_DIR": str(self.job_dir / "state"),
-                "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
-            }
-        )
+        own = {
+            "FL_SITE_NAME": self.agent.name,
+            "FL_JOB_ID": self.job_id,
+            "FL_STATE_DIR": str(self.job_dir / "state"),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
+        }
+        env.update(own)
         self._env = env
+        # The script's environment beyond the site's own: what a job pod must be given too.
+        self._command = self._script_command(script, launch, [*self.start_msg.env, *own])
 
-    def _script_command(self, script: Path, launch: Launch) -> list[str]:
+    def _script_command(self, script: Path, launch: Launch, env_names: list[str]) -> list[str]:
         """argv of one run: the Kubernetes relay (the script runs in a job pod), a relay to this
         process's fork server where one runs, else the interpreter (or torch.distributed.run)."""
         global _fallback_logged
@@ -323,9 +323,7 @@ class JobRunner:
                     "this site runs job scripts in Kubernetes pods (--launcher kubernetes), which run one process; "
                     "ranks of torch.distributed.run (--nproc-per-node, a torchrun command) are not supported there yet"
                 )
-            return relay_command(
-                self.agent.launcher_config, self.job_dir, self.exchange, list(self.start_msg.env), launch.argv
-            )
+            return relay_command(self.agent.launcher_config, self.job_dir, self.exchange, env_names, launch.argv)
         warm = fork_server.active_socket()
         plain = bool(self.executor.command) or launch.distributed
         if warm is not None and not self.launch_once and not plain:

@@ -65,10 +65,8 @@ FATAL_WAITING = frozenset(
         "CrashLoopBackOff",
     }
 )
-#: Environment the job's script always gets from the runner (besides the job's own variables).
 #: Connections the relay checks for the token at the same time; more are closed at once.
 MAX_PENDING_AUTH = 16
-RUNNER_ENV = ("FL_SITE_NAME", "FL_JOB_ID", "PYTHONUNBUFFERED", "PYTHONPATH")
 
 
 def _say(line: str) -> None:
@@ -422,10 +420,11 @@ def delete_stale_pods(
 def relay_command(
     config_path: Path, job_dir: Path, exchange: Path, env_names: Sequence[str], command: Sequence[str]
 ) -> list[str]:
-    """What the runner starts in place of ``command`` when the site launches jobs on Kubernetes."""
+    """What the runner starts in place of ``command`` when the site launches jobs on Kubernetes;
+    ``env_names``: the variables the script gets beyond the site's own (the job's and the runner's)."""
     args = [sys.executable, "-u", "-m", "fl.site.kube_launch", "--config", str(config_path)]
     args += ["--job-dir", str(job_dir), "--exchange", str(exchange)]
-    for name in sorted({*RUNNER_ENV, *env_names}):
+    for name in sorted(set(env_names)):
         args += ["--pass-env", name]
     return [*args, "--", *command]
 

@@ -9,14 +9,12 @@ not present it within a few seconds is closed.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
-from fl.channel import MAX_LINE_BYTES, ChannelClosed
+from fl.channel import ChannelClosed, LineChannel
 
 __all__ = ["AUTH_TIMEOUT_S", "Wire", "authenticate", "present_token"]
 
@@ -24,43 +22,18 @@ AUTH_TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
 
 
-class Wire:
+class Wire(LineChannel):
     """JSON lines with optional file bodies over a socket; ``send`` is thread-safe, ``recv`` is for one reader."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._reader = sock.makefile("rb", buffering=65536)
-        self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any], body: Path | None = None) -> None:
         """Send ``message``; with ``body``, the file's bytes follow it (its size in ``_size``)."""
         if body is not None:
             message = {**message, "_size": body.stat().st_size}
-        data = (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        if len(data) > MAX_LINE_BYTES:
-            raise ValueError(f"wire message of {len(data)} bytes exceeds {MAX_LINE_BYTES}")
-        with self._send_lock:
-            try:
-                self.sock.sendall(data)
-                if body is not None:
-                    with body.open("rb") as f:
-                        self.sock.sendfile(f)
-            except OSError as exc:
-                raise ChannelClosed(str(exc)) from exc
+        self._send(message, body)
 
     def recv(self) -> dict[str, Any]:
         """The next message (its body, if any, must be read with :meth:`recv_body` before the next one)."""
-        try:
-            line = self._reader.readline(MAX_LINE_BYTES + 1)
-        except OSError as exc:
-            raise ChannelClosed(str(exc)) from exc
-        if not line:
-            raise ChannelClosed("connection closed")
-        if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
-            raise ValueError("wire message too long or truncated")
-        message = json.loads(line)
-        if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-            raise ValueError("wire messages must be JSON objects with an 'op'")
+        message = super().recv()
         size = message.get("_size")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise ValueError(f"wire message body size {size!r} is not a byte count")
@@ -89,12 +62,6 @@ class Wire:
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        try:
-            self._reader.close()
-        finally:
-            self.sock.close()
 
 
 def present_token(wire: Wire, token: str) -> None:

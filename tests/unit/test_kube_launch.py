@@ -152,10 +152,12 @@ def test_a_starting_site_deletes_the_pods_of_its_earlier_life_by_label() -> None
     ]
 
 
-def test_the_relay_command_wraps_the_script_and_passes_the_jobs_env_names(tmp_path: Path) -> None:
-    command = relay_command(tmp_path / "l.json", tmp_path / "job", tmp_path / "ex", ["MY_VAR"], ["python", "s.py"])
+def test_the_relay_command_wraps_the_script_and_passes_the_env_names_it_is_given(tmp_path: Path) -> None:
+    names = ["MY_VAR", "FL_STATE_DIR"]
+    command = relay_command(tmp_path / "l.json", tmp_path / "job", tmp_path / "ex", names, ["python", "s.py"])
     assert command[-3:] == ["--", "python", "s.py"]
-    assert "MY_VAR" in command and "FL_JOB_ID" in command and "fl.site.kube_launch" in command
+    passed = [command[i + 1] for i, arg in enumerate(command) if arg == "--pass-env"]
+    assert sorted(passed) == sorted(names) and "fl.site.kube_launch" in command
 
 
 def test_the_shim_maps_site_paths_to_the_pods_and_back() -> None:

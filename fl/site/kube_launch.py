@@ -70,8 +70,10 @@ MAX_PENDING_AUTH = 16
 
 
 def _say(line: str) -> None:
-    """One line of the relay's own in the script's output (the runner logs and forwards it)."""
-    print(f"kube-launch: {line}", flush=True)
+    """One line of the relay's own in the script's output (the runner logs and forwards it); a runner
+    that is gone (its pipe broken) must not stop the relay from deleting the pod."""
+    with contextlib.suppress(OSError):
+        print(f"kube-launch: {line}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -443,6 +445,8 @@ class Relay:
         self.pod_done = threading.Event()
         self.exit_code: int | None = None
         self.created = False
+        self._deleted = False
+        self._cleanup_lock = threading.Lock()
         self.allowed_results: set[str] = set()
         self._accepted: queue.Queue[Wire] = queue.Queue()
         self._connected = threading.Event()
@@ -473,10 +477,31 @@ class Relay:
         return self._serve(wire)
 
     def cleanup(self) -> None:
-        if self.created:
+        """Delete the pod if it was created (once, from whichever thread comes first)."""
+        with self._cleanup_lock:  # held while deleting: the other caller returns once the pod is gone
+            if not self.created or self._deleted:
+                return
+            self._deleted = True
             with contextlib.suppress(Exception):
                 self.api.delete(self.namespace, self.name)
                 _say(f"job pod {self.name} deleted")
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM/SIGINT/SIGHUP (the job stopped, or the site died) delete the pod at once, whatever the
+        main thread is doing, and end the relaying. The handlers themselves take no lock (a signal that
+        interrupts one taking a lock would deadlock): the signal wakes a thread, which does the work."""
+        wake, woken = os.pipe()
+        os.set_blocking(woken, False)
+        signal.set_wakeup_fd(woken)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: None)
+
+        def on_signal() -> None:
+            os.read(wake, 1)
+            self.stop.set()
+            self.cleanup()
+
+        threading.Thread(target=on_signal, name="fl-kube-signals", daemon=True).start()
 
     def _ask(self) -> str:
         gpus = f"{self.config.gpus} x {self.config.gpu_resource}" if self.config.gpus else "no GPU"
@@ -690,8 +715,7 @@ def main(argv: Sequence[str] | None = None, api: PodApi | None = None) -> int:
         _say(f"cannot start: {exc}")
         return 2
     relay = Relay(config, api, args, LineChannel(socket.socket(fileno=int(fd))))
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: relay.stop.set())
+    relay.stop_on_signals()
     try:
         return relay.run()
     except Exception as exc:

@@ -78,11 +78,13 @@ def test_job_pods_hold_the_gpu_only_while_a_job_trains(release: Release, one_gpu
                         "name": "site-1",
                         "launcher": "kubernetes",
                         "gpus": 1,
-                        "kubernetesLauncher": {"pendingLogSeconds": 5},
+                        "kubernetesLauncher": {"pendingLogSeconds": 1},
                     }
                 ],
                 "server": {"extraArgs": ["--max-running-jobs", "2"]},
-                "job": {"nClients": 1, "numRounds": 3},
+                # The first job holds the GPU long enough for the second's pod to be seen waiting for it
+                # (a quiet machine ran 3 rounds of the default size in 8 s).
+                "job": {"nClients": 1, "numRounds": 3, "trainSize": 2000, "testSize": 200},
             }
         )
     )

@@ -11,8 +11,17 @@ import pytest
 from fl.job import FedJob, ScriptRunner
 from fl.workflows.base import Controller
 from fl.workflows.fedavg import FedAvg
+from tests.integration.federation import Federation
 
 FIXTURES = Path(__file__).parent / "fixture_jobs"
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    """A federation of two sites (site-1, site-2) with TLS, stopped after the test (tests/integration/federation.py)."""
+    fed = Federation(tmp_path, ["site-1", "site-2"])
+    yield fed
+    fed.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,6 @@ from tests.integration.federation import Federation, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 MiB = 2**20
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, ["site-1", "site-2"])
-    yield fed
-    fed.stop()
 
 
 def _server_rss(fed: Federation) -> int:

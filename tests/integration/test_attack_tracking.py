@@ -7,24 +7,15 @@ finishes and the honest values arrive.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from fl.components.tracking import MAX_RECORD_TEXT
 from fl.proto import federation_pb2 as pb
 from tests.integration.adversary import Adversary
-from tests.integration.federation import Federation, wait_for
+from tests.integration.federation import wait_for
 
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, ["site-1", "site-2"])
-    yield fed
-    fed.stop()
 
 
 def test_oversized_params_and_unknown_record_kinds_are_cut_and_dropped_by_the_server(

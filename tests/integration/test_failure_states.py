@@ -85,13 +85,6 @@ class PrivateTmpfs:
 
 
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, ["site-1", "site-2"])
-    yield fed
-    fed.stop()
-
-
-@pytest.fixture
 def server_tmpfs(tmp_path: Path) -> Iterator[PrivateTmpfs]:
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("nsenter")):
         pytest.skip("unshare and nsenter as root are needed to give the server a small tmpfs of its own")

@@ -24,13 +24,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, ["site-1", "site-2"])
-    yield fed
-    fed.stop()
-
-
-@pytest.fixture
 def kube(tmp_path: Path) -> Iterator[FakeKube]:
     fake = FakeKube(tmp_path, gpus=1)
     yield fake

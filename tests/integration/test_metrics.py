@@ -7,13 +7,11 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.federation import Federation, export_hello_pt, free_port, wait_for
+from tests.integration.federation import export_hello_pt, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,13 +32,6 @@ def scrape(port: int) -> Samples:
 def total(samples: Samples, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels``."""
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, ["site-1", "site-2"])
-    yield fed
-    fed.stop()
 
 
 def test_server_and_site_metrics_move_during_a_job(federation, tmp_path):

@@ -131,9 +131,8 @@ def test_processes_a_script_started_end_with_its_job(federation, tmp_path, make_
         _kill([sleeper])
 
 
-@pytest.mark.parametrize("victim", ["driver", "sites host"])
-def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job, tmp_path, victim):
-    """kill -9 of `fl simulate` ends its whole run (sites host and scripts); of the sites host, its scripts."""
+def _simulate_sleeping_scripts(make_job, tmp_path):
+    """`fl simulate` of a 2-site job whose scripts sleep 120 s; the driver and its log file."""
     job = make_job(rounds=2, script_args={s: "--sleep 120" for s in ("site-1", "site-2")})
     folder = job.export_job(tmp_path / "export")
     log = tmp_path / "sim.log"
@@ -142,6 +141,13 @@ def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job
             [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+    return driver, log
+
+
+@pytest.mark.parametrize("victim", ["driver", "sites host"])
+def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job, tmp_path, victim):
+    """kill -9 of `fl simulate` ends its whole run (sites host and scripts); of the sites host, its scripts."""
+    driver, log = _simulate_sleeping_scripts(make_job, tmp_path)
     pids: list[int] = []
     hosts: list[psutil.Process] = []
     try:
@@ -183,14 +189,7 @@ def _gone_after(procs: list[psutil.Process], bound: float = DEATH_BOUND_S) -> li
 def test_kill_9_of_one_sites_host_ends_the_whole_run_driver_included(make_job, tmp_path):
     """The driver sees its sites process die, aborts the job and ends every process of the run (the
     other sites host and its script too) at once, instead of waiting out the round's timeout."""
-    job = make_job(rounds=2, script_args={s: "--sleep 120" for s in ("site-1", "site-2")})
-    folder = job.export_job(tmp_path / "export")
-    log = tmp_path / "sim.log"
-    with open(log, "wb") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "fl", "simulate", str(folder), "-w", str(tmp_path / "ws")],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    driver, log = _simulate_sleeping_scripts(make_job, tmp_path)
     run: list[psutil.Process] = []
     hosts: list[psutil.Process] = []
     try:

@@ -27,6 +27,7 @@ __all__ = [
     "NotUnderAgentError",
     "ParamsType",
     "SiteState",
+    "end_status",
     "get_config",
     "get_job_id",
     "get_site_name",
@@ -59,6 +60,11 @@ def receive(timeout: float | None = None) -> FLModel | None:
 def send(model: FLModel, clear_cache: bool = True) -> bool:
     """Send this task's result to the server; returns whether it was accepted."""
     return _context.send(model, clear_cache)
+
+
+def end_status() -> str | None:
+    """Why the task loop ended: "run_over" when only this run's task is done (per-task runs), else the job's end."""
+    return _context.end_status()
 
 
 def is_running() -> bool:

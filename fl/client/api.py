@@ -55,6 +55,7 @@ class ClientAPI:
         self._task_consumed = False
         self._model: FLModel | None = None  # the current task's model, once received
         self._ended = False
+        self._end_status: str | None = None
         self._rank = 0
         self._state: SiteState | None = None
         self._initialized = False  # init() ran: rank 0 holds the channel, other ranks hold none
@@ -149,12 +150,18 @@ class ClientAPI:
             return True
         if op == "end":
             self._ended = True
+            self._end_status = str(reply.get("status") or "ended")
             self._task = None
             self._model = None
             return False
         if op == "timeout":
             return False
         raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
+
+    def end_status(self) -> str | None:
+        """Why the loop ended: ``"run_over"`` when only this run's task is done (the site starts the script
+        again for its next task, launch_once=False), else the job's own end status; None while it runs."""
+        return self._end_status if self._ended else None
 
     def is_running(self) -> bool:
         """True while the job runs; blocks until the next task arrives or the job ends.

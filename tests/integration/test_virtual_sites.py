@@ -122,9 +122,10 @@ def test_per_task_runs_take_one_task_each_and_train_to_the_launch_once_model(tmp
         site_log = (run_dir(per_task) / "logs" / f"{site}.log").read_text()
         # 2 train tasks and the final validation: three runs of the script, one task each
         assert site_log.count("synthetic data, 16 training") == 3, site_log
-        assert site_log.count("job finished") == 3
+        assert "job finished" not in site_log  # a per-task run ends its own task, not the job (end_status)
         once_log = (run_dir(runs["launch-once"][0]) / "logs" / f"{site}.log").read_text()
         assert once_log.count("synthetic data, 16 training") == 1
+        assert once_log.count("job finished") == 1
         assert (per_task / site / run_dir(per_task).name / "state" / "state.safetensors").is_file()
     versions = [m["model_version"] for m in read_json(run_dir(per_task) / "validation.json")["models"]]
     assert versions == [0, 1, 2]

@@ -221,7 +221,8 @@ def main():
                 meta={"NUM_STEPS_CURRENT_ROUND": steps},
             )
         )
-    print(f"{site_name}: job finished", flush=True)
+    if flare.end_status() != "run_over":  # per-task runs end after each task; only the job's end is news
+        print(f"{site_name}: job finished", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,12 @@
 """NVIDIA FLARE's own hello-pt client script runs on fl with only its imports changed.
 
-The script is read from an NVFlare repository at test time (never copied into this project):
-``FL_NVFLARE_REPO`` names a checkout or git folder; the default is this machine's mirror.
+The script is FLARE's own, unmodified (tests/nvflare_examples.py: a copy kept in tests/data/nvflare, or
+``FL_NVFLARE_REPO``'s); only its import lines are changed here.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,43 +15,19 @@ from fl.job import FedJob, ScriptRunner
 from fl.simulator import simulate
 from fl.workflows.fedavg import FedAvg
 from tests.integration.conftest import run_dir
+from tests.nvflare_examples import example_files, source
 
 EXAMPLE = "examples/hello-world/hello-pt"
-DEFAULT_REPO = "/work/.mirror/NVIDIA+NVFlare/repo"
 IMPORTS = {
     "import nvflare.client as flare": "import fl.client as flare",
     "from nvflare.client.tracking import SummaryWriter": "from fl.client.tracking import SummaryWriter",
 }
 
 
-def _example_files(repo: Path, example: str = EXAMPLE) -> dict[str, str]:
-    """The example's Python files, from a checkout or from a git folder without a work tree."""
-    if (repo / example).is_dir():
-        return {p.name: p.read_text() for p in (repo / example).glob("*.py")}
-    names = subprocess.run(
-        ["git", "--git-dir", str(repo), "ls-tree", "--name-only", f"HEAD:{example}"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    return {
-        name: subprocess.run(
-            ["git", "--git-dir", str(repo), "show", f"HEAD:{example}/{name}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for name in names
-        if name.endswith(".py")
-    }
-
-
 @pytest.mark.timeout(600)
 def test_nvflare_hello_pt_client_runs_with_its_imports_changed(tmp_path, monkeypatch):
-    repo = Path(os.environ.get("FL_NVFLARE_REPO", DEFAULT_REPO))
-    if not repo.exists():
-        pytest.skip(f"no NVFlare repository at {repo} (set FL_NVFLARE_REPO to a checkout of NVIDIA/NVFlare)")
-    files = _example_files(repo)
-    if "client.py" not in files:
-        pytest.skip(f"{repo} has no {EXAMPLE}/client.py")
+    files = example_files(EXAMPLE, recursive=False)
+    assert "client.py" in files, f"{source()} has no {EXAMPLE}/client.py"
     for name, text in files.items():
         if name == "job.py":
             continue  # FLARE's job definition; ours is below

@@ -1,8 +1,8 @@
 """NVIDIA FLARE's own hello-numpy and hello-lightning examples (``job.py`` and its client script) run on fl,
 with ``nvflare`` replaced by ``fl`` in their import lines and nothing else.
 
-The examples are read from an NVFlare repository at test time (FL_NVFLARE_REPO, default this
-machine's mirror); nothing of FLARE is copied into this project. Each ``job.py`` runs as its own
+The examples are FLARE's own, unmodified (tests/nvflare_examples.py: copies kept in tests/data/nvflare,
+or FL_NVFLARE_REPO's). Each ``job.py`` runs as its own
 process (``python job.py ...``, as its README says) with only arguments the example itself offers;
 FL_SIMULATOR_WORKSPACE_ROOT (fl's counterpart of FLARE's NVFLARE_SIMULATOR_WORKSPACE_ROOT) puts
 the simulator's workspace under the test's folder.
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fl.aliases import NVFLARE_ALIASES
-from tests.integration.test_nvflare_client_script import DEFAULT_REPO, _example_files
+from tests.nvflare_examples import example_files, source
 
 HELLO_NUMPY = "examples/hello-world/hello-numpy"
 HELLO_LIGHTNING = "examples/hello-world/hello-lightning"
@@ -72,12 +72,8 @@ def _alias_import(indent: str, module: str, names: str) -> str:
 
 def _port_example(tmp_path: Path, example: str) -> None:
     """The example's files in ``tmp_path``, ``nvflare`` replaced by ``fl`` in their import lines only."""
-    repo = Path(os.environ.get("FL_NVFLARE_REPO", DEFAULT_REPO))
-    if not repo.exists():
-        pytest.skip(f"no NVFlare repository at {repo} (set FL_NVFLARE_REPO to a checkout of NVIDIA/NVFlare)")
-    files = _example_files(repo, example)
-    if "job.py" not in files or "client.py" not in files:
-        pytest.skip(f"{repo} has no {example}/job.py and client.py")
+    files = example_files(example, recursive=False)
+    assert "job.py" in files and "client.py" in files, f"{source()} has no {example}/job.py and client.py"
     for name, text in files.items():
         (tmp_path / name).write_text(_fl_imports(text))
 

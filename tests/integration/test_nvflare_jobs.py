@@ -1,7 +1,7 @@
 """NVIDIA FLARE's own job scripts run on fl with ``nvflare`` replaced by ``fl`` in their import lines.
 
-The scripts are read from an NVFlare repository at test time (never copied into this project):
-``FL_NVFLARE_REPO`` names a checkout or git folder; the default is this machine's mirror. Any other
+The scripts are FLARE's own, unmodified (tests/nvflare_examples.py: copies kept in tests/data/nvflare, or
+``FL_NVFLARE_REPO``'s, at the ref a test names). Any other
 change a test makes to FLARE's files is named where it is made (small offline data, a workspace).
 """
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.integration.federation import Federation, wait_for
-from tests.integration.test_nvflare_client_script import DEFAULT_REPO
+from tests.nvflare_examples import example_files
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO_PT = "examples/hello-world/hello-pt"
@@ -32,30 +32,6 @@ OFFLINE_CIFAR10 = (
     "_datasets.CIFAR10 = lambda root, transform=None, download=False, train=True: _datasets.FakeData(\n"
     "    size=32 if train else 16, image_size=(3, 32, 32), num_classes=10, transform=transform)\n"
 )
-
-
-def _repo() -> Path:
-    repo = Path(os.environ.get("FL_NVFLARE_REPO", DEFAULT_REPO))
-    if not repo.exists():
-        pytest.skip(f"no NVFlare repository at {repo} (set FL_NVFLARE_REPO to a checkout of NVIDIA/NVFlare)")
-    return repo
-
-
-def _files(repo: Path, ref: str, folder: str) -> dict[str, str]:
-    """The Python files under ``folder`` at ``ref`` (a checkout is read as it is), keyed by relative path."""
-    if (repo / folder).is_dir() and not (repo / "HEAD").is_file():
-        return {p.relative_to(repo / folder).as_posix(): p.read_text() for p in (repo / folder).rglob("*.py")}
-    git = ["git", "--git-dir", str(repo)]
-    listed = subprocess.run([*git, "ls-tree", "-r", "--name-only", f"{ref}:{folder}"], capture_output=True, text=True)
-    if listed.returncode:
-        pytest.skip(f"{repo} has no {folder} at {ref}: {listed.stderr.strip()}")
-    return {
-        name: subprocess.run(
-            [*git, "show", f"{ref}:{folder}/{name}"], capture_output=True, text=True, check=True
-        ).stdout
-        for name in listed.stdout.split()
-        if name.endswith(".py")
-    }
 
 
 def _fl_imports(text: str) -> str:
@@ -78,7 +54,7 @@ def _run(script: str, args: list[str], cwd: Path, timeout: float = 900) -> subpr
 
 def _hello_pt_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
     """FLARE's hello-pt client.py and model.py (imports ported) as a small FedAvgRecipe of fl's."""
-    files = _files(_repo(), "main", HELLO_PT)
+    files = example_files(HELLO_PT, "main")
     if "client.py" not in files or "model.py" not in files:
         pytest.skip("this NVFlare has no hello-pt client.py/model.py")
     code = tmp_path / "code"
@@ -101,7 +77,7 @@ def _hello_pt_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str)
 
 @pytest.mark.timeout(1000)
 def test_flare_recipe_hello_pt_job_runs_with_its_imports_changed(tmp_path):
-    files = _files(_repo(), "main", HELLO_PT)
+    files = example_files(HELLO_PT, "main")
     if "job.py" not in files or "FedAvgRecipe" not in files["job.py"]:
         pytest.skip("this NVFlare has no recipe form of hello-pt")
     _write(files, tmp_path)
@@ -115,7 +91,7 @@ def test_flare_recipe_hello_pt_job_runs_with_its_imports_changed(tmp_path):
 
 @pytest.mark.timeout(1000)
 def test_flare_2_5_fedavg_job_script_runs_with_its_imports_changed(tmp_path):
-    files = _files(_repo(), "2.5", HELLO_PT)
+    files = example_files(HELLO_PT, "2.5")
     if "fedavg_script_runner_pt.py" not in files:
         pytest.skip("this NVFlare has no 2.5 hello-pt job script")
     workspace = tmp_path / "workdir"
@@ -238,7 +214,7 @@ def test_poc_daemons_end_when_the_process_that_started_them_is_killed(tmp_path):
 def test_flares_privacy_filter_job_script_runs_its_filter_on_the_sites(tmp_path):
     """FLARE's Job API example with PercentilePrivacy as a site result filter (job.to(..., filter_type=...))."""
     folder = "examples/advanced/job_api/pt"
-    files = _files(_repo(), "main", folder)
+    files = example_files(folder, "main")
     name = "fedavg_script_runner_dp_filter_cifar10.py"
     if name not in files or "FilterType.TASK_RESULT" not in files[name]:
         pytest.skip("this NVFlare has no Job API example with a privacy filter")

@@ -104,6 +104,17 @@ class Cluster:
         return f"{self.image_prefix}{name}", IMAGE_TAG
 
 
+def wait_until(what: str, timeout: float, condition: Any) -> Any:
+    """``condition()``'s first true value, polled every 2 s; an AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def _docker_engine() -> str | None:
     """None if a Docker engine answers, else why not."""
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Cluster
+from tests.e2e.conftest import Cluster, wait_until
 from tests.e2e.test_helm_hello_pt import TERMINAL, Release, release  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(1800)
@@ -53,16 +53,6 @@ def _job_pods(rel: Release) -> list[dict[str, Any]]:
     return pods
 
 
-def _wait(what: str, timeout: float, condition: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _unschedulable(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
     return any(c.get("reason") == "Unschedulable" and f"Insufficient {GPU}" in c.get("message", "") for c in conditions)
@@ -94,7 +84,7 @@ def test_job_pods_hold_the_gpu_only_while_a_job_trains(release: Release, one_gpu
     site_spec = json.loads(release.c.kubectl_run("get", "-n", release.namespace, site_pod, "-o", "json").stdout)
     assert GPU not in json.dumps(site_spec["spec"]["containers"][0]["resources"]), "the site pod itself is light"
 
-    first = _wait(
+    first = wait_until(
         "the first job's pod to run",
         600,
         lambda: [p for p in _job_pods(release) if p["status"].get("phase") == "Running"],
@@ -111,7 +101,7 @@ def test_job_pods_hold_the_gpu_only_while_a_job_trains(release: Release, one_gpu
     submitted = release.admin("submit", "/tmp/second/hello-pt", "--json")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     second_id = json.loads(submitted.stdout)["job_id"]
-    waiting = _wait(
+    waiting = wait_until(
         "the second job's pod to wait for the GPU",
         300,
         lambda: [
@@ -119,14 +109,14 @@ def test_job_pods_hold_the_gpu_only_while_a_job_trains(release: Release, one_gpu
         ],
     )[0]
     assert waiting["metadata"]["labels"]["fl/job"] == second_id[:63]
-    _wait("the site to say why the pod waits", 120, lambda: "still Pending" in release.logs(site_pod))
+    wait_until("the site to say why the pod waits", 120, lambda: "still Pending" in release.logs(site_pod))
 
     release.wait_job(lambda j: j["job_id"] == second_id and j["status"] in TERMINAL, 1200, "the second job to end")
-    jobs = _wait(
+    jobs = wait_until(
         "both jobs to end", 120, lambda: (js := release.jobs()) and all(j["status"] in TERMINAL for j in js) and js
     )
     assert [j["status"] for j in jobs] == ["finished", "finished"], jobs
-    _wait("every job pod to be deleted", 120, lambda: not _job_pods(release))
+    wait_until("every job pod to be deleted", 120, lambda: not _job_pods(release))
     log = release.logs(site_pod)
     assert "site-1: round 3/3" in log and f"job pod {waiting['metadata']['name']} deleted" in log, log[-3000:]
     print(f"[e2e] kubernetes launcher test: {time.monotonic() - started:.0f} s")

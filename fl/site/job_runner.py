@@ -318,12 +318,16 @@ class JobRunner:
         global _fallback_logged
         assert self.executor is not None
         if self.agent.launcher_config is not None:
-            if launch.distributed:
-                raise JobError(
-                    "this site runs job scripts in Kubernetes pods (--launcher kubernetes), which run one process; "
-                    "ranks of torch.distributed.run (--nproc-per-node, a torchrun command) are not supported there yet"
-                )
-            return relay_command(self.agent.launcher_config, self.job_dir, self.exchange, env_names, launch.argv)
+            # The relay is one process on a socketpair; in the pod its shim gives torchrun's rank 0 a socket.
+            self._distributed = False
+            return relay_command(
+                self.agent.launcher_config,
+                self.job_dir,
+                self.exchange,
+                env_names,
+                launch.argv,
+                distributed=launch.distributed,
+            )
         warm = fork_server.active_socket()
         plain = bool(self.executor.command) or launch.distributed
         if warm is not None and not self.launch_once and not plain:

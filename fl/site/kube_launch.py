@@ -420,12 +420,21 @@ def delete_stale_pods(
 
 # ---------------------------------------------------------------------------------------------- the relay
 def relay_command(
-    config_path: Path, job_dir: Path, exchange: Path, env_names: Sequence[str], command: Sequence[str]
+    config_path: Path,
+    job_dir: Path,
+    exchange: Path,
+    env_names: Sequence[str],
+    command: Sequence[str],
+    *,
+    distributed: bool = False,
 ) -> list[str]:
     """What the runner starts in place of ``command`` when the site launches jobs on Kubernetes;
-    ``env_names``: the variables the script gets beyond the site's own (the job's and the runner's)."""
+    ``env_names``: the variables the script gets beyond the site's own (the job's and the runner's);
+    ``distributed``: ``command`` is torch.distributed.run's (its rank 0 connects to the pod's shim)."""
     args = [sys.executable, "-u", "-m", "fl.site.kube_launch", "--config", str(config_path)]
     args += ["--job-dir", str(job_dir), "--exchange", str(exchange)]
+    if distributed:
+        args.append("--distributed")
     for name in sorted(set(env_names)):
         args += ["--pass-env", name]
     return [*args, "--", *command]
@@ -598,6 +607,7 @@ class Relay:
                 "job_dir": str(self.args.job_dir),
                 "exchange": str(self.args.exchange),
                 "python": sys.executable,
+                "distributed": self.args.distributed,
             }
         )
         with tempfile.TemporaryDirectory(prefix="fl-kube-") as tmp:
@@ -692,6 +702,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--job-dir", type=Path, required=True, help="the job's folder on the site")
     parser.add_argument("--exchange", type=Path, required=True, help="the job's exchange folder on the site")
     parser.add_argument("--pass-env", action="append", default=[], help="an environment variable the script gets")
+    parser.add_argument(
+        "--distributed", action="store_true", help="the command is torch.distributed.run's: rank 0 connects by socket"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the script's command")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:

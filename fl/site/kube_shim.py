@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl.channel import ChannelClosed, LineChannel
+from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.process import popen_bound_to_parent
 from fl.server.jobstore import extract_zip
 from fl.site.kube_wire import Wire, present_token
@@ -81,23 +81,35 @@ class Shim:
             env.pop(key, None)
         for key, value in dict(start.get("env") or {}).items():
             env[str(key)] = os.pathsep.join(paths.to_pod(p) for p in str(value).split(os.pathsep))
-        parent, child = socket.socketpair()
-        env["FL_CHANNEL_FD"] = str(child.fileno())
-        self.process = popen_bound_to_parent(
-            command,
-            cwd=paths.to_pod(str(start["job_dir"])),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(child.fileno(),),
-            start_new_session=True,
-        )
-        child.close()
-        script = LineChannel(parent)
+        parent: socket.socket | None = None
+        child: socket.socket | None = None
+        listener: ChannelListener | None = None
+        if start.get("distributed"):  # torchrun's ranks inherit no fd: rank 0 connects to a socket here
+            listener = ChannelListener(self.root)
+            env.update({"FL_CHANNEL_PATH": str(listener.path), "FL_CHANNEL_TOKEN": listener.token})
+        else:
+            parent, child = socket.socketpair()
+            env["FL_CHANNEL_FD"] = str(child.fileno())
+        try:
+            self.process = popen_bound_to_parent(
+                command,
+                cwd=paths.to_pod(str(start["job_dir"])),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child.fileno(),) if child is not None else (),
+                start_new_session=True,
+            )
+        except OSError:
+            if listener is not None:
+                listener.close()
+            raise
+        finally:
+            if child is not None:
+                child.close()
         threading.Thread(target=self._pump_output, daemon=True).start()
-        threading.Thread(target=self._script_to_site, args=(script, paths), daemon=True).start()
-        threading.Thread(target=self._site_to_script, args=(script, paths), daemon=True).start()
+        threading.Thread(target=self._serve_script, args=(parent, listener, paths), daemon=True).start()
         code = self.process.wait()
         self.output_done.wait(10)
         self.stop_script()
@@ -127,10 +139,27 @@ class Shim:
         finally:
             self.output_done.set()
 
-    def _script_to_site(self, script: LineChannel, paths: PathMap) -> None:
+    def _serve_script(self, parent: socket.socket | None, listener: ChannelListener | None, paths: PathMap) -> None:
+        """Relay for the script on its socketpair, or (torchrun ranks) on rank 0's connection to ``listener``."""
+        first: dict[str, Any] | None = None
+        if parent is not None:
+            script = LineChannel(parent)
+        else:
+            assert listener is not None
+            process = self.process
+            accepted = listener.accept(lambda: process is not None and process.poll() is None)
+            if accepted is None:
+                return
+            script, first = accepted
+            first.pop("token", None)  # this pod's secret, not the site's business
+            print(f"fl kube shim: training script connected: rank {first.get('rank')}", flush=True)
+        threading.Thread(target=self._site_to_script, args=(script, paths), daemon=True).start()
+        self._script_to_site(script, paths, first)
+
+    def _script_to_site(self, script: LineChannel, paths: PathMap, first: dict[str, Any] | None = None) -> None:
         try:
             while True:
-                message = script.recv()
+                message, first = (first, None) if first is not None else (script.recv(), None)
                 body = None
                 if message["op"] == "result" and message.get("path"):
                     body = Path(str(message["path"]))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fl.site.kube_launch import LauncherConfig, build_pod
 from tests.integration.fake_kube import FakeKube
@@ -168,3 +169,30 @@ def test_a_site_killed_with_sigkill_leaves_no_running_pod(federation, kube, tmp_
     _running_pod(kube)
     site.kill9()  # no cleanup code runs in the site: the relay's parent-death signal (SIGTERM) does it
     wait_for(lambda: not kube.pods, 60, "the job pod of the killed site to be deleted")
+
+
+def test_a_site_with_two_ranks_runs_them_under_torchrun_in_its_job_pod(federation, kube, tmp_path, monkeypatch):
+    """--nproc-per-node 2 with the Kubernetes launcher: one job pod asking for the site's 2 GPUs runs the script as
+    2 gloo ranks of torch.distributed.run; rank 0 alone talks to the site (through the pod's shim); DDP trains."""
+    from tests.integration.conftest import run_dir
+    from tests.integration.test_multigpu import _ddp_job, _evidence
+
+    fed = federation
+    kube.gpus = 2
+    fed.start_server()
+    site = fed.start_site("site-1", extra=(*_launcher(tmp_path, kube, "site-1", gpus=2), "--nproc-per-node", "2"))
+    fed.wait_sites(["site-1"])
+    evidence = tmp_path / "evidence"
+    job = _ddp_job(monkeypatch, {"site-1": (None, f"--evidence {evidence}")}, rounds=1)
+    info = _submit(fed, job.export_job(tmp_path / "export"))
+    assert info["status"] == "finished", (info, site.log()[-4000:])
+    (pod,) = kube.created
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    rank0, rank1 = _evidence(evidence, "site-1", 0), _evidence(evidence, "site-1", 1)
+    assert [r["round"] for r in rank0] == [0] and [r["round"] for r in rank1] == [0], (rank0, rank1)
+    assert rank0[0]["talks"] and not rank1[0]["talks"]
+    assert rank0[0]["synced"] == rank1[0]["synced"] and rank0[0]["trained"] == rank1[0]["trained"]
+    final = torch.load(run_dir(fed.root) / "FL_global_model.pt", weights_only=True)["model"]["weight"]
+    assert torch.equal(final, torch.full((16,), 0.25))  # w -> 0.5 w + 0.25: both ranks' gradients averaged
+    assert "--nproc_per_node=2" in site.log() and "rank 1 of 2" in site.log()
+    wait_for(lambda: not kube.pods, 30, "the job pod to be deleted")

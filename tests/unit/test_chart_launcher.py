@@ -76,6 +76,8 @@ def test_a_kubernetes_launcher_site_pod_is_light_and_its_job_pods_get_the_gpus(t
     assert "nodeSelector" not in spec and "tolerations" not in spec
     assert spec["automountServiceAccountToken"] is True and spec["serviceAccountName"].endswith("-launcher")
     assert site["args"][site["args"].index("--launcher") + 1] == "kubernetes"
+    # gpus: 2 means 2 ranks of torch.distributed.run per job, run in the job pod that holds the 2 GPUs
+    assert site["args"][site["args"].index("--nproc-per-node") + 1] == "2"
     assert "/data" not in {m["mountPath"] for m in site["volumeMounts"]}
     fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in site["env"] if "valueFrom" in e}
     assert fields == {

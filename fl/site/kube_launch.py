@@ -5,8 +5,10 @@ in place of the script (:func:`relay_command`). This relay creates the job pod (
 request, resources, node selector, tolerations, data volumes, image; labels naming site and job;
 an ownerReference to the site pod), waits until it runs (reporting why it waits, and failing with
 the reason on ImagePullBackOff, CreateContainerConfigError, OOMKilled, or past the schedule
-deadline), then relays: the pod's shim (:mod:`fl.site.kube_shim`) dials back over TCP with a per-job
-secret token (:mod:`fl.site.kube_wire`), and the relay carries the script's LineChannel messages and
+deadline), then relays: the pod's shim (:mod:`fl.site.kube_shim`) dials back over TLS, pinning the
+relay's per-job ephemeral certificate (:mod:`fl.site.kube_tls`), and presents a per-job token
+(:mod:`fl.site.kube_wire`); token and fingerprint reach the pod in a Secret of the job's own, owned
+by its pod (deleted with it), never in the pod's spec. The relay carries the script's LineChannel messages and
 its model/result files between the pod and the runner's socketpair, prints the script's output
 lines, and exits with the script's exit code. The pod is deleted when the relay ends, on SIGTERM
 (the runner stops the job, or the site dies: the runner starts it with SIGTERM as its parent-death
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fl.channel import ChannelClosed, LineChannel
+from fl.site.kube_tls import RelayCertificate
 from fl.site.kube_wire import Wire, authenticate
 
 __all__ = [
@@ -43,8 +46,10 @@ __all__ = [
     "PodApi",
     "PodState",
     "build_pod",
+    "build_secret",
     "delete_stale_pods",
     "main",
+    "owner_reference",
     "pod_state",
     "relay_command",
 ]
@@ -67,6 +72,8 @@ FATAL_WAITING = frozenset(
 )
 #: Connections the relay checks for the token at the same time; more are closed at once.
 MAX_PENDING_AUTH = 16
+#: The job pod's variables that come from the job's Secret, and their keys in it.
+SECRET_KEYS = {"FL_RELAY_TOKEN": "token", "FL_RELAY_CERT_SHA256": "cert-sha256"}
 
 
 def _say(line: str) -> None:
@@ -227,13 +234,17 @@ def build_pod(
     site: str,
     job_id: str,
     relay_address: str,
-    token: str,
+    secret: str,
     owner: Mapping[str, str] | None,
 ) -> dict[str, Any]:
-    """The job pod's manifest: the site's scheduling and resources, the shim as its command, owned by the site pod."""
+    """The job pod's manifest: the site's scheduling and resources, the shim as its command, owned by the site pod;
+    the token and the relay's certificate fingerprint come from the Secret ``secret`` (:func:`build_secret`)."""
     env: list[dict[str, Any]] = [
         {"name": "FL_RELAY_ADDRESS", "value": relay_address},
-        {"name": "FL_RELAY_TOKEN", "value": token},
+        *(
+            {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for variable, key in SECRET_KEYS.items()
+        ),
         {"name": "FL_JOB_ROOT", "value": JOB_ROOT},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -283,6 +294,26 @@ def build_pod(
             {"apiVersion": "v1", "kind": "Pod", "name": owner["name"], "uid": owner["uid"], "blockOwnerDeletion": False}
         ]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def build_secret(
+    config: LauncherConfig, *, name: str, site: str, job_id: str, token: str, sha256: str
+) -> dict[str, Any]:
+    """The job's Secret: the relay's token and its certificate's fingerprint, labelled as the job pod is
+    (:func:`delete_stale_pods` finds it), owned by the pod once that exists (:meth:`PodApi.own_secret`)."""
+    metadata = {
+        "name": name,
+        "labels": {**config.labels, **pod_labels(site, job_id)},
+        "annotations": {"fl/job-id": job_id},
+    }
+    data = {SECRET_KEYS["FL_RELAY_TOKEN"]: token, SECRET_KEYS["FL_RELAY_CERT_SHA256"]: sha256}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": metadata, "stringData": data}
+
+
+def owner_reference(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to ``pod`` (the API's JSON): what is owned goes when the pod goes."""
+    meta = pod["metadata"]
+    return {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"], "blockOwnerDeletion": False}
 
 
 # ---------------------------------------------------------------------------------------------- pod status
@@ -342,11 +373,15 @@ def _reason(obj: Mapping[str, Any]) -> str:
 class PodApi(Protocol):
     """The few pod operations the launcher needs, on dicts (the API's JSON)."""
 
-    def create(self, namespace: str, body: dict[str, Any]) -> None: ...
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
     def read(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete(self, namespace: str, name: str) -> None: ...
     def list(self, namespace: str, selector: str) -> list[dict[str, Any]]: ...
     def log_tail(self, namespace: str, name: str, lines: int) -> str: ...
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> None: ...
+    def own_secret(self, namespace: str, name: str, owner: dict[str, Any]) -> None: ...
+    def delete_secret(self, namespace: str, name: str) -> None: ...
+    def delete_secrets(self, namespace: str, selector: str) -> None: ...
 
 
 class KubePodApi:
@@ -367,8 +402,8 @@ class KubePodApi:
         data: dict[str, Any] = self._api.api_client.sanitize_for_serialization(obj)
         return data
 
-    def create(self, namespace: str, body: dict[str, Any]) -> None:
-        self._api.create_namespaced_pod(namespace, body)  # type: ignore[arg-type]  # a dict body is accepted
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self._api.create_namespaced_pod(namespace, body))  # type: ignore[arg-type]  # a dict is accepted
 
     def read(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -395,6 +430,25 @@ class KubePodApi:
         except self._exception:
             return ""
 
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        self._api.create_namespaced_secret(namespace, body)  # type: ignore[arg-type]  # a dict is accepted
+
+    def own_secret(self, namespace: str, name: str, owner: dict[str, Any]) -> None:
+        # a JSON patch (a list body) sets the one owner; a merge patch would add it to any other
+        patch = [{"op": "add", "path": "/metadata/ownerReferences", "value": [owner]}]
+        self._api.patch_namespaced_secret(name, namespace, patch)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            self._api.delete_namespaced_secret(name, namespace)
+        except self._exception as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+
+    def delete_secrets(self, namespace: str, selector: str) -> None:
+        # deletecollection, not list: the site's Role must not let it read the namespace's other Secrets
+        self._api.delete_collection_namespaced_secret(namespace, label_selector=selector)
+
 
 def delete_stale_pods(
     api: PodApi,
@@ -404,17 +458,19 @@ def delete_stale_pods(
     labels: Mapping[str, str] | None = None,
     log: Callable[[str], None] = _say,
 ) -> int:
-    """Delete every job pod this site's earlier life left; how many. Called when a site starts.
+    """Delete every job pod (and job Secret) this site's earlier life left; how many pods. Called when a site starts.
 
     Selected by the site's labels and the config's (the chart's release labels), so that a site of
-    the same name in another release in the namespace keeps its pods.
+    the same name in another release in the namespace keeps its pods. A Secret goes with its pod;
+    one whose pod was never created (the relay died in between) is deleted here.
     """
-    selector = {**(labels or {}), **pod_labels(site)}
-    pods = api.list(namespace, ",".join(f"{k}={v}" for k, v in sorted(selector.items())))
+    selector = ",".join(f"{k}={v}" for k, v in sorted({**(labels or {}), **pod_labels(site)}.items()))
+    pods = api.list(namespace, selector)
     for pod in pods:
         name = pod["metadata"]["name"]
         log(f"deleting job pod {name} left by an earlier run of site {site}")
         api.delete(namespace, name)
+    api.delete_secrets(namespace, selector)
     return len(pods)
 
 
@@ -450,6 +506,9 @@ class Relay:
         self.namespace = config.resolved_namespace()
         self.name = pod_name(self.site, self.job_id)
         self.token = secrets.token_urlsafe(32)
+        self.certificate = RelayCertificate.generate()
+        self._tls = self.certificate.server_context()
+        self.secret_created = False
         self.stop = threading.Event()
         self.pod_done = threading.Event()
         self.exit_code: int | None = None
@@ -467,17 +526,14 @@ class Relay:
         host = os.environ.get("FL_POD_IP") or "127.0.0.1"
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         owner = {"name": os.environ.get("FL_POD_NAME", ""), "uid": os.environ.get("FL_POD_UID", "")}
-        body = build_pod(
-            self.config,
-            name=self.name,
-            site=self.site,
-            job_id=self.job_id,
-            relay_address=f"{host}:{port}",
-            token=self.token,
-            owner=owner,
-        )
-        self.api.create(self.namespace, body)
+        where = {"name": self.name, "site": self.site, "job_id": self.job_id}
+        secret = build_secret(self.config, **where, token=self.token, sha256=self.certificate.sha256)
+        body = build_pod(self.config, **where, relay_address=f"{host}:{port}", secret=self.name, owner=owner)
+        self.secret_created = True  # before the call: a Secret created by a call that then failed is deleted too
+        self.api.create_secret(self.namespace, secret)
         self.created = True
+        pod = self.api.create(self.namespace, body)
+        self.api.own_secret(self.namespace, self.name, owner_reference(pod))
         _say(f"job pod {self.name} created in namespace {self.namespace} ({self._ask()}); waiting for it to run")
         wire = self._wait_for_pod()
         listener.close()
@@ -488,12 +544,15 @@ class Relay:
     def cleanup(self) -> None:
         """Delete the pod if it was created (once, from whichever thread comes first)."""
         with self._cleanup_lock:  # held while deleting: the other caller returns once the pod is gone
-            if not self.created or self._deleted:
+            if not self.secret_created or self._deleted:
                 return
             self._deleted = True
-            with contextlib.suppress(Exception):
-                self.api.delete(self.namespace, self.name)
-                _say(f"job pod {self.name} deleted")
+            if self.created:
+                with contextlib.suppress(Exception):
+                    self.api.delete(self.namespace, self.name)
+                    _say(f"job pod {self.name} deleted")
+            with contextlib.suppress(Exception):  # the garbage collector deletes it with the pod; not waiting for it
+                self.api.delete_secret(self.namespace, self.name)
 
     def stop_on_signals(self) -> None:
         """SIGTERM/SIGINT/SIGHUP (the job stopped, or the site died) delete the pod at once, whatever the
@@ -532,11 +591,11 @@ class Relay:
 
     def _check(self, sock: socket.socket, peer: str, pending: threading.BoundedSemaphore) -> None:
         try:
-            wire = authenticate(sock, self.token)
+            wire, why = authenticate(sock, self.token, self._tls)
         finally:
             pending.release()
         if wire is None:
-            _say(f"refused a connection from {peer} without the job's token")
+            _say(f"refused a connection from {peer}: {why}")
         elif self._connected.is_set():
             wire.close()  # the token is for one connection
         else:

@@ -1,7 +1,9 @@
 """The job pod's side of the Kubernetes launcher: dial the site's relay, run the job's script, relay for it.
 
 The pod cannot share the site's socketpair or its exchange folder, so this shim stands in for the
-site: it connects to ``FL_RELAY_ADDRESS`` with ``FL_RELAY_TOKEN`` (:mod:`fl.site.kube_wire`),
+site: it connects to ``FL_RELAY_ADDRESS`` over TLS, accepting only the certificate whose SHA-256 is
+``FL_RELAY_CERT_SHA256`` (:mod:`fl.site.kube_tls`), presents ``FL_RELAY_TOKEN`` (:mod:`fl.site.kube_wire`;
+both variables come from the job's Secret),
 receives the script's command, environment and the job's app, unpacks the app under
 ``FL_JOB_ROOT`` (checked like any job archive), starts the script with a socketpair of its own, and
 carries its LineChannel messages and model/result files over the connection, with the site's paths
@@ -25,6 +27,7 @@ from typing import Any
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.process import popen_bound_to_parent
 from fl.server.jobstore import extract_zip
+from fl.site.kube_tls import RelayRefused, dial
 from fl.site.kube_wire import Wire, present_token
 
 __all__ = ["PathMap", "main"]
@@ -65,7 +68,12 @@ class Shim:
         self.output_done = threading.Event()
 
     def run(self) -> int:
-        start = self.wire.recv()
+        try:
+            start = self.wire.recv()
+        except ChannelClosed:
+            raise RelayRefused("the relay closed the connection before starting the job (refused this pod?)") from None
+        if start["op"] == "_refused":
+            raise RelayRefused(str(start.get("message") or "the relay refused this pod"))
         if start["op"] != "_start":
             raise ValueError(f"expected _start from the relay, got {start['op']!r}")
         paths = PathMap(start, self.root)
@@ -77,7 +85,7 @@ class Shim:
         Path(paths.to_pod(str(start["exchange"]))).mkdir(parents=True, exist_ok=True)
         command = [paths.to_pod(str(a)) for a in start["command"]]
         env = dict(os.environ)
-        for key in ("FL_RELAY_TOKEN", "FL_RELAY_ADDRESS"):
+        for key in ("FL_RELAY_TOKEN", "FL_RELAY_ADDRESS", "FL_RELAY_CERT_SHA256"):
             env.pop(key, None)
         for key, value in dict(start.get("env") or {}).items():
             env[str(key)] = os.pathsep.join(paths.to_pod(p) for p in str(value).split(os.pathsep))
@@ -191,19 +199,28 @@ class Shim:
 def main() -> int:
     """Connect to the relay named in the environment and run the job's script; its exit code."""
     address, token = os.environ.get("FL_RELAY_ADDRESS", ""), os.environ.get("FL_RELAY_TOKEN", "")
+    pinned = os.environ.get("FL_RELAY_CERT_SHA256", "")
     root = Path(os.environ.get("FL_JOB_ROOT") or "/fl-job")
-    if not address or not token:
-        print("fl kube shim: FL_RELAY_ADDRESS and FL_RELAY_TOKEN must be set (this runs in a job pod)", flush=True)
+    if not address or not token or not pinned:
+        print(
+            "fl kube shim: FL_RELAY_ADDRESS, FL_RELAY_TOKEN and FL_RELAY_CERT_SHA256 must be set "
+            "(this runs in a job pod, with its job's Secret)",
+            flush=True,
+        )
         return 2
-    host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=60)
-    sock.settimeout(None)
-    wire = Wire(sock)
+    try:
+        wire = Wire(dial(address, pinned))
+    except (RelayRefused, OSError) as exc:
+        print(f"fl kube shim: {exc}", flush=True)
+        return 1
     present_token(wire, token)
     shim = Shim(wire, root)
     signal.signal(signal.SIGTERM, lambda *_: shim.stop_script())
     try:
         return shim.run()
+    except RelayRefused as exc:
+        print(f"fl kube shim: {exc}", flush=True)
+        return 1
     except (ChannelClosed, ValueError, OSError) as exc:
         print(f"fl kube shim: {type(exc).__name__}: {exc}", flush=True)
         shim.stop_script()

@@ -6,6 +6,7 @@ file relay between the site and its "pod" are tested for real; no cluster is nee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -17,7 +18,10 @@ from typing import Any
 import pytest
 import torch
 
-from fl.site.kube_launch import LauncherConfig, build_pod
+from fl.channel import ChannelClosed
+from fl.site.kube_launch import LauncherConfig, build_pod, build_secret
+from fl.site.kube_tls import dial
+from fl.site.kube_wire import Wire, present_token
 from tests.integration.fake_kube import FakeKube
 from tests.integration.federation import REPO, Federation, export_hello_pt, wait_for
 
@@ -65,19 +69,32 @@ def test_hello_pt_trains_in_job_pods_that_are_deleted_after_the_job(federation, 
     fed = federation
     stale = build_pod(
         LauncherConfig(image="old"), name="fl-job-site-1-old", site="site-1", job_id="old", relay_address="x:1",
-        token="t", owner=None,
+        secret="fl-job-site-1-old", owner=None,
     )  # fmt: skip
     kube.add_stale_pod(stale)
+    orphan = build_secret(LauncherConfig(image="old"), name="fl-job-site-1-gone", site="site-1", job_id="gone",
+                          token="t", sha256="0" * 64)  # fmt: skip
+    kube.secrets["fl-job-site-1-gone"] = orphan  # its relay died before creating its pod
     fed.start_server()
     sites = [fed.start_site(n, extra=_launcher(tmp_path, kube, n, gpus=0)) for n in ("site-1", "site-2")]
     fed.wait_sites(["site-1", "site-2"])
     assert "fl-job-site-1-old" not in kube.pods, "a site that starts deletes the pods its earlier life left"
+    assert "fl-job-site-1-gone" not in kube.secrets, "and the Secrets"
 
     info = _submit(fed, export_hello_pt(tmp_path / "export"))
     assert info["status"] == "finished", info
     created = {p["metadata"]["labels"]["fl/site"] for p in kube.created}
     assert created == {"site-1", "site-2"}
     wait_for(lambda: not kube.pods, 30, "the job pods to be deleted")
+    assert not kube.secrets, "the job Secrets go with their pods"
+    for pod in kube.created:  # the token is in the job's Secret, not in the pod's spec
+        env = pod["spec"]["containers"][0]["env"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+        assert refs == {
+            "FL_RELAY_TOKEN": {"name": pod["metadata"]["name"], "key": "token"},
+            "FL_RELAY_CERT_SHA256": {"name": pod["metadata"]["name"], "key": "cert-sha256"},
+        }
+        assert "TOKEN" not in json.dumps([e for e in env if "value" in e])
     logs = fed.fl("logs", info["job_id"], "--site", "site-1")
     assert "round 2 epoch 2/2" in logs.stdout, logs.stdout[-2000:]
     assert "job pod" in sites[0].log() and "connected" in sites[0].log()
@@ -114,7 +131,7 @@ def test_a_pod_waiting_for_a_busy_gpu_fails_after_the_schedule_deadline_saying_w
     wait_for(lambda: not kube.pods, 30, "the pending job pod to be deleted")
 
 
-def test_the_relay_refuses_a_connection_without_the_jobs_token(federation, kube, tmp_path):
+def test_the_relay_refuses_a_plain_connection_and_a_wrong_token_and_says_so(federation, kube, tmp_path):
     fed = federation
     kube.gpus = 0  # keep the pod Pending: only our connection reaches the relay
     fed.start_server()
@@ -124,13 +141,27 @@ def test_the_relay_refuses_a_connection_without_the_jobs_token(federation, kube,
     proc = fed.fl("submit", str(job), "--json")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: kube.created, 60, "the job pod to be created")
-    env = {e["name"]: e["value"] for e in kube.created[0]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in kube.created[0]["spec"]["containers"][0]["env"]}
+    pinned = kube.secrets[kube.created[0]["metadata"]["name"]]["stringData"]["cert-sha256"]
     host, _, port = env["FL_RELAY_ADDRESS"].rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # no TLS: closed at the handshake
         sock.sendall(b'{"op":"_auth","token":"guessed"}\n')
         sock.settimeout(15)
-        assert sock.recv(1) == b"", "the relay must close a connection with the wrong token"
-    wait_for(lambda: "refused a connection" in site.log(), 30, "the relay to log the refusal")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # closed, or reset with our bytes unread
+            answer = b"".join(iter(lambda: sock.recv(1024), b""))
+        assert b"op" not in answer, answer  # at most a TLS alert, never a line of the wire
+    wait_for(lambda: "no TLS handshake" in site.log(), 30, "the relay to log the plain connection's refusal")
+    wire = Wire(dial(env["FL_RELAY_ADDRESS"], pinned, timeout=10))  # the right relay, the wrong token
+    present_token(wire, "guessed")
+    assert wire.recv() == {
+        "op": "_refused",
+        "message": "the relay refused this pod: a wrong token (not this job's pod?)",
+    }
+    with pytest.raises(ChannelClosed):
+        wire.recv()
+    wire.close()
+    wait_for(lambda: "a wrong token" in site.log(), 30, "the relay to log the refusal")
     kube.gpus = 1  # the right pod may now run and connect
     job_id = json.loads(proc.stdout)["job_id"]
     wait_for(lambda: fed.job(job_id).get("status") in ("finished", "failed"), 400, "the job to end")

@@ -5,14 +5,16 @@ in place of the script (:func:`relay_command`). This relay creates the job pod (
 request, resources, node selector, tolerations, data volumes, image; labels naming site and job;
 an ownerReference to the site pod), waits until it runs (reporting why it waits, and failing with
 the reason on ImagePullBackOff, CreateContainerConfigError, OOMKilled, or past the schedule
-deadline), then relays: the pod's shim (:mod:`fl.site.kube_shim`) dials back over TLS, pinning the
-relay's per-job ephemeral certificate (:mod:`fl.site.kube_tls`), and presents a per-job token
+deadline), then relays: the pod's shim (:mod:`fl.site.kube_shim`) dials back over TLS, pinning
+the relay's per-job ephemeral certificate (:mod:`fl.site.kube_tls`), and presents a per-job token
 (:mod:`fl.site.kube_wire`); token and fingerprint reach the pod in a Secret of the job's own, owned
-by its pod (deleted with it), never in the pod's spec. The relay carries the script's LineChannel messages and
-its model/result files between the pod and the runner's socketpair, prints the script's output
-lines, and exits with the script's exit code. The pod is deleted when the relay ends, on SIGTERM
-(the runner stops the job, or the site dies: the runner starts it with SIGTERM as its parent-death
-signal), and a site that starts deletes what its previous life left (:func:`delete_stale_pods`).
+by its pod (deleted with it), never in the pod's spec. The relay carries the script's LineChannel
+messages and its model/result files between the pod and the runner's socketpair, prints the
+script's output lines, relays the job's state folder (``FL_STATE_DIR``, ``flare.get_state()``) to
+the pod at the start and back at the end (a zip, bounded by ``maxStateBytes``), and exits with the
+script's exit code. The pod is deleted when the relay ends, on SIGTERM (the runner stops the job,
+or the site dies: the runner starts it with SIGTERM as its parent-death signal), and a site that
+starts deletes what its previous life left (:func:`delete_stale_pods`).
 """
 
 from __future__ import annotations
@@ -24,21 +26,22 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from fl.channel import ChannelClosed, LineChannel
+from fl.server.jobstore import JobError, extract_zip
 from fl.site.kube_tls import RelayCertificate
-from fl.site.kube_wire import Wire, authenticate
+from fl.site.kube_wire import Wire, authenticate, zip_folder
 
 __all__ = [
     "JOB_ROOT",
@@ -113,6 +116,8 @@ class LauncherConfig:
     pending_log_s: float = 60.0
     connect_timeout_s: float = 300.0
     max_file_bytes: int = 64 * 2**30
+    #: The job's state folder (flare.get_state()) each way: the store's own 1 GiB of tensors, and room for its JSON.
+    max_state_bytes: int = 2**30 + 64 * 2**20
     kubeconfig: str = ""
 
     _KEYS = {
@@ -141,6 +146,7 @@ class LauncherConfig:
         "pendingLogSeconds": "pending_log_s",
         "connectTimeoutSeconds": "connect_timeout_s",
         "maxFileBytes": "max_file_bytes",
+        "maxStateBytes": "max_state_bytes",
         "kubeconfig": "kubeconfig",
     }
 
@@ -512,6 +518,8 @@ class Relay:
         self.stop = threading.Event()
         self.pod_done = threading.Event()
         self.exit_code: int | None = None
+        #: Set when the pod's state could not be kept (too large, a bad archive): the run fails, saying so.
+        self.state_failed = False
         self.created = False
         self._deleted = False
         self._cleanup_lock = threading.Lock()
@@ -667,12 +675,24 @@ class Relay:
                 "exchange": str(self.args.exchange),
                 "python": sys.executable,
                 "distributed": self.args.distributed,
+                "state_dir": os.environ.get("FL_STATE_DIR", ""),
+                "state_limit": self.config.max_state_bytes,
             }
         )
         with tempfile.TemporaryDirectory(prefix="fl-kube-") as tmp:
             archive = Path(tmp) / "app.zip"
-            _zip_folder(self.args.job_dir / "app", archive)
+            zip_folder(self.args.job_dir / "app", archive)
             wire.send({"op": "_app"}, archive)
+            state_zip = Path(tmp) / "state.zip"
+            folder = self._state_dir()
+            if folder is not None and folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
+                zip_folder(folder, state_zip, compress=False)
+                if state_zip.stat().st_size > self.config.max_state_bytes:
+                    return self._fail(
+                        f"the job's state on this site ({state_zip.stat().st_size} bytes) exceeds maxStateBytes "
+                        f"({self.config.max_state_bytes}): raise it in the launcher config"
+                    )
+            wire.send({"op": "_state"}, state_zip if state_zip.exists() else None)
         threading.Thread(target=self._pod_to_runner, args=(wire,), daemon=True).start()
         threading.Thread(target=self._runner_to_pod, args=(wire,), daemon=True).start()
         checked = time.monotonic()
@@ -689,6 +709,9 @@ class Relay:
 
     def _final_code(self) -> int:
         """The script's exit code; when it failed or the pod died without saying, the reason from the pod's status."""
+        if self.exit_code == 0 and self.state_failed:
+            _say("the script succeeded but its state (flare.get_state()) could not be kept: failing this run")
+            return 1
         if self.exit_code == 0:
             return 0
         deadline = time.monotonic() + 15
@@ -712,6 +735,8 @@ class Relay:
                 elif op == "_exit":
                     self.exit_code = int(message.get("code", 1))
                     return
+                elif op == "_state":
+                    self._receive_state(wire, message)
                 elif op == "result" and "_size" in message:
                     path = str(message.get("path") or "")
                     if path not in self.allowed_results:
@@ -733,6 +758,42 @@ class Relay:
         finally:
             self.pod_done.set()
 
+    def _state_dir(self) -> Path | None:
+        folder = os.environ.get("FL_STATE_DIR")
+        return Path(folder) if folder else None
+
+    def _receive_state(self, wire: Wire, message: dict[str, Any]) -> None:
+        """The pod's state folder at the end of its run replaces the site's (unpacked with the job-archive
+        checks beside it first, then swapped in by renames: a failure keeps the previous state)."""
+        folder = self._state_dir()
+        if message.get("error"):
+            _say(str(message["error"]))
+            self.state_failed = True
+        if "_size" not in message:
+            return
+        if folder is None:
+            wire.recv_body(message, None, limit=self.config.max_state_bytes)
+            return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        archive, staging = folder.with_name(f".{folder.name}.zip"), folder.with_name(f".{folder.name}.incoming")
+        previous = folder.with_name(f".{folder.name}.previous")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            wire.recv_body(message, archive, limit=self.config.max_state_bytes)
+            extract_zip(archive, staging, max_bytes=self.config.max_state_bytes)
+        except JobError as exc:
+            _say(f"the job pod's state was not kept: {exc}")
+            self.state_failed = True
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        finally:
+            archive.unlink(missing_ok=True)
+        shutil.rmtree(previous, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, previous)
+        os.replace(staging, folder)
+        shutil.rmtree(previous, ignore_errors=True)
+
     def _runner_to_pod(self, wire: Wire) -> None:
         try:
             while True:
@@ -745,14 +806,6 @@ class Relay:
                 wire.send(message, body)
         except (ChannelClosed, ValueError, OSError):
             pass
-
-
-def _zip_folder(folder: Path, archive: Path) -> None:
-    """The job's app folder as a zip (what the pod unpacks with the same checks as a job archive)."""
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                zf.write(path, path.relative_to(folder).as_posix())
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:

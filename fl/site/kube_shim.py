@@ -28,7 +28,7 @@ from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.process import popen_bound_to_parent
 from fl.server.jobstore import extract_zip
 from fl.site.kube_tls import RelayRefused, dial
-from fl.site.kube_wire import Wire, present_token
+from fl.site.kube_wire import Wire, present_token, zip_folder
 
 __all__ = ["PathMap", "main"]
 
@@ -65,6 +65,9 @@ class Shim:
         self.wire = wire
         self.root = root
         self.process: subprocess.Popen[bytes] | None = None
+        #: This pod's copy of the job's state folder (flare.get_state()), relayed back at the end; its size limit.
+        self.state_dir: Path | None = None
+        self.state_limit = 0
         self.output_done = threading.Event()
 
     def run(self) -> int:
@@ -82,6 +85,7 @@ class Shim:
         self.wire.recv_body(app, archive, limit=MAX_FILE_BYTES)
         extract_zip(archive, Path(paths.to_pod(str(Path(start["job_dir"]) / "app"))))
         archive.unlink()
+        self._receive_state(start, paths)
         Path(paths.to_pod(str(start["exchange"]))).mkdir(parents=True, exist_ok=True)
         command = [paths.to_pod(str(a)) for a in start["command"]]
         env = dict(os.environ)
@@ -121,8 +125,44 @@ class Shim:
         code = self.process.wait()
         self.output_done.wait(10)
         self.stop_script()
+        self._send_state()
         self.wire.send({"op": "_exit", "code": code if code >= 0 else 128 - code})
         return code if code >= 0 else 128 - code
+
+    def _receive_state(self, start: Mapping[str, Any], paths: PathMap) -> None:
+        """The site's state folder for this job, unpacked where the script's FL_STATE_DIR points in this pod."""
+        message = self.wire.recv()
+        if message["op"] != "_state":
+            raise ValueError(f"expected _state from the relay, got {message['op']!r}")
+        self.state_limit = int(start.get("state_limit") or 0)
+        self.state_dir = Path(paths.to_pod(str(start["state_dir"]))) if start.get("state_dir") else None
+        if "_size" not in message:
+            return
+        archive = self.root / "state.zip"
+        self.wire.recv_body(message, archive if self.state_dir else None, limit=self.state_limit)
+        if self.state_dir is not None:
+            extract_zip(archive, self.state_dir, max_bytes=self.state_limit)
+            archive.unlink()
+
+    def _send_state(self) -> None:
+        """This pod's state folder back to the site (none: nothing to keep), or why it cannot go."""
+        folder = self.state_dir
+        if folder is None or not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+            self.wire.send({"op": "_state"})
+            return
+        archive = self.root / "state-out.zip"
+        zip_folder(folder, archive, compress=False)
+        size = archive.stat().st_size
+        if size > self.state_limit:
+            error = (
+                f"the job pod's state (flare.get_state(), {size} bytes zipped) exceeds the site's maxStateBytes "
+                f"({self.state_limit}): not kept"
+            )
+            print(f"fl kube shim: {error}", flush=True)
+            self.wire.send({"op": "_state", "error": error})
+        else:
+            self.wire.send({"op": "_state"}, archive)
+        archive.unlink()
 
     def stop_script(self) -> None:
         """SIGTERM, then SIGKILL, to the script's process group (what it started too)."""

@@ -13,12 +13,13 @@ import hmac
 import os
 import socket
 import ssl
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from fl.channel import ChannelClosed, LineChannel
 
-__all__ = ["AUTH_TIMEOUT_S", "Wire", "authenticate", "present_token"]
+__all__ = ["AUTH_TIMEOUT_S", "Wire", "authenticate", "present_token", "zip_folder"]
 
 AUTH_TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
@@ -64,6 +65,16 @@ class Wire(LineChannel):
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+
+
+def zip_folder(folder: Path, archive: Path, *, compress: bool = True) -> None:
+    """``folder``'s regular files as a zip (unpacked on the other side with the job-archive checks);
+    ``compress=False`` stores them as they are (tensors barely compress)."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(archive, "w", method) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                zf.write(path, path.relative_to(folder).as_posix())
 
 
 def present_token(wire: Wire, token: str) -> None:

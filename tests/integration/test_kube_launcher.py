@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -19,9 +20,13 @@ import pytest
 import torch
 
 from fl.channel import ChannelClosed
+from fl.client.state import SiteState
+from fl.job import FedJob, ScriptRunner
 from fl.site.kube_launch import LauncherConfig, build_pod, build_secret
 from fl.site.kube_tls import dial
 from fl.site.kube_wire import Wire, present_token
+from fl.workflows.fedavg import FedAvg
+from tests.integration.conftest import FIXTURES
 from tests.integration.fake_kube import FakeKube
 from tests.integration.federation import REPO, Federation, export_hello_pt, wait_for
 
@@ -227,3 +232,44 @@ def test_a_site_with_two_ranks_runs_them_under_torchrun_in_its_job_pod(federatio
     assert torch.equal(final, torch.full((16,), 0.25))  # w -> 0.5 w + 0.25: both ranks' gradients averaged
     assert "--nproc_per_node=2" in site.log() and "rank 1 of 2" in site.log()
     wait_for(lambda: not kube.pods, 30, "the job pod to be deleted")
+
+
+def _counting_job(monkeypatch: pytest.MonkeyPatch, rounds: int, script_args: str) -> FedJob:
+    """plus_one.py for site-1 alone, one pod per task (launch_once=False), counting its rounds in flare.get_state()."""
+    monkeypatch.chdir(FIXTURES)
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    from src.models import FlatModel
+
+    job = FedJob(name="state", min_clients=1)
+    job.to(FedAvg(num_clients=1, num_rounds=rounds, round_timeout=300), "server")
+    job.to(FlatModel(4), "server")
+    job.to(ScriptRunner(script="src/plus_one.py", script_args=script_args, framework="numpy", launch_once=False),
+           "site-1")  # fmt: skip
+    return job
+
+
+def test_the_state_store_travels_to_each_pod_and_back(federation, kube, tmp_path, monkeypatch):
+    """Per-task runs in pods of their own: what a run left in flare.get_state() is what the next pod's run finds."""
+    fed = federation
+    fed.start_server()
+    site = fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1", gpus=0))
+    fed.wait_sites(["site-1"])
+    job = _counting_job(monkeypatch, 3, "--count-runs --state-bytes 4096")
+    info = _submit(fed, job.export_job(tmp_path / "export"))
+    assert info["status"] == "finished", (info, site.log()[-3000:])
+    assert len(kube.created) == 3, "one pod per task"
+    assert re.findall(r"state says round (\d) of this site", site.log()) == ["1", "2", "3"], site.log()[-3000:]
+    state = SiteState(fed.root / "site-1" / info["job_id"] / "state")
+    assert state["rounds"] == 3 and state["ballast"].nbytes == 4096  # the site holds the last pod's state
+
+
+def test_a_state_over_the_limit_fails_the_run_saying_so(federation, kube, tmp_path, monkeypatch):
+    fed = federation
+    fed.start_server()
+    fed.start_site("site-1", extra=_launcher(tmp_path, kube, "site-1", gpus=0, maxStateBytes=50_000))
+    fed.wait_sites(["site-1"])
+    info = _submit(fed, _counting_job(monkeypatch, 2, "--count-runs --state-bytes 100000").export_job(tmp_path / "x"))
+    assert info["status"] == "failed", info
+    logs = fed.fl("logs", info["job_id"], "--site", "site-1").stdout
+    assert "exceeds the site's maxStateBytes (50000): not kept" in logs, logs[-3000:]
+    assert "could not be kept" in logs

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
-from fl.process import popen_bound_to_parent
 from fl.server.jobstore import extract_zip
 from fl.site.kube_tls import RelayRefused, dial
 from fl.site.kube_wire import Wire, present_token, zip_folder
+from fl.site.script_process import start_script
 
 __all__ = ["PathMap", "main"]
 
@@ -93,35 +93,17 @@ class Shim:
             env.pop(key, None)
         for key, value in dict(start.get("env") or {}).items():
             env[str(key)] = os.pathsep.join(paths.to_pod(p) for p in str(value).split(os.pathsep))
-        parent: socket.socket | None = None
-        child: socket.socket | None = None
-        listener: ChannelListener | None = None
-        if start.get("distributed"):  # torchrun's ranks inherit no fd: rank 0 connects to a socket here
-            listener = ChannelListener(self.root)
-            env.update({"FL_CHANNEL_PATH": str(listener.path), "FL_CHANNEL_TOKEN": listener.token})
-        else:
-            parent, child = socket.socketpair()
-            env["FL_CHANNEL_FD"] = str(child.fileno())
-        try:
-            self.process = popen_bound_to_parent(
-                command,
-                cwd=paths.to_pod(str(start["job_dir"])),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                pass_fds=(child.fileno(),) if child is not None else (),
-                start_new_session=True,
-            )
-        except OSError:
-            if listener is not None:
-                listener.close()
-            raise
-        finally:
-            if child is not None:
-                child.close()
+        started = start_script(
+            command,
+            distributed=bool(start.get("distributed")),  # torchrun's ranks: rank 0 connects to a socket here
+            channel_dir=self.root,
+            cwd=paths.to_pod(str(start["job_dir"])),
+            env=env,
+        )
+        self.process = started.process
         threading.Thread(target=self._pump_output, daemon=True).start()
-        threading.Thread(target=self._serve_script, args=(parent, listener, paths), daemon=True).start()
+        args = (started.parent, started.listener, paths)
+        threading.Thread(target=self._serve_script, args=args, daemon=True).start()
         code = self.process.wait()
         self.output_done.wait(10)
         self.stop_script()

@@ -10,7 +10,6 @@ relay's memory.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import hmac
 import os
@@ -24,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fl.provision import key_pem, self_signed
 
 __all__ = ["RelayCertificate", "RelayRefused", "dial", "fingerprint"]
 
@@ -52,22 +53,9 @@ class RelayCertificate:
     def generate(cls, name: str = "fl-kube-relay") -> RelayCertificate:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-            .sign(key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        cert = self_signed(subject, key, VALID_DAYS).sign(key, hashes.SHA256())
         der = cert.public_bytes(serialization.Encoding.DER)
-        return cls(cert.public_bytes(serialization.Encoding.PEM), key_pem, fingerprint(der))
+        return cls(cert.public_bytes(serialization.Encoding.PEM), key_pem(key), fingerprint(der))
 
     def server_context(self) -> ssl.SSLContext:
         """The relay's side: TLS 1.3 with this certificate (ssl loads a chain from files only: a private

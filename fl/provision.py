@@ -57,7 +57,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -65,6 +65,20 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+def self_signed(name: x509.Name, key: ec.EllipticCurvePrivateKey, days: int) -> x509.CertificateBuilder:
+    """A builder of a certificate ``key`` signs for itself (a CA's, or the Kubernetes launcher's pinned one),
+    valid from 5 minutes ago (clock skew) for ``days``; extensions are the caller's."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=days))
+    )
 
 
 def _load_ca(folder: Path) -> tuple[x509.Certificate, CAKey]:
@@ -88,13 +102,7 @@ def _load_or_make_ca(folder: Path, project: str, days: int) -> tuple[x509.Certif
     key = _key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project} CA")])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - datetime.timedelta(minutes=5))
-        .not_valid_after(_now() + datetime.timedelta(days=max(days, 3650)))
+        self_signed(name, key, max(days, 3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -112,7 +120,7 @@ def _load_or_make_ca(folder: Path, project: str, days: int) -> tuple[x509.Certif
         )
         .sign(key, hashes.SHA256())
     )
-    atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
+    atomic_write_bytes(key_path, key_pem(key), mode=0o600)
     atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert, key, True
 
@@ -345,7 +353,7 @@ def provision(
             written.append((name, folder, False))
             continue
         cert, key = _issue(ca_cert, ca_key, name, role, list(server_dns or []) if role == "server" else [], days)
-        atomic_write_bytes(folder / "tls.key", _key_pem(key), mode=0o600)
+        atomic_write_bytes(folder / "tls.key", key_pem(key), mode=0o600)
         atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         atomic_write_bytes(folder / "ca.crt", ca_pem)
         written.append((name, folder, True))

@@ -17,7 +17,6 @@ import queue
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,13 +29,13 @@ from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.filters import FilterChain, FilterContext, FilterError, replace_file
-from fl.process import popen_bound_to_parent
 from fl.proto import federation_pb2 as pb
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
 from fl.site import fork_server
 from fl.site.kube_launch import relay_command
 from fl.site.launch import Launch, training_command
+from fl.site.script_process import start_script
 from fl.site.transfers import TransferFailed, download_blob, upload_file
 
 if TYPE_CHECKING:
@@ -318,12 +317,16 @@ class JobRunner:
         global _fallback_logged
         assert self.executor is not None
         if self.agent.launcher_config is not None:
-            if launch.distributed:
-                raise JobError(
-                    "this site runs job scripts in Kubernetes pods (--launcher kubernetes), which run one process; "
-                    "ranks of torch.distributed.run (--nproc-per-node, a torchrun command) are not supported there yet"
-                )
-            return relay_command(self.agent.launcher_config, self.job_dir, self.exchange, env_names, launch.argv)
+            # The relay is one process on a socketpair; in the pod its shim gives torchrun's rank 0 a socket.
+            self._distributed = False
+            return relay_command(
+                self.agent.launcher_config,
+                self.job_dir,
+                self.exchange,
+                env_names,
+                launch.argv,
+                distributed=launch.distributed,
+            )
         warm = fork_server.active_socket()
         plain = bool(self.executor.command) or launch.distributed
         if warm is not None and not self.launch_once and not plain:
@@ -337,15 +340,6 @@ class JobRunner:
 
     def _start_script(self) -> None:
         """Start one run of the script, with a fresh channel and output reader."""
-        env = dict(self._env)
-        parent: socket.socket | None = None
-        child: socket.socket | None = None
-        if self._distributed:  # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
-            self._listener = ChannelListener(self.job_dir)
-            env.update({"FL_CHANNEL_PATH": str(self._listener.path), "FL_CHANNEL_TOKEN": self._listener.token})
-        else:
-            parent, child = socket.socketpair()
-            env["FL_CHANNEL_FD"] = str(child.fileno())
         command = self._command
         self.last_lines.clear()
         self._script_exited.clear()
@@ -353,26 +347,17 @@ class JobRunner:
         log("starting training script: %s", _shown(command))
         # The Kubernetes relay deletes the job's pod when it gets SIGTERM: it must not die of SIGKILL.
         death_signal = signal.SIGTERM if self.agent.launcher_config is not None else signal.SIGKILL
-        try:
-            self.process = popen_bound_to_parent(
-                command,
-                death_signal=death_signal,
-                cwd=self.job_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                pass_fds=(child.fileno(),) if child is not None else (),
-                start_new_session=True,
-            )
-        except OSError:
-            if self._listener is not None:
-                self._listener.close()
-            raise
-        finally:
-            if child is not None:
-                child.close()
-        channel = LineChannel(parent) if parent is not None else None
+        # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
+        started = start_script(
+            command,
+            distributed=self._distributed,
+            channel_dir=self.job_dir,
+            cwd=self.job_dir,
+            env=self._env,
+            death_signal=death_signal,
+        )
+        self.process, self._listener = started.process, started.listener
+        channel = LineChannel(started.parent) if started.parent is not None else None
         self._drain_done = threading.Event()
         threading.Thread(target=self._pump_output, name="fl-output", daemon=True).start()
         threading.Thread(target=self._serve_channel, args=(channel,), name="fl-channel", daemon=True).start()

@@ -5,12 +5,16 @@ in place of the script (:func:`relay_command`). This relay creates the job pod (
 request, resources, node selector, tolerations, data volumes, image; labels naming site and job;
 an ownerReference to the site pod), waits until it runs (reporting why it waits, and failing with
 the reason on ImagePullBackOff, CreateContainerConfigError, OOMKilled, or past the schedule
-deadline), then relays: the pod's shim (:mod:`fl.site.kube_shim`) dials back over TCP with a per-job
-secret token (:mod:`fl.site.kube_wire`), and the relay carries the script's LineChannel messages and
-its model/result files between the pod and the runner's socketpair, prints the script's output
-lines, and exits with the script's exit code. The pod is deleted when the relay ends, on SIGTERM
-(the runner stops the job, or the site dies: the runner starts it with SIGTERM as its parent-death
-signal), and a site that starts deletes what its previous life left (:func:`delete_stale_pods`).
+deadline), then relays: the pod's shim (:mod:`fl.site.kube_shim`) dials back over TLS, pinning
+the relay's per-job ephemeral certificate (:mod:`fl.site.kube_tls`), and presents a per-job token
+(:mod:`fl.site.kube_wire`); token and fingerprint reach the pod in a Secret of the job's own, owned
+by its pod (deleted with it), never in the pod's spec. The relay carries the script's LineChannel
+messages and its model/result files between the pod and the runner's socketpair, prints the
+script's output lines, relays the job's state folder (``FL_STATE_DIR``, ``flare.get_state()``) to
+the pod at the start and back at the end (a zip, bounded by ``maxStateBytes``), and exits with the
+script's exit code. The pod is deleted when the relay ends, on SIGTERM (the runner stops the job,
+or the site dies: the runner starts it with SIGTERM as its parent-death signal), and a site that
+starts deletes what its previous life left (:func:`delete_stale_pods`).
 """
 
 from __future__ import annotations
@@ -22,20 +26,22 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from fl.channel import ChannelClosed, LineChannel
-from fl.site.kube_wire import Wire, authenticate
+from fl.server.jobstore import JobError, extract_zip
+from fl.site.kube_tls import RelayCertificate
+from fl.site.kube_wire import Wire, authenticate, zip_folder
 
 __all__ = [
     "JOB_ROOT",
@@ -43,8 +49,10 @@ __all__ = [
     "PodApi",
     "PodState",
     "build_pod",
+    "build_secret",
     "delete_stale_pods",
     "main",
+    "owner_reference",
     "pod_state",
     "relay_command",
 ]
@@ -67,6 +75,8 @@ FATAL_WAITING = frozenset(
 )
 #: Connections the relay checks for the token at the same time; more are closed at once.
 MAX_PENDING_AUTH = 16
+#: The job pod's variables that come from the job's Secret, and their keys in it.
+SECRET_KEYS = {"FL_RELAY_TOKEN": "token", "FL_RELAY_CERT_SHA256": "cert-sha256"}
 
 
 def _say(line: str) -> None:
@@ -106,6 +116,8 @@ class LauncherConfig:
     pending_log_s: float = 60.0
     connect_timeout_s: float = 300.0
     max_file_bytes: int = 64 * 2**30
+    #: The job's state folder (flare.get_state()) each way: the store's own 1 GiB of tensors, and room for its JSON.
+    max_state_bytes: int = 2**30 + 64 * 2**20
     kubeconfig: str = ""
 
     _KEYS = {
@@ -134,6 +146,7 @@ class LauncherConfig:
         "pendingLogSeconds": "pending_log_s",
         "connectTimeoutSeconds": "connect_timeout_s",
         "maxFileBytes": "max_file_bytes",
+        "maxStateBytes": "max_state_bytes",
         "kubeconfig": "kubeconfig",
     }
 
@@ -227,13 +240,17 @@ def build_pod(
     site: str,
     job_id: str,
     relay_address: str,
-    token: str,
+    secret: str,
     owner: Mapping[str, str] | None,
 ) -> dict[str, Any]:
-    """The job pod's manifest: the site's scheduling and resources, the shim as its command, owned by the site pod."""
+    """The job pod's manifest: the site's scheduling and resources, the shim as its command, owned by the site pod;
+    the token and the relay's certificate fingerprint come from the Secret ``secret`` (:func:`build_secret`)."""
     env: list[dict[str, Any]] = [
         {"name": "FL_RELAY_ADDRESS", "value": relay_address},
-        {"name": "FL_RELAY_TOKEN", "value": token},
+        *(
+            {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for variable, key in SECRET_KEYS.items()
+        ),
         {"name": "FL_JOB_ROOT", "value": JOB_ROOT},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -283,6 +300,26 @@ def build_pod(
             {"apiVersion": "v1", "kind": "Pod", "name": owner["name"], "uid": owner["uid"], "blockOwnerDeletion": False}
         ]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def build_secret(
+    config: LauncherConfig, *, name: str, site: str, job_id: str, token: str, sha256: str
+) -> dict[str, Any]:
+    """The job's Secret: the relay's token and its certificate's fingerprint, labelled as the job pod is
+    (:func:`delete_stale_pods` finds it), owned by the pod once that exists (:meth:`PodApi.own_secret`)."""
+    metadata = {
+        "name": name,
+        "labels": {**config.labels, **pod_labels(site, job_id)},
+        "annotations": {"fl/job-id": job_id},
+    }
+    data = {SECRET_KEYS["FL_RELAY_TOKEN"]: token, SECRET_KEYS["FL_RELAY_CERT_SHA256"]: sha256}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": metadata, "stringData": data}
+
+
+def owner_reference(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to ``pod`` (the API's JSON): what is owned goes when the pod goes."""
+    meta = pod["metadata"]
+    return {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"], "blockOwnerDeletion": False}
 
 
 # ---------------------------------------------------------------------------------------------- pod status
@@ -342,11 +379,15 @@ def _reason(obj: Mapping[str, Any]) -> str:
 class PodApi(Protocol):
     """The few pod operations the launcher needs, on dicts (the API's JSON)."""
 
-    def create(self, namespace: str, body: dict[str, Any]) -> None: ...
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
     def read(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete(self, namespace: str, name: str) -> None: ...
     def list(self, namespace: str, selector: str) -> list[dict[str, Any]]: ...
     def log_tail(self, namespace: str, name: str, lines: int) -> str: ...
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> None: ...
+    def own_secret(self, namespace: str, name: str, owner: dict[str, Any]) -> None: ...
+    def delete_secret(self, namespace: str, name: str) -> None: ...
+    def delete_secrets(self, namespace: str, selector: str) -> None: ...
 
 
 class KubePodApi:
@@ -367,8 +408,8 @@ class KubePodApi:
         data: dict[str, Any] = self._api.api_client.sanitize_for_serialization(obj)
         return data
 
-    def create(self, namespace: str, body: dict[str, Any]) -> None:
-        self._api.create_namespaced_pod(namespace, body)  # type: ignore[arg-type]  # a dict body is accepted
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self._api.create_namespaced_pod(namespace, body))  # type: ignore[arg-type]  # a dict is accepted
 
     def read(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -395,6 +436,25 @@ class KubePodApi:
         except self._exception:
             return ""
 
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        self._api.create_namespaced_secret(namespace, body)  # type: ignore[arg-type]  # a dict is accepted
+
+    def own_secret(self, namespace: str, name: str, owner: dict[str, Any]) -> None:
+        # a JSON patch (a list body) sets the one owner; a merge patch would add it to any other
+        patch = [{"op": "add", "path": "/metadata/ownerReferences", "value": [owner]}]
+        self._api.patch_namespaced_secret(name, namespace, patch)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            self._api.delete_namespaced_secret(name, namespace)
+        except self._exception as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+
+    def delete_secrets(self, namespace: str, selector: str) -> None:
+        # deletecollection, not list: the site's Role must not let it read the namespace's other Secrets
+        self._api.delete_collection_namespaced_secret(namespace, label_selector=selector)
+
 
 def delete_stale_pods(
     api: PodApi,
@@ -404,28 +464,39 @@ def delete_stale_pods(
     labels: Mapping[str, str] | None = None,
     log: Callable[[str], None] = _say,
 ) -> int:
-    """Delete every job pod this site's earlier life left; how many. Called when a site starts.
+    """Delete every job pod (and job Secret) this site's earlier life left; how many pods. Called when a site starts.
 
     Selected by the site's labels and the config's (the chart's release labels), so that a site of
-    the same name in another release in the namespace keeps its pods.
+    the same name in another release in the namespace keeps its pods. A Secret goes with its pod;
+    one whose pod was never created (the relay died in between) is deleted here.
     """
-    selector = {**(labels or {}), **pod_labels(site)}
-    pods = api.list(namespace, ",".join(f"{k}={v}" for k, v in sorted(selector.items())))
+    selector = ",".join(f"{k}={v}" for k, v in sorted({**(labels or {}), **pod_labels(site)}.items()))
+    pods = api.list(namespace, selector)
     for pod in pods:
         name = pod["metadata"]["name"]
         log(f"deleting job pod {name} left by an earlier run of site {site}")
         api.delete(namespace, name)
+    api.delete_secrets(namespace, selector)
     return len(pods)
 
 
 # ---------------------------------------------------------------------------------------------- the relay
 def relay_command(
-    config_path: Path, job_dir: Path, exchange: Path, env_names: Sequence[str], command: Sequence[str]
+    config_path: Path,
+    job_dir: Path,
+    exchange: Path,
+    env_names: Sequence[str],
+    command: Sequence[str],
+    *,
+    distributed: bool = False,
 ) -> list[str]:
     """What the runner starts in place of ``command`` when the site launches jobs on Kubernetes;
-    ``env_names``: the variables the script gets beyond the site's own (the job's and the runner's)."""
+    ``env_names``: the variables the script gets beyond the site's own (the job's and the runner's);
+    ``distributed``: ``command`` is torch.distributed.run's (its rank 0 connects to the pod's shim)."""
     args = [sys.executable, "-u", "-m", "fl.site.kube_launch", "--config", str(config_path)]
     args += ["--job-dir", str(job_dir), "--exchange", str(exchange)]
+    if distributed:
+        args.append("--distributed")
     for name in sorted(set(env_names)):
         args += ["--pass-env", name]
     return [*args, "--", *command]
@@ -441,9 +512,14 @@ class Relay:
         self.namespace = config.resolved_namespace()
         self.name = pod_name(self.site, self.job_id)
         self.token = secrets.token_urlsafe(32)
+        self.certificate = RelayCertificate.generate()
+        self._tls = self.certificate.server_context()
+        self.secret_created = False
         self.stop = threading.Event()
         self.pod_done = threading.Event()
         self.exit_code: int | None = None
+        #: Set when the pod's state could not be kept (too large, a bad archive): the run fails, saying so.
+        self.state_failed = False
         self.created = False
         self._deleted = False
         self._cleanup_lock = threading.Lock()
@@ -458,17 +534,14 @@ class Relay:
         host = os.environ.get("FL_POD_IP") or "127.0.0.1"
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         owner = {"name": os.environ.get("FL_POD_NAME", ""), "uid": os.environ.get("FL_POD_UID", "")}
-        body = build_pod(
-            self.config,
-            name=self.name,
-            site=self.site,
-            job_id=self.job_id,
-            relay_address=f"{host}:{port}",
-            token=self.token,
-            owner=owner,
-        )
-        self.api.create(self.namespace, body)
+        where = {"name": self.name, "site": self.site, "job_id": self.job_id}
+        secret = build_secret(self.config, **where, token=self.token, sha256=self.certificate.sha256)
+        body = build_pod(self.config, **where, relay_address=f"{host}:{port}", secret=self.name, owner=owner)
+        self.secret_created = True  # before the call: a Secret created by a call that then failed is deleted too
+        self.api.create_secret(self.namespace, secret)
         self.created = True
+        pod = self.api.create(self.namespace, body)
+        self.api.own_secret(self.namespace, self.name, owner_reference(pod))
         _say(f"job pod {self.name} created in namespace {self.namespace} ({self._ask()}); waiting for it to run")
         wire = self._wait_for_pod()
         listener.close()
@@ -479,12 +552,15 @@ class Relay:
     def cleanup(self) -> None:
         """Delete the pod if it was created (once, from whichever thread comes first)."""
         with self._cleanup_lock:  # held while deleting: the other caller returns once the pod is gone
-            if not self.created or self._deleted:
+            if not self.secret_created or self._deleted:
                 return
             self._deleted = True
-            with contextlib.suppress(Exception):
-                self.api.delete(self.namespace, self.name)
-                _say(f"job pod {self.name} deleted")
+            if self.created:
+                with contextlib.suppress(Exception):
+                    self.api.delete(self.namespace, self.name)
+                    _say(f"job pod {self.name} deleted")
+            with contextlib.suppress(Exception):  # the garbage collector deletes it with the pod; not waiting for it
+                self.api.delete_secret(self.namespace, self.name)
 
     def stop_on_signals(self) -> None:
         """SIGTERM/SIGINT/SIGHUP (the job stopped, or the site died) delete the pod at once, whatever the
@@ -523,11 +599,11 @@ class Relay:
 
     def _check(self, sock: socket.socket, peer: str, pending: threading.BoundedSemaphore) -> None:
         try:
-            wire = authenticate(sock, self.token)
+            wire, why = authenticate(sock, self.token, self._tls)
         finally:
             pending.release()
         if wire is None:
-            _say(f"refused a connection from {peer} without the job's token")
+            _say(f"refused a connection from {peer}: {why}")
         elif self._connected.is_set():
             wire.close()  # the token is for one connection
         else:
@@ -598,12 +674,25 @@ class Relay:
                 "job_dir": str(self.args.job_dir),
                 "exchange": str(self.args.exchange),
                 "python": sys.executable,
+                "distributed": self.args.distributed,
+                "state_dir": os.environ.get("FL_STATE_DIR", ""),
+                "state_limit": self.config.max_state_bytes,
             }
         )
         with tempfile.TemporaryDirectory(prefix="fl-kube-") as tmp:
             archive = Path(tmp) / "app.zip"
-            _zip_folder(self.args.job_dir / "app", archive)
+            zip_folder(self.args.job_dir / "app", archive)
             wire.send({"op": "_app"}, archive)
+            state_zip = Path(tmp) / "state.zip"
+            folder = self._state_dir()
+            if folder is not None and folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
+                zip_folder(folder, state_zip, compress=False)
+                if state_zip.stat().st_size > self.config.max_state_bytes:
+                    return self._fail(
+                        f"the job's state on this site ({state_zip.stat().st_size} bytes) exceeds maxStateBytes "
+                        f"({self.config.max_state_bytes}): raise it in the launcher config"
+                    )
+            wire.send({"op": "_state"}, state_zip if state_zip.exists() else None)
         threading.Thread(target=self._pod_to_runner, args=(wire,), daemon=True).start()
         threading.Thread(target=self._runner_to_pod, args=(wire,), daemon=True).start()
         checked = time.monotonic()
@@ -620,6 +709,9 @@ class Relay:
 
     def _final_code(self) -> int:
         """The script's exit code; when it failed or the pod died without saying, the reason from the pod's status."""
+        if self.exit_code == 0 and self.state_failed:
+            _say("the script succeeded but its state (flare.get_state()) could not be kept: failing this run")
+            return 1
         if self.exit_code == 0:
             return 0
         deadline = time.monotonic() + 15
@@ -643,6 +735,8 @@ class Relay:
                 elif op == "_exit":
                     self.exit_code = int(message.get("code", 1))
                     return
+                elif op == "_state":
+                    self._receive_state(wire, message)
                 elif op == "result" and "_size" in message:
                     path = str(message.get("path") or "")
                     if path not in self.allowed_results:
@@ -664,6 +758,42 @@ class Relay:
         finally:
             self.pod_done.set()
 
+    def _state_dir(self) -> Path | None:
+        folder = os.environ.get("FL_STATE_DIR")
+        return Path(folder) if folder else None
+
+    def _receive_state(self, wire: Wire, message: dict[str, Any]) -> None:
+        """The pod's state folder at the end of its run replaces the site's (unpacked with the job-archive
+        checks beside it first, then swapped in by renames: a failure keeps the previous state)."""
+        folder = self._state_dir()
+        if message.get("error"):
+            _say(str(message["error"]))
+            self.state_failed = True
+        if "_size" not in message:
+            return
+        if folder is None:
+            wire.recv_body(message, None, limit=self.config.max_state_bytes)
+            return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        archive, staging = folder.with_name(f".{folder.name}.zip"), folder.with_name(f".{folder.name}.incoming")
+        previous = folder.with_name(f".{folder.name}.previous")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            wire.recv_body(message, archive, limit=self.config.max_state_bytes)
+            extract_zip(archive, staging, max_bytes=self.config.max_state_bytes)
+        except JobError as exc:
+            _say(f"the job pod's state was not kept: {exc}")
+            self.state_failed = True
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        finally:
+            archive.unlink(missing_ok=True)
+        shutil.rmtree(previous, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, previous)
+        os.replace(staging, folder)
+        shutil.rmtree(previous, ignore_errors=True)
+
     def _runner_to_pod(self, wire: Wire) -> None:
         try:
             while True:
@@ -678,20 +808,15 @@ class Relay:
             pass
 
 
-def _zip_folder(folder: Path, archive: Path) -> None:
-    """The job's app folder as a zip (what the pod unpacks with the same checks as a job archive)."""
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                zf.write(path, path.relative_to(folder).as_posix())
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fl.site.kube_launch", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="the launcher config (JSON)")
     parser.add_argument("--job-dir", type=Path, required=True, help="the job's folder on the site")
     parser.add_argument("--exchange", type=Path, required=True, help="the job's exchange folder on the site")
     parser.add_argument("--pass-env", action="append", default=[], help="an environment variable the script gets")
+    parser.add_argument(
+        "--distributed", action="store_true", help="the command is torch.distributed.run's: rank 0 connects by socket"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the script's command")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:

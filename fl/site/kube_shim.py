@@ -1,7 +1,9 @@
 """The job pod's side of the Kubernetes launcher: dial the site's relay, run the job's script, relay for it.
 
 The pod cannot share the site's socketpair or its exchange folder, so this shim stands in for the
-site: it connects to ``FL_RELAY_ADDRESS`` with ``FL_RELAY_TOKEN`` (:mod:`fl.site.kube_wire`),
+site: it connects to ``FL_RELAY_ADDRESS`` over TLS, accepting only the certificate whose SHA-256 is
+``FL_RELAY_CERT_SHA256`` (:mod:`fl.site.kube_tls`), presents ``FL_RELAY_TOKEN`` (:mod:`fl.site.kube_wire`;
+both variables come from the job's Secret),
 receives the script's command, environment and the job's app, unpacks the app under
 ``FL_JOB_ROOT`` (checked like any job archive), starts the script with a socketpair of its own, and
 carries its LineChannel messages and model/result files over the connection, with the site's paths
@@ -22,10 +24,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl.channel import ChannelClosed, LineChannel
-from fl.process import popen_bound_to_parent
+from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.server.jobstore import extract_zip
-from fl.site.kube_wire import Wire, present_token
+from fl.site.kube_tls import RelayRefused, dial
+from fl.site.kube_wire import Wire, present_token, zip_folder
+from fl.site.script_process import start_script
 
 __all__ = ["PathMap", "main"]
 
@@ -62,10 +65,18 @@ class Shim:
         self.wire = wire
         self.root = root
         self.process: subprocess.Popen[bytes] | None = None
+        #: This pod's copy of the job's state folder (flare.get_state()), relayed back at the end; its size limit.
+        self.state_dir: Path | None = None
+        self.state_limit = 0
         self.output_done = threading.Event()
 
     def run(self) -> int:
-        start = self.wire.recv()
+        try:
+            start = self.wire.recv()
+        except ChannelClosed:
+            raise RelayRefused("the relay closed the connection before starting the job (refused this pod?)") from None
+        if start["op"] == "_refused":
+            raise RelayRefused(str(start.get("message") or "the relay refused this pod"))
         if start["op"] != "_start":
             raise ValueError(f"expected _start from the relay, got {start['op']!r}")
         paths = PathMap(start, self.root)
@@ -74,35 +85,66 @@ class Shim:
         self.wire.recv_body(app, archive, limit=MAX_FILE_BYTES)
         extract_zip(archive, Path(paths.to_pod(str(Path(start["job_dir"]) / "app"))))
         archive.unlink()
+        self._receive_state(start, paths)
         Path(paths.to_pod(str(start["exchange"]))).mkdir(parents=True, exist_ok=True)
         command = [paths.to_pod(str(a)) for a in start["command"]]
         env = dict(os.environ)
-        for key in ("FL_RELAY_TOKEN", "FL_RELAY_ADDRESS"):
+        for key in ("FL_RELAY_TOKEN", "FL_RELAY_ADDRESS", "FL_RELAY_CERT_SHA256"):
             env.pop(key, None)
         for key, value in dict(start.get("env") or {}).items():
             env[str(key)] = os.pathsep.join(paths.to_pod(p) for p in str(value).split(os.pathsep))
-        parent, child = socket.socketpair()
-        env["FL_CHANNEL_FD"] = str(child.fileno())
-        self.process = popen_bound_to_parent(
+        started = start_script(
             command,
+            distributed=bool(start.get("distributed")),  # torchrun's ranks: rank 0 connects to a socket here
+            channel_dir=self.root,
             cwd=paths.to_pod(str(start["job_dir"])),
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(child.fileno(),),
-            start_new_session=True,
         )
-        child.close()
-        script = LineChannel(parent)
+        self.process = started.process
         threading.Thread(target=self._pump_output, daemon=True).start()
-        threading.Thread(target=self._script_to_site, args=(script, paths), daemon=True).start()
-        threading.Thread(target=self._site_to_script, args=(script, paths), daemon=True).start()
+        args = (started.parent, started.listener, paths)
+        threading.Thread(target=self._serve_script, args=args, daemon=True).start()
         code = self.process.wait()
         self.output_done.wait(10)
         self.stop_script()
+        self._send_state()
         self.wire.send({"op": "_exit", "code": code if code >= 0 else 128 - code})
         return code if code >= 0 else 128 - code
+
+    def _receive_state(self, start: Mapping[str, Any], paths: PathMap) -> None:
+        """The site's state folder for this job, unpacked where the script's FL_STATE_DIR points in this pod."""
+        message = self.wire.recv()
+        if message["op"] != "_state":
+            raise ValueError(f"expected _state from the relay, got {message['op']!r}")
+        self.state_limit = int(start.get("state_limit") or 0)
+        self.state_dir = Path(paths.to_pod(str(start["state_dir"]))) if start.get("state_dir") else None
+        if "_size" not in message:
+            return
+        archive = self.root / "state.zip"
+        self.wire.recv_body(message, archive if self.state_dir else None, limit=self.state_limit)
+        if self.state_dir is not None:
+            extract_zip(archive, self.state_dir, max_bytes=self.state_limit)
+            archive.unlink()
+
+    def _send_state(self) -> None:
+        """This pod's state folder back to the site (none: nothing to keep), or why it cannot go."""
+        folder = self.state_dir
+        if folder is None or not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+            self.wire.send({"op": "_state"})
+            return
+        archive = self.root / "state-out.zip"
+        zip_folder(folder, archive, compress=False)
+        size = archive.stat().st_size
+        if size > self.state_limit:
+            error = (
+                f"the job pod's state (flare.get_state(), {size} bytes zipped) exceeds the site's maxStateBytes "
+                f"({self.state_limit}): not kept"
+            )
+            print(f"fl kube shim: {error}", flush=True)
+            self.wire.send({"op": "_state", "error": error})
+        else:
+            self.wire.send({"op": "_state"}, archive)
+        archive.unlink()
 
     def stop_script(self) -> None:
         """SIGTERM, then SIGKILL, to the script's process group (what it started too)."""
@@ -127,10 +169,27 @@ class Shim:
         finally:
             self.output_done.set()
 
-    def _script_to_site(self, script: LineChannel, paths: PathMap) -> None:
+    def _serve_script(self, parent: socket.socket | None, listener: ChannelListener | None, paths: PathMap) -> None:
+        """Relay for the script on its socketpair, or (torchrun ranks) on rank 0's connection to ``listener``."""
+        first: dict[str, Any] | None = None
+        if parent is not None:
+            script = LineChannel(parent)
+        else:
+            assert listener is not None
+            process = self.process
+            accepted = listener.accept(lambda: process is not None and process.poll() is None)
+            if accepted is None:
+                return
+            script, first = accepted
+            first.pop("token", None)  # this pod's secret, not the site's business
+            print(f"fl kube shim: training script connected: rank {first.get('rank')}", flush=True)
+        threading.Thread(target=self._site_to_script, args=(script, paths), daemon=True).start()
+        self._script_to_site(script, paths, first)
+
+    def _script_to_site(self, script: LineChannel, paths: PathMap, first: dict[str, Any] | None = None) -> None:
         try:
             while True:
-                message = script.recv()
+                message, first = (first, None) if first is not None else (script.recv(), None)
                 body = None
                 if message["op"] == "result" and message.get("path"):
                     body = Path(str(message["path"]))
@@ -162,19 +221,28 @@ class Shim:
 def main() -> int:
     """Connect to the relay named in the environment and run the job's script; its exit code."""
     address, token = os.environ.get("FL_RELAY_ADDRESS", ""), os.environ.get("FL_RELAY_TOKEN", "")
+    pinned = os.environ.get("FL_RELAY_CERT_SHA256", "")
     root = Path(os.environ.get("FL_JOB_ROOT") or "/fl-job")
-    if not address or not token:
-        print("fl kube shim: FL_RELAY_ADDRESS and FL_RELAY_TOKEN must be set (this runs in a job pod)", flush=True)
+    if not address or not token or not pinned:
+        print(
+            "fl kube shim: FL_RELAY_ADDRESS, FL_RELAY_TOKEN and FL_RELAY_CERT_SHA256 must be set "
+            "(this runs in a job pod, with its job's Secret)",
+            flush=True,
+        )
         return 2
-    host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=60)
-    sock.settimeout(None)
-    wire = Wire(sock)
+    try:
+        wire = Wire(dial(address, pinned))
+    except (RelayRefused, OSError) as exc:
+        print(f"fl kube shim: {exc}", flush=True)
+        return 1
     present_token(wire, token)
     shim = Shim(wire, root)
     signal.signal(signal.SIGTERM, lambda *_: shim.stop_script())
     try:
         return shim.run()
+    except RelayRefused as exc:
+        print(f"fl kube shim: {exc}", flush=True)
+        return 1
     except (ChannelClosed, ValueError, OSError) as exc:
         print(f"fl kube shim: {type(exc).__name__}: {exc}", flush=True)
         shim.stop_script()

@@ -1,9 +1,10 @@
 """The wire between a site's Kubernetes launcher (the relay) and its job pod (the shim).
 
 One TCP connection carries JSON lines; a line with a ``_size`` key is followed by exactly that many
-raw bytes (a model, a result, the job's app as a zip). Nothing is ever unpickled. The pod's first
-line must be ``{"op": "_auth", "token": ...}`` with the per-job secret token; a connection that does
-not present it within a few seconds is closed.
+raw bytes (a model, a result, the job's app as a zip). Nothing is ever unpickled. The connection is
+TLS with the job's ephemeral certificate, which the pod pins (:mod:`fl.site.kube_tls`); the pod's
+first line must then be ``{"op": "_auth", "token": ...}`` with the per-job secret token (from the
+job's Secret); a connection that does not present it within a few seconds is closed.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import hmac
 import os
 import socket
+import ssl
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from fl.channel import ChannelClosed, LineChannel
 
-__all__ = ["AUTH_TIMEOUT_S", "Wire", "authenticate", "present_token"]
+__all__ = ["AUTH_TIMEOUT_S", "Wire", "authenticate", "present_token", "zip_folder"]
 
 AUTH_TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
@@ -64,22 +67,42 @@ class Wire(LineChannel):
                 tmp.unlink(missing_ok=True)
 
 
+def zip_folder(folder: Path, archive: Path, *, compress: bool = True) -> None:
+    """``folder``'s regular files as a zip (unpacked on the other side with the job-archive checks);
+    ``compress=False`` stores them as they are (tensors barely compress)."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(archive, "w", method) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                zf.write(path, path.relative_to(folder).as_posix())
+
+
 def present_token(wire: Wire, token: str) -> None:
-    """The pod's side of the handshake: send the job's token first."""
+    """The pod's side of the handshake: send the job's token first (inside TLS, see fl.site.kube_tls)."""
     wire.send({"op": "_auth", "token": token})
 
 
-def authenticate(sock: socket.socket, token: str) -> Wire | None:
-    """The relay's side: a Wire when the peer's first line carries ``token`` in AUTH_TIMEOUT_S, else None."""
+def authenticate(sock: socket.socket, token: str, context: ssl.SSLContext) -> tuple[Wire | None, str]:
+    """The relay's side: TLS with the job's certificate (``context``), then the peer's first line must carry
+    ``token``, all within AUTH_TIMEOUT_S. ``(Wire, "")``, or ``(None, why)`` with the connection closed
+    (a peer that got as far as TLS is told it was refused, so that the pod's log says why)."""
     sock.settimeout(AUTH_TIMEOUT_S)
-    wire = Wire(sock)
+    try:
+        tls = context.wrap_socket(sock, server_side=True)
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        return None, f"no TLS handshake ({exc})"
+    wire = Wire(tls)
+    why = "no token"
     try:
         first = wire.recv()
         given = first.get("token")
         if first["op"] == "_auth" and isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
-            sock.settimeout(None)
-            return wire
+            tls.settimeout(None)
+            return wire, ""
+        why = "a wrong token" if first["op"] == "_auth" else f"{first['op']!r} before the token"
+        wire.send({"op": "_refused", "message": f"the relay refused this pod: {why} (not this job's pod?)"})
     except (ChannelClosed, ValueError, OSError):
         pass
     wire.close()
-    return None
+    return None, why

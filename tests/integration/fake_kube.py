@@ -5,7 +5,10 @@ log) over HTTP on 127.0.0.1, so that the real ``kubernetes`` client, the relay a
 exercised without a cluster. A pod runs its container's command with its env; the emptyDir at
 FL_JOB_ROOT becomes a temporary folder. ``gpus`` is the node's nvidia.com/gpu capacity: a pod that
 asks for more than is free stays Pending (Unschedulable) until another ends. An image named
-``missing/...`` fails with ErrImagePull.
+``missing/...`` fails with ErrImagePull. Secrets are kept (create, JSON-patch, delete, deletecollection by label), a
+pod's ``secretKeyRef`` variables are read from them when it starts (a missing one is
+CreateContainerConfigError, as the kubelet's), and deleting a pod deletes the Secrets it owns (the
+garbage collector's part).
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+
+def _matches(obj: dict[str, Any], wanted: dict[str, str]) -> bool:
+    return all(obj["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
 
 
 class FakePod:
@@ -37,9 +44,19 @@ class FakePod:
     def gpus(self) -> int:
         return int((self.container.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", "0"))
 
-    def start(self) -> None:
+    def start(self, secrets: dict[str, dict[str, Any]]) -> None:
         env = dict(os.environ)
-        env.update({e["name"]: e.get("value", "") for e in self.container.get("env", [])})
+        for e in self.container.get("env", []):
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is None:
+                env[e["name"]] = e.get("value", "")
+                continue
+            data = (secrets.get(ref["name"]) or {}).get("stringData") or {}
+            if ref["key"] not in data:
+                waiting = {"reason": "CreateContainerConfigError", "message": f'secret "{ref["name"]}" not found'}
+                self.status = {"phase": "Pending", "containerStatuses": [{"state": {"waiting": waiting}}]}
+                return
+            env[e["name"]] = data[ref["key"]]
         env["FL_JOB_ROOT"] = self.root
         self.process = subprocess.Popen(
             self.container["command"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -81,6 +98,7 @@ class FakeKube:
         self.namespace = namespace
         self.pods: dict[str, FakePod] = {}
         self.created: list[dict[str, Any]] = []
+        self.secrets: dict[str, dict[str, Any]] = {}
         self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -124,8 +142,8 @@ class FakeKube:
                         condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
                         pod.status = {"phase": "Pending", "conditions": [{**condition, "message": message}]}
                     else:
-                        used += pod.gpus()
-                        pod.start()
+                        pod.start(self.secrets)
+                        used += pod.gpus() if pod.process is not None else 0
 
     def close(self) -> None:
         self._stop.set()
@@ -171,12 +189,34 @@ class FakeKube:
             def _missing(self) -> None:
                 self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
 
+            def _body(self) -> Any:
+                return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                parts, _ = self._parts()
+                body = self._body()
+                if parts[-1] == "secrets":
+                    with fake.lock:
+                        fake.secrets[body["metadata"]["name"]] = body
+                    self._send(201, body)
+                    return
+                body["metadata"]["uid"] = f"uid-{body['metadata']['name']}"
                 with fake.lock:
                     fake.created.append(body)
                     fake.pods[body["metadata"]["name"]] = FakePod(body)
                 self._send(201, body)
+
+            def do_PATCH(self) -> None:  # a JSON patch of a Secret's metadata (what the launcher sends)
+                parts, _ = self._parts()
+                with fake.lock:
+                    secret = fake.secrets.get(parts[5])
+                    if secret is None or parts[4] != "secrets":
+                        self._missing()
+                        return
+                    for op in self._body():
+                        assert op["op"] == "add" and op["path"].startswith("/metadata/"), op
+                        secret["metadata"][op["path"].split("/")[-1]] = op["value"]
+                self._send(200, secret)
 
             def do_GET(self) -> None:
                 parts, query = self._parts()
@@ -200,10 +240,34 @@ class FakeKube:
                     else:
                         self._send(200, self._pod_json(pod))
 
+            def _delete_secrets(self, parts: list[str], query: dict[str, list[str]]) -> None:
+                """One by name, or (deletecollection) those matching the label selector."""
+                with fake.lock:
+                    if len(parts) == 6:
+                        names = [parts[5]] if parts[5] in fake.secrets else []
+                    else:
+                        wanted = dict(kv.split("=", 1) for kv in query["labelSelector"][0].split(",") if kv)
+                        names = [n for n, s in fake.secrets.items() if _matches(s, wanted)]
+                    gone = [fake.secrets.pop(n) for n in names]
+                if len(parts) == 6 and not gone:
+                    self._missing()
+                    return
+                self._send(
+                    200, gone[0] if len(parts) == 6 else {"kind": "SecretList", "apiVersion": "v1", "items": gone}
+                )
+
             def do_DELETE(self) -> None:
-                parts, _ = self._parts()
+                parts, query = self._parts()
+                if parts[4] == "secrets":
+                    self._delete_secrets(parts, query)
+                    return
                 with fake.lock:
                     pod = fake.pods.pop(parts[5], None)
+                    if pod is not None:  # the garbage collector: what the pod owned goes with it
+                        uid = pod.body["metadata"].get("uid")
+                        for name, secret in list(fake.secrets.items()):
+                            if any(o.get("uid") == uid for o in secret["metadata"].get("ownerReferences") or []):
+                                del fake.secrets[name]
                 if pod is None:
                     self._missing()
                     return

@@ -820,6 +820,9 @@ def site_spec(objs: list[Obj], site: str) -> Obj:
     return spec
 
 
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
 def probe_max_ages(spec: Obj) -> dict[str, int]:
     c = spec["containers"][0]
     return {
@@ -831,11 +834,23 @@ def probe_max_ages(spec: Obj) -> dict[str, int]:
 PARTIAL_OVERRIDES: list[tuple[str, Any, Any, Any]] = [
     (
         "probes",
-        {"readyMaxAgeSeconds": 60, "liveMaxAgeSeconds": 600, "startupFailureThreshold": 120},
+        {"readyMaxAgeSeconds": 60, "liveMaxAgeSeconds": 600, "startupFailureThreshold": 120, "timeoutSeconds": 40,
+         "livenessFailureThreshold": 6},
         {"readyMaxAgeSeconds": 30},
         lambda spec: (
             probe_max_ages(spec) == {"startupProbe": 30, "readinessProbe": 30, "livenessProbe": 600}
             and spec["containers"][0]["startupProbe"]["failureThreshold"] == 120
+            and spec["containers"][0]["livenessProbe"]["failureThreshold"] == 6
+            and {spec["containers"][0][p]["timeoutSeconds"] for p in PROBES} == {40}
+        ),
+    ),
+    (
+        "probes",
+        {"readyMaxAgeSeconds": 60, "liveMaxAgeSeconds": 600, "startupFailureThreshold": 120, "timeoutSeconds": 40},
+        {"timeoutSeconds": 90},
+        lambda spec: (
+            probe_max_ages(spec) == {"startupProbe": 60, "readinessProbe": 60, "livenessProbe": 600}
+            and {spec["containers"][0][p]["timeoutSeconds"] for p in PROBES} == {90}
         ),
     ),
     (
@@ -913,6 +928,28 @@ def test_a_site_image_override_of_the_tag_keeps_the_repository_and_pull_policy()
     )
     c = site_spec(objs, "a")["containers"][0]
     assert c["image"] == "r.io/fl-site:t1" and c["imagePullPolicy"] == "IfNotPresent"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_exec_probes_outlast_a_loaded_node(case: str) -> None:
+    """Exec probes start a Python process: at load 40+ one took over 10 s and the pods restarted mid-job. Each probe
+    waits 30 s; a liveness restart takes 5 failures in a row (2.5 minutes of them) on the server and the sites."""
+    objs = render(case)
+    pods = [d["spec"]["template"]["spec"] for d in (server_deployments(objs) + list(site_deployments(objs).values()))]
+    assert pods
+    for spec in pods:
+        c = spec["containers"][0]
+        assert {c[p]["timeoutSeconds"] for p in PROBES} == {30}, c["name"]
+        live = c["livenessProbe"]
+        assert live["failureThreshold"] >= 5 and live["periodSeconds"] * live["failureThreshold"] >= 150, live
+
+
+def test_the_chart_version_moved_and_its_app_version_is_fls() -> None:
+    import fl
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == fl.__version__
+    assert chart["version"] != "0.1.0", "the chart changed since 0.1.0 (its version is to move with it)"
 
 
 def test_a_probe_value_below_one_fails_naming_the_site() -> None:

@@ -60,6 +60,7 @@ def test_rbac_is_rendered_only_when_some_site_uses_the_kubernetes_launcher(tmp_p
         ("pods",): {"create", "get", "list", "watch", "delete"},
         ("pods/log",): {"get"},
         ("events",): {"list"},
+        ("secrets",): {"create", "patch", "delete", "deletecollection"},  # never get/list: others' Secrets
     }
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     (subject,) = binding["subjects"]
@@ -76,6 +77,8 @@ def test_a_kubernetes_launcher_site_pod_is_light_and_its_job_pods_get_the_gpus(t
     assert "nodeSelector" not in spec and "tolerations" not in spec
     assert spec["automountServiceAccountToken"] is True and spec["serviceAccountName"].endswith("-launcher")
     assert site["args"][site["args"].index("--launcher") + 1] == "kubernetes"
+    # gpus: 2 means 2 ranks of torch.distributed.run per job, run in the job pod that holds the 2 GPUs
+    assert site["args"][site["args"].index("--nproc-per-node") + 1] == "2"
     assert "/data" not in {m["mountPath"] for m in site["volumeMounts"]}
     fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in site["env"] if "valueFrom" in e}
     assert fields == {
@@ -103,7 +106,7 @@ def test_the_launcher_config_the_chart_writes_is_one_the_site_accepts(tmp_path: 
     from fl.site.kube_launch import LauncherConfig, build_pod
 
     config = LauncherConfig.from_dict(_launcher_config(render_values(tmp_path, LAUNCHER_VALUES), "1"))
-    pod = build_pod(config, name="p", site="site-1", job_id="j", relay_address="1.2.3.4:5", token="t", owner=None)
+    pod = build_pod(config, name="p", site="site-1", job_id="j", relay_address="1.2.3.4:5", secret="s", owner=None)
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 

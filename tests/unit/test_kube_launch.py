@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,18 @@ from typing import Any
 import pytest
 
 from fl.channel import ChannelClosed
-from fl.site.kube_launch import LauncherConfig, build_pod, delete_stale_pods, pod_state, relay_command
+from fl.site.kube_launch import (
+    LauncherConfig,
+    build_pod,
+    build_secret,
+    delete_stale_pods,
+    owner_reference,
+    pod_state,
+    relay_command,
+)
 from fl.site.kube_shim import PathMap
+from fl.site.kube_shim import main as shim_main
+from fl.site.kube_tls import RelayCertificate, RelayRefused, dial
 from fl.site.kube_wire import Wire, authenticate, present_token
 
 SETTINGS: dict[str, Any] = {
@@ -38,7 +49,7 @@ def _pod(**overrides: Any) -> dict[str, Any]:
         site="site-1",
         job_id="abc12345-job",
         relay_address="10.0.0.7:41234",
-        token="secret-token",
+        secret="fl-job-site-1-abc-0001",
         owner={"name": "fl-site-site-1-xyz", "uid": "uid-1"},
     )
 
@@ -49,7 +60,7 @@ def test_the_job_pod_requests_the_sites_gpus_and_keeps_its_other_resources() -> 
         "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
         "limits": {"memory": "32Gi", "nvidia.com/gpu": "2"},
     }
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert "NVIDIA_VISIBLE_DEVICES" not in env
 
 
@@ -78,8 +89,23 @@ def test_the_job_pod_carries_the_sites_scheduling_volumes_image_labels_and_owner
     assert meta["ownerReferences"] == [
         {"apiVersion": "v1", "kind": "Pod", "name": "fl-site-site-1-xyz", "uid": "uid-1", "blockOwnerDeletion": False}
     ]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["FL_RELAY_ADDRESS"] == "10.0.0.7:41234" and env["FL_RELAY_TOKEN"] == "secret-token"
+    env = {e["name"]: e.get("value") or e["valueFrom"] for e in container["env"]}
+    assert env["FL_RELAY_ADDRESS"] == "10.0.0.7:41234"
+    # the token and the pin come from the job's Secret: anyone who can get pods must not read the token
+    assert env["FL_RELAY_TOKEN"] == {"secretKeyRef": {"name": "fl-job-site-1-abc-0001", "key": "token"}}
+    assert env["FL_RELAY_CERT_SHA256"] == {"secretKeyRef": {"name": "fl-job-site-1-abc-0001", "key": "cert-sha256"}}
+
+
+def test_the_jobs_secret_holds_the_token_and_the_pin_and_is_labelled_as_its_pod() -> None:
+    config = LauncherConfig.from_dict(SETTINGS)
+    secret = build_secret(config, name="fl-job-x", site="site-1", job_id="abc12345-job", token="tok", sha256="ab" * 32)
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "fl-job-x"
+    assert secret["stringData"] == {"token": "tok", "cert-sha256": "ab" * 32}
+    assert secret["metadata"]["labels"] == _pod()["metadata"]["labels"]
+    pod = {"metadata": {"name": "fl-job-x", "uid": "u-9"}}
+    assert owner_reference(pod) == {
+        "apiVersion": "v1", "kind": "Pod", "name": "fl-job-x", "uid": "u-9", "blockOwnerDeletion": False
+    }  # fmt: skip
 
 
 def test_bad_launcher_settings_name_the_key() -> None:
@@ -141,15 +167,20 @@ class _Pods:
     def delete(self, namespace: str, name: str) -> None:
         self.deleted.append(name)
 
+    def delete_secrets(self, namespace: str, selector: str) -> None:
+        self.selectors.append(selector)
+        self.deleted.append("secrets")
+
 
 def test_a_starting_site_deletes_the_pods_of_its_earlier_life_by_label() -> None:
     pods = _Pods(["fl-job-site-1-a", "fl-job-site-1-b"])
     release = {"app.kubernetes.io/instance": "fl-a"}
     assert delete_stale_pods(pods, "ns", "site-1", labels=release, log=lambda _: None) == 2  # type: ignore[arg-type]
-    assert pods.deleted == ["fl-job-site-1-a", "fl-job-site-1-b"]
-    assert pods.selectors == [
-        "app.kubernetes.io/instance=fl-a,app.kubernetes.io/managed-by=fl-site-launcher,fl/site=site-1"
-    ]
+    assert pods.deleted == ["fl-job-site-1-a", "fl-job-site-1-b", "secrets"]
+    assert (
+        pods.selectors
+        == ["app.kubernetes.io/instance=fl-a,app.kubernetes.io/managed-by=fl-site-launcher,fl/site=site-1"] * 2
+    )
 
 
 def test_the_relay_command_wraps_the_script_and_passes_the_env_names_it_is_given(tmp_path: Path) -> None:
@@ -173,16 +204,89 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair()
 
 
-def test_the_wire_accepts_only_the_jobs_token() -> None:
-    relay_end, pod_end = _pair()
-    present_token(Wire(pod_end), "right")
-    assert authenticate(relay_end, "right") is not None
-    relay_end, pod_end = _pair()
-    present_token(Wire(pod_end), "wrong")
-    assert authenticate(relay_end, "right") is None
-    relay_end, pod_end = _pair()
-    pod_end.sendall(b'{"op":"hello"}\n')
-    assert authenticate(relay_end, "right") is None
+class _Relay:
+    """A relay's listener on loopback: each connection checked with ``authenticate`` in a thread."""
+
+    def __init__(self, token: str = "right") -> None:
+        self.certificate = RelayCertificate.generate()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.results: list[tuple[Wire | None, str]] = []
+        self.token = token
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self.listener.accept()
+        self.results.append(authenticate(sock, self.token, self.certificate.server_context()))
+
+    def result(self) -> tuple[Wire | None, str]:
+        self.thread.join(timeout=20)
+        self.listener.close()
+        return self.results[0]
+
+
+def test_the_relay_accepts_the_jobs_token_over_tls_to_its_pinned_certificate() -> None:
+    relay = _Relay()
+    pod = Wire(dial(relay.address, relay.certificate.sha256, timeout=10))
+    present_token(pod, "right")
+    wire, why = relay.result()
+    assert wire is not None and why == ""
+    assert isinstance(wire.sock, ssl.SSLSocket) and wire.sock.version() == "TLSv1.3"
+    wire.send({"op": "_start"})
+    assert pod.recv() == {"op": "_start"}
+    wire.close()
+    pod.close()
+
+
+def test_a_wrong_token_is_refused_and_the_pod_is_told_why() -> None:
+    relay = _Relay()
+    pod = Wire(dial(relay.address, relay.certificate.sha256, timeout=10))
+    present_token(pod, "wrong")
+    assert relay.result() == (None, "a wrong token")
+    refused = pod.recv()
+    assert refused["op"] == "_refused" and "a wrong token" in refused["message"]
+    with pytest.raises(ChannelClosed):
+        pod.recv()
+    pod.close()
+
+
+def test_the_pod_refuses_a_relay_whose_certificate_is_not_the_pinned_one() -> None:
+    relay = _Relay()
+    other = RelayCertificate.generate().sha256
+    with pytest.raises(RelayRefused, match=f"SHA-256 {relay.certificate.sha256}, not the job's pinned {other}"):
+        dial(relay.address, other, timeout=10)
+    wire, _ = relay.result()
+    assert wire is None  # the pod sent nothing: no token reached the wrong peer
+
+
+def test_a_connection_without_tls_is_refused() -> None:
+    relay = _Relay()
+    host, port = relay.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b'{"op":"_auth","token":"right"}\n')
+        wire, why = relay.result()
+    assert wire is None and why.startswith("no TLS handshake"), why
+
+
+def test_the_shim_exits_saying_why_when_the_relay_is_not_the_pinned_one(monkeypatch, capsys) -> None:
+    relay = _Relay()
+    monkeypatch.setenv("FL_RELAY_ADDRESS", relay.address)
+    monkeypatch.setenv("FL_RELAY_TOKEN", "right")
+    monkeypatch.setenv("FL_RELAY_CERT_SHA256", "00" * 32)
+    assert shim_main() == 1
+    assert "not the job's pinned " + "00" * 32 in capsys.readouterr().out
+    relay.result()
+
+
+def test_the_shim_exits_saying_why_when_the_relay_refuses_its_token(monkeypatch, capsys) -> None:
+    relay = _Relay(token="the-jobs")
+    monkeypatch.setenv("FL_RELAY_ADDRESS", relay.address)
+    monkeypatch.setenv("FL_RELAY_TOKEN", "another-jobs")
+    monkeypatch.setenv("FL_RELAY_CERT_SHA256", relay.certificate.sha256)
+    assert shim_main() == 1
+    assert "the relay refused this pod: a wrong token" in capsys.readouterr().out
+    assert relay.result() == (None, "a wrong token")
 
 
 def _send_ignoring_a_closed_peer(wire: Wire, body: Path) -> None:

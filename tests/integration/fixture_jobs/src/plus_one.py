@@ -1,7 +1,8 @@
 """A site script that trains nothing: returns the params it received plus one (numpy or torch).
 
 Options: --nan (send NaN instead), --crash-in-round R (raise in round R), --metric (report accuracy = round),
---spawn-sleeper (start a `sleep 300` child, as a DataLoader would start workers).
+--spawn-sleeper (start a `sleep 300` child, as a DataLoader would start workers), --count-runs (count this
+site's rounds in flare.get_state(), with --state-bytes N bytes of tensor beside the count, and print the count).
 """
 
 import argparse
@@ -17,6 +18,8 @@ parser.add_argument("--exit-in-round", type=int, default=-1)
 parser.add_argument("--metric", action="store_true")
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
 parser.add_argument("--spawn-sleeper", action="store_true", help="start a child that outlives the script")
+parser.add_argument("--count-runs", action="store_true", help="count rounds in the site's state store")
+parser.add_argument("--state-bytes", type=int, default=0, help="with --count-runs: a tensor of this many bytes")
 args = parser.parse_args()
 if args.spawn_sleeper:
     import subprocess
@@ -35,6 +38,14 @@ while flare.is_running():
     if model.current_round == args.exit_in_round:
         sys.exit(3)
     metrics = {"accuracy": float(model.current_round)} if args.metric else None
+    if args.count_runs:
+        import numpy as np
+
+        state = flare.get_state()
+        state["rounds"] = state.get("rounds", 0) + 1
+        if args.state_bytes:
+            state["ballast"] = np.zeros(args.state_bytes, dtype=np.uint8)
+        print(f"{site}: state says round {state['rounds']} of this site", flush=True)
     time.sleep(args.sleep)
     if flare.is_evaluate():
         flare.send(flare.FLModel(metrics=metrics))

@@ -433,6 +433,7 @@ class JobRun:
             and self.job_id not in session.running_jobs
         ):
             self.failed_sites.pop(session.name, None)
+            self.manager.broker.site_back(session.name, self.job_id)
             self.log.info("%s restarted: starting the job there again", session.name)
             self._start_on_site(session.name)
             # Tasks it had in flight go to it again: the round can still complete with it.
@@ -450,6 +451,7 @@ class JobRun:
             refs, self._site_apps = list(self._site_apps.values()), {}
         for ref in refs:
             self.manager.blobs.remove(ref.blob_id)
+        self.manager.broker.forget_job(self.job_id)
         self.components.clear()  # the run object outlives its job a little (its thread): its state need not
         self.workflows.clear()
         release_memory()

@@ -97,6 +97,8 @@ class TaskBroker:
         self.uploads = uploads
         self._pending: dict[str, PendingTask] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()  # task id -> why its round ended
+        # (site, job id) -> why the job failed there: a task made for it later fails at once, not at its deadline
+        self._failed: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         registry.directive_filter = self._wanted
         registry.on_site_lost(lambda site, reason: self.fail_site(site, None, f"site lost ({reason})"))
@@ -110,6 +112,18 @@ class TaskBroker:
     def add(self, task: PendingTask) -> None:
         with self._lock:
             self._pending[task.task_id] = task
+            failed = self._failed.get((task.site, task.job_id))
+        if failed is not None:  # the site's job failed while the round picked its sites
+            self._finish(task, None, failed)
+
+    def site_back(self, site: str, job_id: str) -> None:
+        """``site`` runs ``job_id`` again (it restarted): its new tasks are sent, not failed."""
+        with self._lock:
+            self._failed.pop((site, job_id), None)
+
+    def forget_job(self, job_id: str) -> None:
+        with self._lock:
+            self._failed = {key: why for key, why in self._failed.items() if key[1] != job_id}
 
     def close(self, task_ids: Sequence[str], reason: str = "the round had ended") -> None:
         """Close a round's tasks; a result that comes for one later is refused with ``reason``."""
@@ -215,8 +229,11 @@ class TaskBroker:
         return len(tasks)
 
     def fail_site(self, site: str, job_id: str | None, reason: str) -> None:
-        """Fail every pending task of ``site`` (for ``job_id``, or all its jobs)."""
+        """Fail every pending task of ``site`` (for ``job_id``, or all its jobs); with ``job_id``, its later
+        tasks of that job too, until :meth:`site_back`."""
         with self._lock:
+            if job_id is not None:
+                self._failed[(site, job_id)] = reason
             doomed = [
                 t
                 for t in self._pending.values()

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,3 +199,21 @@ def test_the_summary_says_why_there_is_no_best_model(tmp_path):
     atomic_write_json(tmp_path / "best_model.json", {"key_metric": "accuracy", "model_version": None, "reason": reason})
     record = JobRecord(job_id="j", name="probe", status="finished", num_rounds=2, sites=["a"])
     assert f"  no best model: {reason}" in _summary(record, tmp_path, 1.0).splitlines()
+
+
+def test_a_task_made_for_a_site_whose_job_already_failed_fails_at_once_not_at_its_deadline(tmp_path):
+    """The site's failure can reach the server between the round choosing its sites and queuing its tasks."""
+    rnd = Round(tmp_path)
+    rnd.broker.fail_site("site-2", JOB, "the training script exited (code 2)")
+    task = TaskSpec(name="train", round=0, num_rounds=2, expect_params=False)
+    started = time.monotonic()
+    with pytest.raises(RoundFailed, match=r"site-2: the training script exited \(code 2\)"):
+        rnd.comm.broadcast_and_wait(task, list(SITES), min_responses=2, timeout=3600)
+    assert time.monotonic() - started < 10
+    # Another job's tasks, and this job's once the site runs it again, are sent as usual.
+    rnd.broker.site_back("site-2", JOB)
+    rnd.start(min_responses=2, timeout=3600)
+    assert all(rnd.task_ids.values())
+    assert rnd.submit("site-1") == (True, "accepted") and rnd.submit("site-2") == (True, "accepted")
+    rnd.join()
+    assert rnd.error is None and len(rnd.results) == 2

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-t",
         "--threads",
         type=int,
-        help="sites training at the same time (default: all, or one a core when all would not fit in memory)",
+        help="sites training at the same time (default: all, or four a core when all would not fit in memory)",
     )
     p.add_argument(
         "--site-memory-gib",

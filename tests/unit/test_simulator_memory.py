@@ -1,5 +1,5 @@
 """The simulator refuses, before it starts anything, a run whose estimated memory exceeds what is left, and
-says what to change; without -t/--threads, a run whose sites cannot all train at once trains one a core instead;
+says what to change; without -t/--threads, a run whose sites cannot all train at once trains four a core instead;
 the estimate's parts follow its documented constants."""
 
 from __future__ import annotations
@@ -93,18 +93,19 @@ def test_sampling_and_threads_bound_the_sites_counted_as_training(export, monkey
     assert _check_memory(read_job(everyone), 8, 2, None) == 2  # threads=2
 
 
-def test_without_threads_a_run_whose_sites_cannot_all_train_at_once_trains_one_a_core(export, monkeypatch):
+def test_without_threads_a_run_whose_sites_cannot_all_train_at_once_trains_four_a_core(export, monkeypatch):
     from fl.server.jobstore import read_job
-    from fl.simulator import _check_memory
+    from fl.simulator import AUTO_RUNS_PER_CORE, _check_memory
 
+    assert AUTO_RUNS_PER_CORE == 4
     folder = export(sites=8, per_round=8)
     job = read_job(folder)
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
     room = estimate(8, 8, model_bytes_of(folder)).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
     assert _check_memory(job, 8, None, None) is None  # all at once fits: all at once
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room - 1, "available on this machine"))
-    assert _check_memory(job, 8, None, None) == 4  # one a core
+    assert _check_memory(job, 8, None, None) == 4  # four a core
     three = estimate(8, 3, model_bytes_of(folder)).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (three, "available on this machine"))
     assert _check_memory(job, 8, None, None) == 3  # as many as fit, when fewer than the cores

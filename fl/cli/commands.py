@@ -80,7 +80,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from fl.config import HostPolicy
     from fl.fsutil import LockHeld
     from fl.server.admission import RevocationListError
-    from fl.server.app import FLServer
+    from fl.server.app import DEFAULT_RPC_WORKERS, FLServer, reserved_rpc_workers
     from fl.server.jobs import DEFAULT_MAX_LOG_BYTES
 
     setup_logging(args.log_format, args.log_level)
@@ -89,6 +89,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     max_log_bytes = DEFAULT_MAX_LOG_BYTES if args.max_log_bytes is None else args.max_log_bytes
     if max_log_bytes < 4096 or args.max_running_jobs < 1:
         return _fail("fl server: --max-log-bytes must be at least 4096 and --max-running-jobs at least 1")
+    try:
+        rpc_workers = DEFAULT_RPC_WORKERS if args.rpc_workers is None else int(args.rpc_workers)
+        reserved_rpc_workers(rpc_workers)
+    except ValueError as exc:
+        return _fail(f"fl server: --rpc-workers {args.rpc_workers}: {exc}")
     tls, error = _tls_or_insecure(args, "fl server")
     if error is not None:
         return error
@@ -116,6 +121,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             policy=HostPolicy(job_code=not args.no_custom_code, data_roots=data_roots),
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            max_workers=rpc_workers,
             **({} if args.status_interval is None else {"status_interval": args.status_interval}),
         )
     except LockHeld as exc:

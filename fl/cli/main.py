@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_alias(p, sites, "-c", "--clients")
     p.add_argument("-w", "--workspace", default="/tmp/fl/simulate", help="simulation workspace")
-    p.add_argument("-t", "--threads", type=int, help="sites training at the same time (default: all)")
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        help="sites training at the same time (default: all, or four a core when all would not fit in memory)",
+    )
     p.add_argument(
         "--site-memory-gib",
         type=_positive_gib,
@@ -183,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(env FL_DATA_ROOTS, separated by ':')",
     )
     p.add_argument("--max-running-jobs", type=int, default=1, help="jobs that run at the same time")
+    p.add_argument(
+        "--rpc-workers",
+        type=int,
+        default=_env("FL_RPC_WORKERS"),
+        help="threads serving RPCs (default 256; env FL_RPC_WORKERS). A site's waiting poll holds one, up to all "
+        "but an eighth (8 to 64) kept for heartbeats, uploads and admin calls; past that, sites poll with a "
+        "back-off. Give about the number of sites plus 64 for every site's directive to arrive at once",
+    )
     p.add_argument(
         "--max-log-bytes",
         type=int,

@@ -53,16 +53,18 @@ class PollRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class PollReply(_message.Message):
-    __slots__ = ("start_job", "task", "end_job", "unknown_session")
+    __slots__ = ("start_job", "task", "end_job", "unknown_session", "retry_after_s")
     START_JOB_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     END_JOB_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_SESSION_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     start_job: StartJob
     task: Task
     end_job: EndJob
     unknown_session: bool
-    def __init__(self, start_job: _Optional[_Union[StartJob, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., end_job: _Optional[_Union[EndJob, _Mapping]] = ..., unknown_session: _Optional[bool] = ...) -> None: ...
+    retry_after_s: float
+    def __init__(self, start_job: _Optional[_Union[StartJob, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., end_job: _Optional[_Union[EndJob, _Mapping]] = ..., unknown_session: _Optional[bool] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class BlobRef(_message.Message):
     __slots__ = ("blob_id", "size", "checksum")

@@ -23,12 +23,31 @@ from fl.server.transfers import BlobStore, UploadManager
 from fl.transport import TLSConfig, is_loopback, make_server
 from fl.transport.bulk import bulk_handler
 
-__all__ = ["FLServer"]
+__all__ = ["DEFAULT_RPC_WORKERS", "FLServer", "reserved_rpc_workers", "rpc_workers_for"]
 
 log = adapter("fl.server", site="server")
 SERVICE_NAME = "fl.v1.Federation"
 #: RPCs a server serves at once by default (make_server's): sites' long polls plus transfers and admin calls.
 DEFAULT_RPC_WORKERS = 256
+#: RPC workers that sites' waiting polls may never take (an eighth of them, within these bounds): kept
+#: for heartbeats, uploads, downloads and admin calls, however many sites wait for directives.
+MIN_RESERVED_RPC_WORKERS = 8
+MAX_RESERVED_RPC_WORKERS = 64
+
+
+def reserved_rpc_workers(max_workers: int) -> int:
+    """The workers of ``max_workers`` that no long poll may hold (see the constants)."""
+    if max_workers < MIN_RESERVED_RPC_WORKERS + 1:
+        raise ValueError(
+            f"max_workers {max_workers}: a server needs at least {MIN_RESERVED_RPC_WORKERS + 1} RPC workers "
+            f"({MIN_RESERVED_RPC_WORKERS} kept from sites' long polls, one for a poll)"
+        )
+    return min(MAX_RESERVED_RPC_WORKERS, max(MIN_RESERVED_RPC_WORKERS, max_workers // 8))
+
+
+def rpc_workers_for(sites: int) -> int:
+    """Workers enough for ``sites`` sites' polls to wait at once beside the default's reserve."""
+    return max(DEFAULT_RPC_WORKERS, sites + MAX_RESERVED_RPC_WORKERS)
 
 
 class FLServer:
@@ -56,8 +75,11 @@ class FLServer:
         metrics_host: str | None = None,
         max_workers: int = DEFAULT_RPC_WORKERS,
     ) -> None:
-        """``max_workers``: RPCs served at once; every site's long poll holds one, so it must exceed the sites."""
+        """``max_workers``: RPCs served at once. A site's waiting long poll holds one; all but
+        :func:`reserved_rpc_workers` of them may be so held, past that a poll is told to come back
+        later (fl.server.sites), so heartbeats and uploads are served however many sites there are."""
         self.max_workers = max_workers
+        parked = max_workers - reserved_rpc_workers(max_workers)
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -67,7 +89,9 @@ class FLServer:
         self.allow_insecure_admin = tls is None and is_loopback(host)
         self.staging_dir = self.workspace / "staging"
         self.staging_dir.mkdir(exist_ok=True)
-        self.registry = SiteRegistry(heartbeat_interval=heartbeat_interval, lost_after=lost_after)
+        self.registry = SiteRegistry(
+            heartbeat_interval=heartbeat_interval, lost_after=lost_after, max_parked_polls=parked
+        )
         self.blobs = BlobStore()
         self.uploads = UploadManager(self.workspace / "spool")
         self.broker = TaskBroker(self.registry, self.blobs, self.uploads)

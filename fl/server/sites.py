@@ -7,10 +7,18 @@ declared lost, and listeners (the task broker) fail what it had in flight.
 A long poll waits on its own site's condition (all share the registry's one lock): a directive for
 one site wakes that site's poll alone, and a waiting poll costs no CPU, so a server can hold a
 thousand of them (the simulator's sites) without a wake-up per second each.
+
+A waiting poll does hold one of the server's RPC worker threads, though. So that sites' polls can
+never take every worker (heartbeats, uploads and admin calls would then queue behind polls that wait
+a minute, and sites would be declared lost), at most ``max_parked_polls`` polls wait at once: past
+that, a poll with nothing to deliver returns at once with ``retry_after_s``, a back-off the agent
+honours before it polls again (:func:`busy_retry_after`). A directive is still handed over at the
+first poll that finds it, parked or not.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
 import threading
 import time
@@ -21,7 +29,7 @@ from dataclasses import dataclass, field
 from fl.log import adapter
 from fl.proto import federation_pb2 as pb
 
-__all__ = ["SiteRegistry", "SiteSession"]
+__all__ = ["BUSY_RETRY_BASE_S", "BUSY_RETRY_MAX_S", "SiteRegistry", "SiteSession", "busy_retry_after"]
 
 log = adapter("fl.server", site="server")
 
@@ -39,13 +47,40 @@ class SiteSession:
 
 SiteListener = Callable[[str, str], None]  # (site name, reason)
 
+#: Seconds a refused poll's site waits before it polls again, when there are as many sites as polls
+#: may wait; the hint grows with the sites per waiting slot, so that the refused polls of all sites
+#: together come at about ``max_parked_polls / BUSY_RETRY_BASE_S`` a second however many sites there are.
+BUSY_RETRY_BASE_S = 2.0
+#: The longest back-off a refused poll is told (a directive waits at most this long for such a site).
+BUSY_RETRY_MAX_S = 30.0
+
+
+def busy_retry_after(sites: int, max_parked: int, rng: random.Random | None = None) -> float:
+    """The back-off for a poll refused because ``max_parked`` polls already wait, with ``sites``
+    sites connected: ``BUSY_RETRY_BASE_S`` per waiting slot's worth of sites, within 1 s to
+    ``BUSY_RETRY_MAX_S``, jittered by +-25% so that refused sites do not come back together."""
+    base = BUSY_RETRY_BASE_S * max(1.0, sites / max(1, max_parked))
+    jitter = (rng or random).uniform(0.75, 1.25)
+    return round(min(BUSY_RETRY_MAX_S, max(1.0, base * jitter)), 3)
+
 
 class SiteRegistry:
     """Thread-safe registry of site sessions and directive queues."""
 
-    def __init__(self, *, heartbeat_interval: float = 5.0, lost_after: float = 30.0) -> None:
+    def __init__(
+        self, *, heartbeat_interval: float = 5.0, lost_after: float = 30.0, max_parked_polls: int | None = None
+    ) -> None:
+        """``max_parked_polls``: long polls that may wait at once (None: no limit); see the module's docstring."""
+        if max_parked_polls is not None and max_parked_polls < 1:
+            raise ValueError(f"max_parked_polls must be at least 1, not {max_parked_polls}")
         self.heartbeat_interval = heartbeat_interval
         self.lost_after = lost_after
+        self.max_parked_polls = max_parked_polls
+        self._parked = 0  # polls waiting now (under the lock)
+        #: Polls that found nothing to deliver and no room to wait, since the start (for metrics and tests).
+        self.polls_refused = 0
+        #: The most polls that waited at once, since the start.
+        self.parked_peak = 0
         self._mutex = threading.RLock()  # the registry's one lock, under every condition below
         self._lock = threading.Condition(self._mutex)  # notified when who is connected changes
         self._arrivals: dict[str, threading.Condition] = {}  # by site name, on the same lock: wakes its polls
@@ -179,29 +214,48 @@ class SiteRegistry:
 
         Waiting is not a sign of life: only the call itself counts as one (a site that died mid-poll
         must still be declared lost), and a caller that went away gets nothing popped for it (its
-        RPC's end should call :meth:`wake`, so that the wait ends at once).
+        RPC's end should call :meth:`wake`, so that the wait ends at once). When ``max_parked_polls``
+        polls already wait, an empty reply with ``retry_after_s`` comes back at once instead.
         """
         deadline = time.monotonic() + max(0.0, min(wait, 60.0))
         with self._lock:
             first = True
-            while True:
-                session = self._sessions.get(session_id)
-                if session is None:
-                    return pb.PollReply(unknown_session=True)
-                if first:
-                    session.last_seen = time.time()
-                    first = False
-                if not is_active():
-                    return pb.PollReply()
-                queue = self._queues.setdefault(session.name, deque())
-                while queue:
-                    directive = queue.popleft()
-                    if self.directive_filter(session.name, directive):
-                        return directive
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stop.is_set():
-                    return pb.PollReply()
-                self._arrival(session.name).wait(remaining)
+            parked = False
+            try:
+                while True:
+                    session = self._sessions.get(session_id)
+                    if session is None:
+                        return pb.PollReply(unknown_session=True)
+                    if first:
+                        session.last_seen = time.time()
+                        first = False
+                    if not is_active():
+                        return pb.PollReply()
+                    queue = self._queues.setdefault(session.name, deque())
+                    while queue:
+                        directive = queue.popleft()
+                        if self.directive_filter(session.name, directive):
+                            return directive
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._stop.is_set():
+                        return pb.PollReply()
+                    if not parked:
+                        if self.max_parked_polls is not None and self._parked >= self.max_parked_polls:
+                            self.polls_refused += 1
+                            hint = busy_retry_after(len(self._sessions), self.max_parked_polls)
+                            return pb.PollReply(retry_after_s=hint)
+                        parked = True
+                        self._parked += 1
+                        self.parked_peak = max(self.parked_peak, self._parked)
+                    self._arrival(session.name).wait(remaining)
+            finally:
+                if parked:
+                    self._parked -= 1
+
+    def parked_polls(self) -> int:
+        """Long polls waiting now."""
+        with self._lock:
+            return self._parked
 
     def drop_directives(self, site: str, predicate: Callable[[pb.PollReply], bool]) -> None:
         with self._lock:

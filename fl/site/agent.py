@@ -27,6 +27,7 @@ from fl.memory import tune_malloc
 from fl.metrics import SiteMetrics
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
+from fl.site.gate import RunGate
 from fl.site.job_runner import JobRunner
 from fl.site.loops import SharedLoops
 from fl.transport import TLSConfig, make_channel
@@ -38,6 +39,16 @@ POLL_WAIT_S = 20.0
 RPC_TIMEOUT_S = 30.0
 #: Seconds an agent on shared loops waits after a failed poll before the next (the threaded loop's pause).
 RETRY_AFTER_S = 1.0
+#: The longest back-off an agent takes on a busy server's word (PollReply.retry_after_s).
+MAX_BUSY_RETRY_S = 60.0
+
+
+def poll_pause(reply: pb.PollReply) -> float:
+    """Seconds to wait before the next poll after ``reply``: none after a directive or an ordinary
+    empty reply; the server's back-off hint, bounded, when it had no room for the poll to wait."""
+    if reply.WhichOneof("directive") is not None or reply.unknown_session:
+        return 0.0
+    return min(MAX_BUSY_RETRY_S, max(0.0, reply.retry_after_s))
 
 
 class SiteAgent:
@@ -52,7 +63,7 @@ class SiteAgent:
         tls: TLSConfig | None = None,
         server_name: str | None = None,
         accepts_custom_code: bool = True,
-        task_gate: threading.Semaphore | None = None,
+        task_gate: RunGate | None = None,
         exchange_root: Path | None = None,
         metrics_port: int = 0,
         metrics_host: str = "127.0.0.1",
@@ -233,6 +244,9 @@ class SiteAgent:
                 self.stop_event.wait(RETRY_AFTER_S)
                 continue
             self._on_poll_reply(reply)
+            pause = poll_pause(reply)
+            if pause:
+                self.stop_event.wait(pause)
 
     def _poll_request(self) -> pb.PollRequest:
         return pb.PollRequest(session_id=self.session_id, wait_s=self.poll_wait)
@@ -273,7 +287,7 @@ class SiteAgent:
             self._loops.after(RETRY_AFTER_S, self._poll_step)
             return
         self._on_poll_reply(reply)
-        self._loops.after(0.0, self._poll_step)
+        self._loops.after(poll_pause(reply), self._poll_step)
 
     def _connection_trouble(self, exc: grpc.RpcError) -> None:
         code = exc.code()

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
@@ -45,6 +47,8 @@ __all__ = ["JobRunner"]
 
 LAST_LINES = 40
 END_GRACE_S = 30.0
+#: Seconds the reporter gathers a script's output lines and metrics into one Report after the first.
+REPORT_INTERVAL_S = 0.5
 #: What a per-task run's script hears when it asks for a second task: its run is over, not the job.
 RUN_OVER = {"op": "end", "status": "run_over", "message": "this run's task is done (launch_once=False)"}
 _fallback_logged = False  # the Popen fallback (no fork server for this script) is said once a process
@@ -89,6 +93,8 @@ class JobRunner:
         self._outbox_lines: list[pb.LogLine] = []
         self._outbox_metrics: list[pb.MetricRecord] = []
         self._outbox_lock = threading.Lock()
+        #: set when lines or metrics wait in the outbox, or the job is done: the reporter sleeps until then
+        self._outbox_ready = threading.Event()
         self._failed_reported = False
         self._gate_held = False
         #: launch_once (the default) or per task: set from the job's executor and the host's default at setup
@@ -109,14 +115,26 @@ class JobRunner:
         threading.Thread(target=self._flush_loop, name="fl-report", daemon=True).start()
 
     def add_task(self, task: pb.Task) -> None:
-        """A task directive arrived: fetch its model now, hand it to the script when it asks."""
+        """A task directive arrived: fetch its model now and hand it to the script when it asks; or,
+        per task behind a run gate, queue it and fetch its model once its run has a place."""
+        if self._configured.is_set() and self._defers_fetch():
+            self.tasks.put((task, None))
+            return
         threading.Thread(target=self._prepare_task, args=(task,), name="fl-fetch", daemon=True).start()
+
+    def _defers_fetch(self) -> bool:
+        """Per task behind a run gate (a simulation of more sites than run at once): a model is
+        fetched when its run gets a place, so the exchange holds the models of the runs that have
+        one, not one for every site waiting its turn, and a round's downloads come a few at a time."""
+        return not self.launch_once and self.agent.task_gate is not None
 
     def end(self, status: str, message: str) -> None:
         """The server ended the job: tell the script (at its next request) and let it exit."""
         if self.ended is None:
             self.ended = _Ended(status, message)
             self.tasks.put(self.ended)
+            if self.agent.task_gate is not None:
+                self.agent.task_gate.wake()  # a run of this job waiting for a place gives up
             threading.Thread(target=self._reap_after_end, daemon=True).start()
 
     def stop(self, reason: str) -> None:
@@ -128,6 +146,17 @@ class JobRunner:
 
     # ------------------------------------------------------------------ the job
     def _prepare_task(self, task: pb.Task) -> None:
+        self._configured.wait()  # a task may come while the app is still being unpacked
+        if self._defers_fetch():
+            self.tasks.put((task, None))
+            return
+        fetched, path = self._fetch(task)
+        if fetched:
+            self.tasks.put((task, path))
+
+    def _fetch(self, task: pb.Task) -> tuple[bool, Path | None]:
+        """Download the task's model (if it has one) into the exchange and run the data filters on it:
+        (True, its path or None), or (False, None) once the failure is reported to the server."""
         path: Path | None = None
         try:
             if task.model.blob_id:
@@ -143,19 +172,18 @@ class JobRunner:
                     meter=self.agent.metrics.transfers,
                 )
                 self._log_transfer("model downloaded", task.model.size, started, task)
-                self._configured.wait()  # a task may come while the app is still being unpacked
                 self._filter(self.data_filters, task, path, task.params_type or "FULL", None, {})
         except TransferFailed as exc:
             self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra=_tag(task))
             self._submit_error(task, f"model download failed: {exc}")
-            return
+            return False, None
         except FilterError as exc:
             self.log.error("task %s refused: %s", task.name, exc, extra=_tag(task))
             self._submit_error(task, str(exc))
             if path is not None:
                 path.unlink(missing_ok=True)
-            return
-        self.tasks.put((task, path))
+            return False, None
+        return True, path
 
     def _run(self) -> None:
         try:
@@ -169,7 +197,7 @@ class JobRunner:
             self._report(job_state="running")
         except (JobError, ConfigError, TransferFailed, OSError, ValueError) as exc:  # a LaunchError is a ValueError
             self._fail(f"could not start the job: {exc}")
-            self.done.set()
+            self._done()
             return
         if self.launch_once:
             code = self._wait_script()
@@ -183,7 +211,11 @@ class JobRunner:
             self._report_finished()
         self._release_gate()
         shutil.rmtree(self.exchange, ignore_errors=True)
+        self._done()
+
+    def _done(self) -> None:
         self.done.set()
+        self._outbox_ready.set()  # the reporter sends what is left and ends
 
     def _report_finished(self) -> None:
         self._report(job_state="finished" if self.ended is None or self.ended.status == "finished" else "")
@@ -206,8 +238,13 @@ class JobRunner:
                 return True
             if not self._acquire_run_gate():
                 return True
-            task = item[0]
-            self._run_item = item
+            task, path = item
+            if task.model.blob_id and path is None:  # deferred until its run had a place
+                fetched, path = self._fetch(task)
+                if not fetched:
+                    self._release_gate()
+                    continue
+            self._run_item = (task, path)
             self.current_task = task
             self.round = task.round
             try:
@@ -231,9 +268,8 @@ class JobRunner:
         """Per task: wait for a place among the scripts allowed at once; False if the job ended meanwhile."""
         gate = self.agent.task_gate
         if gate is not None:
-            while not gate.acquire(timeout=0.5):
-                if self.stop_event.is_set() or self.ended is not None:
-                    return False
+            if not gate.acquire(give_up=lambda: self.stop_event.is_set() or self.ended is not None):
+                return False
             self._gate_held = True
         if self.stop_event.is_set():
             self._release_gate()
@@ -374,6 +410,7 @@ class JobRunner:
                     self._outbox_lines.append(
                         pb.LogLine(time=time.time(), line=line, site=self.agent.name, round=(self.round or 0) + 1)
                     )
+            self._outbox_ready.set()
         self._drain_done.set()
 
     # ------------------------------------------------------------------ the script's requests
@@ -517,6 +554,8 @@ class JobRunner:
                 ),
             )
             accepted, text = reply.accepted, reply.message
+        except grpc.RpcError as exc:  # the relay goes on: the script gets a refusal, the server times the task out
+            accepted, text = False, f"could not submit the result: {exc.code().name}: {exc.details()}"
         except TransferFailed as exc:
             accepted, text = False, str(exc)
             self._submit_error(task, f"result upload failed: {exc}")  # so the server need not wait it out
@@ -599,6 +638,7 @@ class JobRunner:
                         text=str(r.get("text") or "")[:MAX_RECORD_TEXT],
                     )
                 )
+        self._outbox_ready.set()
 
     # ------------------------------------------------------------------ reporting
     def _report(self, *, job_state: str = "", message: str = "") -> None:
@@ -624,7 +664,15 @@ class JobRunner:
                 self.log.warning("could not report job state %r to the server: %s", job_state, exc)
 
     def _flush_loop(self) -> None:
-        while not self.done.wait(0.5):
+        """Send the outbox when something is in it, gathering what comes within REPORT_INTERVAL_S into
+        one Report; an idle job's reporter sleeps (a thousand simulated sites' reporters woken twice a
+        second each kept two cores busy)."""
+        while True:
+            self._outbox_ready.wait()
+            if self.done.is_set():
+                break
+            self.done.wait(REPORT_INTERVAL_S)
+            self._outbox_ready.clear()
             self._report()
         self._report()
 

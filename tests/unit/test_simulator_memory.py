@@ -1,5 +1,6 @@
 """The simulator refuses, before it starts anything, a run whose estimated memory exceeds what is left, and
-says what to change; the estimate's parts follow its documented constants."""
+says what to change; without -t/--threads, a run whose sites cannot all train at once trains four a core instead;
+the estimate's parts follow its documented constants."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_a_refusal_says_the_estimate_what_is_available_and_what_to_change():
 
 def test_simulate_refuses_a_run_too_big_before_it_makes_its_workspace(export, tmp_path, monkeypatch, caplog):
     folder = export(sites=8, per_round=8)
-    monkeypatch.setattr(sim_memory, "available_memory", lambda: (GiB, "available on this machine"))
+    # Less than the base and one training site: not even one at a time fits.
+    monkeypatch.setattr(sim_memory, "available_memory", lambda: (GiB // 4, "available on this machine"))
     workspace = tmp_path / "ws"
     logger = logging.getLogger("fl.simulator")  # fl's loggers do not propagate to caplog's root handler
     logger.addHandler(caplog.handler)
@@ -87,8 +89,26 @@ def test_sampling_and_threads_bound_the_sites_counted_as_training(export, monkey
     _check_memory(read_job(sampled), 8, None, None)  # num_clients=2: two train at once
     everyone = export(sites=8, per_round=8)
     with pytest.raises(JobError, match="8 training at once"):
-        _check_memory(read_job(everyone), 8, None, None)
-    _check_memory(read_job(everyone), 8, 2, None)  # threads=2
+        _check_memory(read_job(everyone), 8, 8, None)  # threads=8, said so: refused, not changed
+    assert _check_memory(read_job(everyone), 8, 2, None) == 2  # threads=2
+
+
+def test_without_threads_a_run_whose_sites_cannot_all_train_at_once_trains_four_a_core(export, monkeypatch):
+    from fl.server.jobstore import read_job
+    from fl.simulator import AUTO_RUNS_PER_CORE, _check_memory
+
+    assert AUTO_RUNS_PER_CORE == 4
+    folder = export(sites=8, per_round=8)
+    job = read_job(folder)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    room = estimate(8, 8, model_bytes_of(folder)).total
+    monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
+    assert _check_memory(job, 8, None, None) is None  # all at once fits: all at once
+    monkeypatch.setattr(sim_memory, "available_memory", lambda: (room - 1, "available on this machine"))
+    assert _check_memory(job, 8, None, None) == 4  # four a core
+    three = estimate(8, 3, model_bytes_of(folder)).total
+    monkeypatch.setattr(sim_memory, "available_memory", lambda: (three, "available on this machine"))
+    assert _check_memory(job, 8, None, None) == 3  # as many as fit, when fewer than the cores
 
 
 def test_a_lighter_script_said_so_fits_where_the_default_does_not(export, monkeypatch):
@@ -99,8 +119,8 @@ def test_a_lighter_script_said_so_fits_where_the_default_does_not(export, monkey
     room = estimate(8, 8, model_bytes_of(folder), training_site_bytes=64 * MiB).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
     with pytest.raises(JobError, match="needs an estimated"):
-        _check_memory(read_job(folder), 8, None, None)
-    _check_memory(read_job(folder), 8, None, 64 * MiB)
+        _check_memory(read_job(folder), 8, 8, None)
+    _check_memory(read_job(folder), 8, 8, 64 * MiB)
 
 
 def test_the_cgroup_room_is_the_limit_less_the_usage(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -46,7 +47,7 @@ from fl.server.app import FLServer, rpc_workers_for
 from fl.server.jobs import TERMINAL, JobRecord
 from fl.server.jobstore import JobError, JobSpec, read_job
 from fl.site import fork_server
-from fl.site.agent import SiteAgent
+from fl.site.agent import STOP_WAIT_S, SiteAgent
 from fl.site.gate import RunGate
 from fl.site.loops import SharedLoops
 from fl.transport import make_channel
@@ -503,6 +504,11 @@ MAX_HEARTBEAT_S = 60.0
 #: A simulated site's long poll waits this long (the server caps a poll at 60 s): an idle site polls
 #: once a minute, while a directive still reaches it at once.
 SIM_POLL_WAIT_S = 55.0
+# A sites host at the end of a run: how long its sites' scripts may take to exit after their jobs ended
+# (all sites together), and how many sites it stops at once. The parent waits HOST_GRACE_S for it.
+FINISH_WAIT_S = 10.0
+STOPPING_THREADS = 32
+HOST_GRACE_S = 40.0
 #: Channels (TCP connections) a sites host's agents share: gRPC multiplexes their calls; a few keep
 #: model transfers of different sites off one connection's flow-control window.
 CHANNELS_PER_HOST = 4
@@ -607,11 +613,12 @@ class _SitesHost:
                 proc.stdin.close()
             except OSError:
                 pass
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + HOST_GRACE_S
         for proc in self.procs:
             try:
                 proc.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                log.warning("a sites host did not exit within %.0f s of the run's end: killed", HOST_GRACE_S)
                 proc.kill()
                 proc.wait(10)
 
@@ -653,11 +660,17 @@ def _run_sites(argv: list[str] | None = None) -> int:
     for agent in agents:
         agent.start(loops)
     command = sys.stdin.readline().strip()  # "finish", "stop", or EOF when the parent died
+    # One deadline for all the sites (one each would add up past the parent's grace with hundreds),
+    # and their scripts stopped side by side (a script may take 10 s to leave after SIGTERM).
     if command == "finish":
+        idle_by = time.monotonic() + FINISH_WAIT_S
         for agent in agents:
-            agent.wait_idle(10.0)
+            agent.wait_jobs_done(idle_by)
+    with ThreadPoolExecutor(max_workers=STOPPING_THREADS, thread_name_prefix="fl-stop") as pool:
+        list(pool.map(lambda agent: agent.request_stop("simulation over"), agents))
+    closed_by = time.monotonic() + STOP_WAIT_S
     for agent in agents:
-        agent.stop("simulation over")
+        agent.close(closed_by)
     if warm is not None:
         warm.stop()
     loops.stop()

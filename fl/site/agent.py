@@ -41,6 +41,8 @@ RPC_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1.0
 #: The longest back-off an agent takes on a busy server's word (PollReply.retry_after_s).
 MAX_BUSY_RETRY_S = 60.0
+# How long stop() waits for the job runners (their scripts get SIGTERM, then SIGKILL after 10 s).
+STOP_WAIT_S = 15.0
 
 
 def poll_pause(reply: pb.PollReply) -> float:
@@ -211,12 +213,20 @@ class SiteAgent:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every job's script has exited (after its job ended); False at the deadline."""
-        deadline = time.monotonic() + timeout
+        return self.wait_jobs_done(time.monotonic() + timeout)
+
+    def wait_jobs_done(self, deadline: float) -> bool:
+        """Wait until every job runner here is done, or the (monotonic) deadline; False at the deadline."""
         with self._lock:
             runners = list(self.runners.values())
         return all(r.done.wait(max(0.0, deadline - time.monotonic())) for r in runners)
 
     def stop(self, reason: str = "site stopping") -> None:
+        self.request_stop(reason)
+        self.close(time.monotonic() + STOP_WAIT_S)
+
+    def request_stop(self, reason: str) -> None:
+        """Stop polling and tell every job runner to stop; returns at once (many agents stop together)."""
         self.stop_event.set()
         if self._poll_call is not None:
             self._poll_call.cancel()
@@ -224,8 +234,10 @@ class SiteAgent:
             runners = list(self.runners.values())
         for runner in runners:
             runner.stop(reason)
-        for runner in runners:
-            runner.done.wait(15)
+
+    def close(self, deadline: float) -> None:
+        """After :meth:`request_stop`: wait for the runners until ``deadline``, then release the channel."""
+        self.wait_jobs_done(deadline)
         if self._owns_channel:
             self.channel.close()
         self.metrics.close()

@@ -246,6 +246,7 @@ def test_200_virtual_sites_fit_in_the_memory_of_a_few_sites(tmp_path):
     assert many.code == 0, many.problems()
     assert "scripts run per task (launch_once=False): 200 sites and threads=2" in many.output
     assert "sampled 40 of 200 sites" in many.output
+    assert "did not exit within" not in many.output  # the sites host ended its 200 sites in its grace
     bound = 3 * one.peak_pss
     print(
         f"1 site: {one.peak_pss / 2**30:.2f} GiB PSS in {one.seconds:.0f} s; "

@@ -134,16 +134,10 @@ class JobRunner:
             if task.model.blob_id:
                 path = self.exchange / f"task-{task.task_id}.safetensors"
                 started = time.monotonic()
-                download_blob(
-                    self.agent.bulk,
-                    self.agent.current_session,
-                    task.model,
-                    path,
-                    deadline=task.deadline or time.time() + 3600,
-                    stop=self.stop_event,
-                    meter=self.agent.metrics.transfers,
-                )
-                self._log_transfer("model downloaded", task.model.size, started, task)
+                if self._download_model(task, path):
+                    self.log.info("model shared with another site of this host (one download)", extra=_tag(task))
+                else:
+                    self._log_transfer("model downloaded", task.model.size, started, task)
                 self._configured.wait()  # a task may come while the app is still being unpacked
                 self._filter(self.data_filters, task, path, task.params_type or "FULL", None, {})
         except TransferFailed as exc:
@@ -157,6 +151,28 @@ class JobRunner:
                 path.unlink(missing_ok=True)
             return
         self.tasks.put((task, path))
+
+    def _download_model(self, task: pb.Task, path: Path) -> bool:
+        """Download ``task``'s model to ``path``; True if it came as a link to another site's copy."""
+
+        def download() -> None:
+            download_blob(
+                self.agent.bulk,
+                self.agent.current_session,
+                task.model,
+                path,
+                deadline=task.deadline or time.time() + 3600,
+                stop=self.stop_event,
+                meter=self.agent.metrics.transfers,
+            )
+
+        shared = self.agent.shared_downloads
+        if shared is not None:
+            self._configured.wait()  # the data filters are known (a filtered file is this site's own)
+            if not self.data_filters.for_task(task.name):
+                return shared.fetch(task.model.checksum, task.model.size, path, download)
+        download()
+        return False
 
     def _run(self) -> None:
         try:

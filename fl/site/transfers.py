@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -24,7 +24,7 @@ from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES, BulkStub, UploadMeta
 
-__all__ = ["TransferFailed", "download_blob", "upload_file"]
+__all__ = ["TransferFailed", "download_blob", "upload_file", "upload_stream"]
 
 log = logging.getLogger("fl.site.transfers")
 
@@ -37,6 +37,12 @@ RETRYABLE = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+class Stop(Protocol):
+    """What a transfer checks between attempts (a threading.Event, or anything with its ``is_set``)."""
+
+    def is_set(self) -> bool: ...
 
 
 class TransferFailed(RuntimeError):
@@ -91,7 +97,7 @@ def download_blob(
     *,
     deadline: float,
     chunk_timeout: float = 60.0,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     meter: TransferMeter | None = None,
 ) -> None:
     """Download ``ref`` to ``dest`` (atomically), resuming after failures until ``deadline`` (unix time)."""
@@ -150,7 +156,7 @@ def upload_file(
     deadline: float,
     checksum: str | None = None,
     chunk_timeout: float = 60.0,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     meter: TransferMeter | None = None,
 ) -> str:
     """Upload a file for a task, resuming after failures until ``deadline``; returns the upload id.
@@ -160,8 +166,59 @@ def upload_file(
     """
     if checksum is None:
         checksum = file_checksum(str(path)).hexdigest()
+
+    def read_from(start: int) -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
+                yield data
+
+    return _upload(
+        stub, control, session_id, read_from, path.stat().st_size, checksum,
+        job_id=job_id, task_id=task_id, deadline=deadline, chunk_timeout=chunk_timeout, stop=stop, meter=meter,
+    )  # fmt: skip
+
+
+@counts_failures("upload")
+def upload_stream(
+    stub: BulkStub,
+    control: pb_grpc.FederationStub,
+    session_id: Callable[[], str],
+    read_from: Callable[[int], Iterator[bytes]],
+    total: int,
+    checksum: str,
+    *,
+    job_id: str,
+    task_id: str,
+    deadline: float,
+    chunk_timeout: float = 60.0,
+    stop: Stop | None = None,
+    meter: TransferMeter | None = None,
+) -> str:
+    """Upload ``total`` bytes that ``read_from(offset)`` yields from any offset (e.g. pulled from the
+    training script), resuming after failures as :func:`upload_file` does; returns the upload id."""
+    return _upload(
+        stub, control, session_id, read_from, total, checksum,
+        job_id=job_id, task_id=task_id, deadline=deadline, chunk_timeout=chunk_timeout, stop=stop, meter=meter,
+    )  # fmt: skip
+
+
+def _upload(
+    stub: BulkStub,
+    control: pb_grpc.FederationStub,
+    session_id: Callable[[], str],
+    read_from: Callable[[int], Iterator[bytes]],
+    total: int,
+    checksum: str,
+    *,
+    job_id: str,
+    task_id: str,
+    deadline: float,
+    chunk_timeout: float,
+    stop: Stop | None,
+    meter: TransferMeter | None,
+) -> str:
     upload_id = secrets.token_hex(12)
-    total = path.stat().st_size
     offset = 0
     attempt = 0
     last_error = ""
@@ -189,14 +246,12 @@ def upload_file(
         guard_box: list[_StallGuard] = []
 
         def chunks(start: int = offset, guard_box: list[_StallGuard] = guard_box) -> Iterator[bytes]:
-            with open(path, "rb") as f:
-                f.seek(start)
-                while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
-                    if guard_box:
-                        guard_box[0].kick()
-                    if meter is not None:
-                        meter.moved("upload", len(data))
-                    yield data
+            for data in read_from(start):
+                if guard_box:
+                    guard_box[0].kick()
+                if meter is not None:
+                    meter.moved("upload", len(data))
+                yield data
 
         future = stub.Upload.future(chunks(), metadata=meta.to_metadata())
         guard = _StallGuard(future, chunk_timeout)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
+from fl.checksum import file_checksum
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
@@ -38,7 +39,7 @@ from fl.server.jobstore import JobError, extract_zip
 from fl.site import fork_server
 from fl.site.kube_launch import relay_command
 from fl.site.launch import Launch, training_command
-from fl.site.transfers import TransferFailed, download_blob, upload_file, upload_stream
+from fl.site.transfers import TransferFailed, download_blob, file_reader, upload_stream
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -593,15 +594,17 @@ class JobRunner:
                 if self._filter(self.result_filters, task, result_path, params_type, base, message.get("meta") or {}):
                     message = {**message, "checksum": None}  # the script's checksum was of the unfiltered file
                 started = time.monotonic()
-                upload_id = upload_file(
+                checksum = message.get("checksum") or file_checksum(str(result_path)).hexdigest()
+                upload_id = upload_stream(
                     self.agent.bulk,
                     self.agent.stub,
                     self.agent.current_session,
-                    result_path,
+                    file_reader(result_path),
+                    result_path.stat().st_size,
+                    checksum,
                     job_id=self.job_id,
                     task_id=task.task_id,
                     deadline=task.deadline or time.time() + 3600,
-                    checksum=message.get("checksum"),
                     stop=self.stop_event,
                     meter=self.agent.metrics.transfers,
                 )

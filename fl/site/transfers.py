@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from fl.checksum import Checksum, file_checksum
+from fl.checksum import Checksum
 from fl.metrics import TransferMeter, counts_failures
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES, BulkStub, UploadMeta
 
-__all__ = ["TransferFailed", "download_blob", "upload_file", "upload_stream"]
+__all__ = ["Stop", "TransferFailed", "download_blob", "file_reader", "upload_stream"]
 
 log = logging.getLogger("fl.site.transfers")
 
@@ -144,28 +144,8 @@ def download_blob(
     os.replace(part, dest)
 
 
-@counts_failures("upload")
-def upload_file(
-    stub: BulkStub,
-    control: pb_grpc.FederationStub,
-    session_id: Callable[[], str],
-    path: Path,
-    *,
-    job_id: str,
-    task_id: str,
-    deadline: float,
-    checksum: str | None = None,
-    chunk_timeout: float = 60.0,
-    stop: Stop | None = None,
-    meter: TransferMeter | None = None,
-) -> str:
-    """Upload a file for a task, resuming after failures until ``deadline``; returns the upload id.
-
-    ``checksum`` is the file's checksum if its writer computed it (else it is computed here); the
-    server checks the bytes it assembled against it.
-    """
-    if checksum is None:
-        checksum = file_checksum(str(path)).hexdigest()
+def file_reader(path: Path) -> Callable[[int], Iterator[bytes]]:
+    """What :func:`upload_stream` reads a file's bytes with: chunks from any offset."""
 
     def read_from(start: int) -> Iterator[bytes]:
         with open(path, "rb") as f:
@@ -173,10 +153,7 @@ def upload_file(
             while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
                 yield data
 
-    return _upload(
-        stub, control, session_id, read_from, path.stat().st_size, checksum,
-        job_id=job_id, task_id=task_id, deadline=deadline, chunk_timeout=chunk_timeout, stop=stop, meter=meter,
-    )  # fmt: skip
+    return read_from
 
 
 @counts_failures("upload")
@@ -195,29 +172,11 @@ def upload_stream(
     stop: Stop | None = None,
     meter: TransferMeter | None = None,
 ) -> str:
-    """Upload ``total`` bytes that ``read_from(offset)`` yields from any offset (e.g. pulled from the
-    training script), resuming after failures as :func:`upload_file` does; returns the upload id."""
-    return _upload(
-        stub, control, session_id, read_from, total, checksum,
-        job_id=job_id, task_id=task_id, deadline=deadline, chunk_timeout=chunk_timeout, stop=stop, meter=meter,
-    )  # fmt: skip
-
-
-def _upload(
-    stub: BulkStub,
-    control: pb_grpc.FederationStub,
-    session_id: Callable[[], str],
-    read_from: Callable[[int], Iterator[bytes]],
-    total: int,
-    checksum: str,
-    *,
-    job_id: str,
-    task_id: str,
-    deadline: float,
-    chunk_timeout: float,
-    stop: Stop | None,
-    meter: TransferMeter | None,
-) -> str:
+    """Upload ``total`` bytes that ``read_from(offset)`` yields from any offset (a file's, see
+    :func:`file_reader`, or a training script's result pulled over its channel), resuming after
+    failures until ``deadline``; returns the upload id. ``checksum`` is of all the bytes: the server
+    checks what it assembled against it.
+    """
     upload_id = secrets.token_hex(12)
     offset = 0
     attempt = 0

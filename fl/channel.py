@@ -1,9 +1,10 @@
 """The local channel between a site agent and the training script it started.
 
 A socketpair inherited by the script (its fd in ``FL_CHANNEL_FD``) carries one JSON object per
-line: requests from the script, replies from the agent. Models never travel on it: they are
-safetensors files in the job's exchange folder, named in the messages. A script run as ranks of
-``torch.distributed.run`` inherits no fd: its rank 0 connects to a unix socket instead
+line: requests from the script, replies from the agent. Task models are safetensors files in the
+job's exchange folder, named in the messages; a result may come back on the channel itself, as raw
+bytes after a ``data`` line, in the pieces the agent pulls while uploading it (no file in between).
+A script run as ranks of ``torch.distributed.run`` inherits no fd: its rank 0 connects to a unix socket instead
 (:class:`ChannelListener`, path in ``FL_CHANNEL_PATH``), proving with ``FL_CHANNEL_TOKEN`` that the
 job's own process tree started it; the listener accepts that one connection and is gone.
 """
@@ -18,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,27 @@ class LineChannel:
                         self.sock.sendfile(f)
             except OSError as exc:
                 raise ChannelClosed(str(exc)) from exc
+
+    def send_bytes(self, message: dict[str, Any], pieces: Iterable[bytes | memoryview]) -> None:
+        """One JSON line, then the raw bytes of ``pieces`` (the line says how many), all under the send lock."""
+        data = (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        with self._send_lock:
+            try:
+                self.sock.sendall(data)
+                for piece in pieces:
+                    self.sock.sendall(piece)
+            except OSError as exc:
+                raise ChannelClosed(str(exc)) from exc
+
+    def recv_bytes(self, size: int) -> bytes:
+        """The ``size`` raw bytes that follow a message sent with :meth:`send_bytes`."""
+        try:
+            data: bytes = self._reader.read(size)
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        if len(data) != size:
+            raise ChannelClosed(f"channel closed inside a body ({len(data)} of {size} bytes)")
+        return data
 
     def recv(self) -> dict[str, Any]:
         try:

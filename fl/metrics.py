@@ -120,7 +120,9 @@ def counts_failures(direction: str) -> Callable[[Callable[P, R]], Callable[P, R]
             try:
                 return transfer(*args, **kwargs)
             except BaseException:
-                if isinstance(meter, TransferMeter) and not (isinstance(stop, threading.Event) and stop.is_set()):
+                is_set = getattr(stop, "is_set", None)  # a threading.Event, or anything that reads like one
+                stopped = callable(is_set) and bool(is_set())
+                if isinstance(meter, TransferMeter) and not stopped:
                     meter.failed(direction)
                 raise
 

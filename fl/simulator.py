@@ -50,6 +50,7 @@ from fl.site import fork_server
 from fl.site.agent import STOP_WAIT_S, SiteAgent
 from fl.site.gate import RunGate
 from fl.site.loops import SharedLoops
+from fl.site.shared_downloads import SharedDownloads
 from fl.transport import make_channel
 
 __all__ = ["WorkspaceBusy", "simulate", "workspace_lock"]
@@ -512,6 +513,8 @@ HOST_GRACE_S = 40.0
 #: Channels (TCP connections) a sites host's agents share: gRPC multiplexes their calls; a few keep
 #: model transfers of different sites off one connection's flow-control window.
 CHANNELS_PER_HOST = 4
+#: The sites processes' shared download index, in the simulator's workspace.
+SHARED_DOWNLOADS_FOLDER = ".downloads"
 
 
 def liveness(n_sites: int) -> Liveness:
@@ -645,6 +648,8 @@ def _run_sites(argv: list[str] | None = None) -> int:
     # The agents share a few channels and one set of loops: an idle site costs no thread and no connection.
     channels = [make_channel(args.server, tls=None) for _ in range(min(len(sites), CHANNELS_PER_HOST))]
     loops = SharedLoops()
+    # Every sites process of this run shares one index (in the workspace): a model is downloaded once a machine.
+    shared = SharedDownloads(Path(args.workspace) / SHARED_DOWNLOADS_FOLDER)
     agents = [
         SiteAgent(
             name,
@@ -654,6 +659,7 @@ def _run_sites(argv: list[str] | None = None) -> int:
             exchange_root=exchange / name if exchange else None,
             channel=channels[i % len(channels)],
             poll_wait=SIM_POLL_WAIT_S,
+            shared_downloads=shared,
         )
         for i, name in enumerate(sites)
     ]

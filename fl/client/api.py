@@ -251,7 +251,17 @@ class ClientAPI:
         if params is not None and self._info.get("transfer_type") == "DIFF" and _is_full(model):
             params = self._difference(dict(params))
             message["params_type"] = ParamsType.DIFF.value
-        if params is not None:
+        streamed = None
+        if params is not None and task.get("result_stream"):
+            from fl.tensors import SerializedTensors
+
+            # No file: the agent pulls the bytes from these tensors' memory as it uploads them.
+            streamed = SerializedTensors(dict(params))
+            checksum = Checksum()
+            streamed.update_digest(checksum)
+            message["stream"] = {"size": streamed.size}
+            message["checksum"] = checksum.hexdigest()
+        elif params is not None:
             from fl.tensors import write_tensors
 
             path = Path(task["result_path"])
@@ -263,6 +273,12 @@ class ClientAPI:
             self._state.save()  # before the result: a per-task run may end as soon as it is delivered
         channel.send(message)
         reply = channel.recv()
+        while reply.get("op") == "pull" and streamed is not None:
+            offset, size = int(reply["offset"]), int(reply["size"])
+            if offset < 0 or size < 0 or offset + size > streamed.size:
+                raise RuntimeError(f"fl.client: the site agent asked for bytes outside the result: {reply}")
+            channel.send_bytes({"op": "data", "offset": offset, "size": size}, streamed.pieces(offset, offset + size))
+            reply = channel.recv()
         if reply.get("op") != "ack":
             raise RuntimeError(f"fl.client: unexpected reply from the site agent: {reply}")
         if clear_cache:

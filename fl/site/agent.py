@@ -30,6 +30,7 @@ from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.site.gate import RunGate
 from fl.site.job_runner import JobRunner
 from fl.site.loops import SharedLoops
+from fl.site.shared_downloads import SharedDownloads
 from fl.transport import TLSConfig, make_channel
 from fl.transport.bulk import BulkStub
 
@@ -73,9 +74,11 @@ class SiteAgent:
         channel: grpc.Channel | None = None,
         poll_wait: float = POLL_WAIT_S,
         nproc_per_node: int = 1,
+        shared_downloads: SharedDownloads | None = None,
     ) -> None:
         """``channel``: one to share with other agents (the simulator's), left open by :meth:`stop`;
-        by default the agent makes its own. ``poll_wait``: seconds a long poll may wait for a directive."""
+        by default the agent makes its own. ``poll_wait``: seconds a long poll may wait for a directive.
+        ``shared_downloads``: the simulator's, for its sites of one machine (one download of a model, linked)."""
         self.name = name
         #: Ranks per job's script (> 1: under torch.distributed.run, unless the job's command names its own).
         self.nproc_per_node = nproc_per_node
@@ -88,6 +91,8 @@ class SiteAgent:
         #: Where models pass between this agent and its scripts (default: each job's folder);
         #: a memory-backed folder (/dev/shm) spares the disk two model-sized writes per round.
         self.exchange_root = exchange_root
+        #: The simulator's: sites of one machine download a model once and link it (fl.site.shared_downloads).
+        self.shared_downloads = shared_downloads
         #: None: job scripts run as local processes; else each runs in a Kubernetes pod (fl.site.kube_launch).
         self.launcher_config = launcher_config
         self.log = adapter("fl.site", site=name)

@@ -20,12 +20,14 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
+from fl.checksum import file_checksum
 from fl.components.convert_to_fed_event import ConvertToFedEvent
 from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
@@ -38,7 +40,8 @@ from fl.site import fork_server
 from fl.site.kube_launch import relay_command
 from fl.site.launch import Launch, training_command
 from fl.site.script_process import start_script
-from fl.site.transfers import TransferFailed, download_blob, upload_file
+from fl.site.transfers import TransferFailed, download_blob, file_reader, upload_stream
+from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from fl.site.agent import SiteAgent
@@ -60,6 +63,17 @@ class _Ended:
     def __init__(self, status: str, message: str) -> None:
         self.status = status
         self.message = message
+
+
+class _EitherStop:
+    """Set when the job stops or when ``reasons`` holds one (``is_set`` as a threading.Event's)."""
+
+    def __init__(self, event: threading.Event, reasons: list[str]) -> None:
+        self.event = event
+        self.reasons = reasons
+
+    def is_set(self) -> bool:
+        return self.event.is_set() or bool(self.reasons)
 
 
 class JobRunner:
@@ -162,16 +176,10 @@ class JobRunner:
             if task.model.blob_id:
                 path = self.exchange / f"task-{task.task_id}.safetensors"
                 started = time.monotonic()
-                download_blob(
-                    self.agent.bulk,
-                    self.agent.current_session,
-                    task.model,
-                    path,
-                    deadline=task.deadline or time.time() + 3600,
-                    stop=self.stop_event,
-                    meter=self.agent.metrics.transfers,
-                )
-                self._log_transfer("model downloaded", task.model.size, started, task)
+                if self._download_model(task, path):
+                    self.log.info("model shared with another site of this host (one download)", extra=_tag(task))
+                else:
+                    self._log_transfer("model downloaded", task.model.size, started, task)
                 self._filter(self.data_filters, task, path, task.params_type or "FULL", None, {})
         except TransferFailed as exc:
             self.log.error("could not fetch the model of task %s: %s", task.name, exc, extra=_tag(task))
@@ -184,6 +192,28 @@ class JobRunner:
                 path.unlink(missing_ok=True)
             return False, None
         return True, path
+
+    def _download_model(self, task: pb.Task, path: Path) -> bool:
+        """Download ``task``'s model to ``path``; True if it came as a link to another site's copy."""
+
+        def download() -> None:
+            download_blob(
+                self.agent.bulk,
+                self.agent.current_session,
+                task.model,
+                path,
+                deadline=task.deadline or time.time() + 3600,
+                stop=self.stop_event,
+                meter=self.agent.metrics.transfers,
+            )
+
+        shared = self.agent.shared_downloads
+        if shared is not None:
+            self._configured.wait()  # the data filters are known (a filtered file is this site's own)
+            if not self.data_filters.for_task(task.name):
+                return shared.fetch(task.model.checksum, task.model.size, path, download)
+        download()
+        return False
 
     def _run(self) -> None:
         try:
@@ -441,7 +471,7 @@ class JobRunner:
         elif op == "next_task":
             channel.send(self._next_task(message.get("timeout")))
         elif op == "result":
-            accepted, text = self._deliver(message)
+            accepted, text = self._deliver(message, channel)
             channel.send({"op": "ack", "accepted": accepted, "message": text})
         elif op == "metrics":
             self._queue_metrics(message.get("records") or [])
@@ -502,15 +532,72 @@ class JobRunner:
                 # The script removes the model file once loaded, unless a result filter needs it as the base.
                 "model_disposable": not self.result_filters.for_task(task.name),
                 "result_path": str(self.exchange / f"result-{task.task_id}.safetensors"),
+                # The result comes back on the channel (no file) unless a result filter needs the file,
+                # or a Kubernetes job pod's relay carries it as one.
+                "result_stream": self.agent.launcher_config is None and not self.result_filters.for_task(task.name),
             },
         }
+
+    def _upload_from_script(self, task: pb.Task, message: dict[str, Any], channel: LineChannel) -> str:
+        """Upload the result the script holds in memory, pulling its bytes over the channel as they go out."""
+        size, checksum = message["stream"].get("size"), message.get("checksum")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(checksum, str):
+            raise TransferFailed("the script announced a result without a valid size and checksum")
+
+        lost: list[str] = []  # why the script's bytes can no longer be read: the upload stops, no retry
+        one_reader = threading.Lock()  # a stalled call's reader finishes its piece before a retry's asks
+
+        def read_from(start: int) -> Iterator[bytes]:
+            for offset in range(start, size, BULK_UPLOAD_CHUNK_BYTES):
+                try:
+                    with one_reader:
+                        data = self._pull(channel, offset, min(BULK_UPLOAD_CHUNK_BYTES, size - offset))
+                except (ChannelClosed, ValueError, TransferFailed) as exc:
+                    lost.append(str(exc))
+                    raise
+                yield data
+
+        started = time.monotonic()
+        try:
+            upload_id = upload_stream(
+                self.agent.bulk,
+                self.agent.stub,
+                self.agent.current_session,
+                read_from,
+                size,
+                checksum,
+                job_id=self.job_id,
+                task_id=task.task_id,
+                deadline=task.deadline or time.time() + 3600,
+                stop=_EitherStop(self.stop_event, lost),
+                meter=self.agent.metrics.transfers,
+            )
+        except TransferFailed:
+            if lost:
+                raise TransferFailed(f"the script's result could not be read: {lost[0]}") from None
+            raise
+        self._log_transfer("result uploaded", size, started, task)
+        return upload_id
+
+    def _pull(self, channel: LineChannel, offset: int, size: int) -> bytes:
+        """``size`` bytes of the script's result from ``offset``; its other requests meanwhile are served."""
+        channel.send({"op": "pull", "offset": offset, "size": size})
+        while True:
+            reply = channel.recv()
+            if reply["op"] != "data":
+                self._answer(channel, reply)  # e.g. metrics a thread of the script logged
+                continue
+            if (reply.get("offset"), reply.get("size")) != (offset, size):
+                got = f"{reply.get('offset')}+{reply.get('size')}"
+                raise TransferFailed(f"the script sent bytes {got}, not the {offset}+{size} asked for")
+            return channel.recv_bytes(size)
 
     def _release_gate(self) -> None:
         if self._gate_held and self.agent.task_gate is not None:
             self._gate_held = False
             self.agent.task_gate.release()
 
-    def _deliver(self, message: dict[str, Any]) -> tuple[bool, str]:
+    def _deliver(self, message: dict[str, Any], channel: LineChannel) -> tuple[bool, str]:
         task = self.current
         if task is None or message.get("task_id") != task.task_id:
             return False, "no current task for this result"
@@ -519,7 +606,9 @@ class JobRunner:
         self._report()  # the round's output lines reach the server before its result
         try:
             upload_id = ""
-            if result_path is not None:
+            if isinstance(message.get("stream"), dict):
+                upload_id = self._upload_from_script(task, message, channel)
+            elif result_path is not None:
                 if result_path.parent.resolve() != self.exchange.resolve():
                     return False, "result file outside the job's exchange folder"
                 base = model_path if model_path.is_file() else None
@@ -527,15 +616,17 @@ class JobRunner:
                 if self._filter(self.result_filters, task, result_path, params_type, base, message.get("meta") or {}):
                     message = {**message, "checksum": None}  # the script's checksum was of the unfiltered file
                 started = time.monotonic()
-                upload_id = upload_file(
+                checksum = message.get("checksum") or file_checksum(str(result_path)).hexdigest()
+                upload_id = upload_stream(
                     self.agent.bulk,
                     self.agent.stub,
                     self.agent.current_session,
-                    result_path,
+                    file_reader(result_path),
+                    result_path.stat().st_size,
+                    checksum,
                     job_id=self.job_id,
                     task_id=task.task_id,
                     deadline=task.deadline or time.time() + 3600,
-                    checksum=message.get("checksum"),
                     stop=self.stop_event,
                     meter=self.agent.metrics.transfers,
                 )

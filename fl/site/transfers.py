@@ -14,17 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from fl.checksum import Checksum, file_checksum
+from fl.checksum import Checksum
 from fl.metrics import TransferMeter, counts_failures
 from fl.proto import federation_pb2 as pb
 from fl.proto import federation_pb2_grpc as pb_grpc
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES, BulkStub, UploadMeta
 
-__all__ = ["TransferFailed", "download_blob", "upload_file"]
+__all__ = ["Stop", "TransferFailed", "download_blob", "file_reader", "upload_stream"]
 
 log = logging.getLogger("fl.site.transfers")
 
@@ -37,6 +37,12 @@ RETRYABLE = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+class Stop(Protocol):
+    """What a transfer checks between attempts (a threading.Event, or anything with its ``is_set``)."""
+
+    def is_set(self) -> bool: ...
 
 
 class TransferFailed(RuntimeError):
@@ -91,7 +97,7 @@ def download_blob(
     *,
     deadline: float,
     chunk_timeout: float = 60.0,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     meter: TransferMeter | None = None,
 ) -> None:
     """Download ``ref`` to ``dest`` (atomically), resuming after failures until ``deadline`` (unix time)."""
@@ -138,30 +144,40 @@ def download_blob(
     os.replace(part, dest)
 
 
+def file_reader(path: Path) -> Callable[[int], Iterator[bytes]]:
+    """What :func:`upload_stream` reads a file's bytes with: chunks from any offset."""
+
+    def read_from(start: int) -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
+                yield data
+
+    return read_from
+
+
 @counts_failures("upload")
-def upload_file(
+def upload_stream(
     stub: BulkStub,
     control: pb_grpc.FederationStub,
     session_id: Callable[[], str],
-    path: Path,
+    read_from: Callable[[int], Iterator[bytes]],
+    total: int,
+    checksum: str,
     *,
     job_id: str,
     task_id: str,
     deadline: float,
-    checksum: str | None = None,
     chunk_timeout: float = 60.0,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     meter: TransferMeter | None = None,
 ) -> str:
-    """Upload a file for a task, resuming after failures until ``deadline``; returns the upload id.
-
-    ``checksum`` is the file's checksum if its writer computed it (else it is computed here); the
-    server checks the bytes it assembled against it.
+    """Upload ``total`` bytes that ``read_from(offset)`` yields from any offset (a file's, see
+    :func:`file_reader`, or a training script's result pulled over its channel), resuming after
+    failures until ``deadline``; returns the upload id. ``checksum`` is of all the bytes: the server
+    checks what it assembled against it.
     """
-    if checksum is None:
-        checksum = file_checksum(str(path)).hexdigest()
     upload_id = secrets.token_hex(12)
-    total = path.stat().st_size
     offset = 0
     attempt = 0
     last_error = ""
@@ -189,14 +205,12 @@ def upload_file(
         guard_box: list[_StallGuard] = []
 
         def chunks(start: int = offset, guard_box: list[_StallGuard] = guard_box) -> Iterator[bytes]:
-            with open(path, "rb") as f:
-                f.seek(start)
-                while data := f.read(BULK_UPLOAD_CHUNK_BYTES):
-                    if guard_box:
-                        guard_box[0].kick()
-                    if meter is not None:
-                        meter.moved("upload", len(data))
-                    yield data
+            for data in read_from(start):
+                if guard_box:
+                    guard_box[0].kick()
+                if meter is not None:
+                    meter.moved("upload", len(data))
+                yield data
 
         future = stub.Upload.future(chunks(), metadata=meta.to_metadata())
         guard = _StallGuard(future, chunk_timeout)

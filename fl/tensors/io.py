@@ -21,6 +21,7 @@ from fl.tensors.layout import Layout, LayoutError, TensorSpec, numpy_dtype, read
 
 __all__ = [
     "BLOCK_BYTES",
+    "SerializedTensors",
     "TensorSource",
     "as_byte_view",
     "describe",
@@ -135,6 +136,49 @@ def tensor_pieces(layout: Layout, tensors: Mapping[str, TensorSource]) -> Iterat
         view = as_byte_view(tensors[spec.name])
         for start in range(0, len(view), BLOCK_BYTES):
             yield view[start : start + BLOCK_BYTES]
+
+
+class SerializedTensors:
+    """The bytes of a safetensors file of in-memory tensors, read at any offset without writing the file.
+
+    What :func:`write_tensors` would write, served from the tensors' own memory (a view per tensor;
+    a copy only for a tensor that is not contiguous CPU memory, one tensor at a time).
+    """
+
+    def __init__(self, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str] | None = None) -> None:
+        self.layout = Layout.build((describe(name, value) for name, value in tensors.items()), metadata)
+        header = self.layout.header_bytes
+        self._prefix = struct.pack("<Q", len(header)) + header
+        self._tensors = tensors
+        self.size = len(self._prefix) + self.layout.data_bytes
+        self._view: tuple[int, memoryview] | None = None  # the tensor last read (reads go forward)
+
+    def _tensor_view(self, index: int) -> memoryview:
+        if self._view is None or self._view[0] != index:
+            spec = self.layout.tensors[index]
+            self._view = (index, as_byte_view(self._tensors[spec.name]))
+        return self._view[1]
+
+    def pieces(self, offset: int = 0, end: int | None = None) -> Iterator[memoryview]:
+        """The file's bytes from ``offset`` up to ``end`` (default: the end), as views in file order."""
+        end = self.size if end is None else min(end, self.size)
+        if offset < len(self._prefix):
+            yield memoryview(self._prefix)[offset : min(end, len(self._prefix))]
+        base = len(self._prefix)
+        for index, spec in enumerate(self.layout.tensors):
+            first, last = base + spec.begin, base + spec.begin + spec.nbytes
+            if last <= offset or spec.nbytes == 0:
+                continue
+            if first >= end:
+                return
+            view = self._tensor_view(index)
+            yield view[max(offset, first) - first : min(end, last) - first]
+
+    def update_digest(self, digest: Any) -> None:
+        """Feed every byte of the file to ``digest`` (e.g. a :class:`fl.checksum.Checksum`), in bounded pieces."""
+        for piece in self.pieces():
+            for start in range(0, len(piece), BLOCK_BYTES):
+                digest.update(piece[start : start + BLOCK_BYTES])
 
 
 def write_layout(

@@ -17,10 +17,15 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from fl.log import adapter
 
 __all__ = [
     "LockHeld",
@@ -143,4 +148,55 @@ def sweep_atomic_temps(root: str | os.PathLike[str], *, skip: Callable[[Path], b
                 if stat.S_ISREG(path.lstat().st_mode):
                     path.unlink()
                     removed.append(path)
+    return removed
+
+
+OWNER_FILE = ".owner"  # held with flock by the process that made the folder, for as long as it lives
+STALE_GRACE_S = 30.0
+
+
+def owned_folder(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new private folder ``parent/prefix*`` that carries a lock its process holds until it dies
+    (``.owner``, flock), and the lock's descriptor (keep it open; close it after removing the folder).
+
+    A process killed with SIGKILL cannot remove its folder; the kernel releases the lock however the
+    process dies, so every call first removes the folders of ``prefix`` whose lock is free
+    (:func:`sweep_owned_folders`)."""
+    sweep_owned_folders(parent, prefix)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(folder / OWNER_FILE, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else can hold it
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return folder, fd
+
+
+def sweep_owned_folders(parent: Path, prefix: str) -> list[Path]:
+    """Remove this user's ``parent/prefix*`` folders whose owning process is gone; returns them."""
+    removed = []
+    now = time.time()
+    for folder in parent.glob(f"{prefix}*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            owner = folder / OWNER_FILE
+            if not owner.exists():  # just made (its owner is about to lock it), or from an older fl
+                if now - folder.stat().st_mtime > STALE_GRACE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+                continue
+            fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            if now - owner.stat().st_mtime <= STALE_GRACE_S:  # never a folder whose owner is still starting
+                continue
+            adapter("fl").info("removing %s, left by a process of fl that no longer runs", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
     return removed

@@ -38,7 +38,7 @@ from typing import Any
 
 from fl import simulator_memory as sim_memory
 from fl.components.script_executor import LAUNCH_ONCE_ENV, choose_launch_once, job_launch_once, launch_mode_line
-from fl.fsutil import atomic_write_json, read_json
+from fl.fsutil import atomic_write_json, owned_folder, read_json, sweep_owned_folders
 from fl.log import adapter, setup_logging
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
@@ -689,8 +689,6 @@ def _run_sites(argv: list[str] | None = None) -> int:
 
 
 SHM = Path("/dev/shm")
-OWNER = ".owner"  # held with flock by the process that made the folder, for as long as it lives
-STALE_GRACE_S = 30.0
 
 
 def _memory_folder(shm: Path = SHM) -> tuple[Path, int] | None:
@@ -698,49 +696,17 @@ def _memory_folder(shm: Path = SHM) -> tuple[Path, int] | None:
     with the descriptor of its lock (kept open for the life of this process).
 
     A process killed with SIGKILL cannot remove its folder, and what it leaves in /dev/shm holds
-    memory until the machine restarts; so the folder carries a lock that the kernel releases when
-    its process dies, however it dies, and every start removes the folders whose lock is free.
+    memory until the machine restarts; so the folder is an :func:`fl.fsutil.owned_folder`, and every
+    start removes the folders whose owner is gone.
     """
     if not (shm.is_dir() and os.access(shm, os.W_OK)):
         return None
-    _sweep_stale(shm)
-    folder = Path(tempfile.mkdtemp(prefix="fl-sim-", dir=shm))
-    fd = os.open(folder / OWNER, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else can hold it
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return folder, fd
+    return owned_folder(shm, "fl-sim-")
 
 
 def _sweep_stale(shm: Path) -> list[Path]:
     """Remove this user's simulator folders in ``shm`` whose owning process is gone; returns them."""
-    removed = []
-    now = time.time()
-    for folder in shm.glob("fl-sim-*"):
-        try:
-            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
-                continue
-            owner = folder / OWNER
-            if not owner.exists():  # just made (its owner is about to lock it), or from an older fl
-                if now - folder.stat().st_mtime > STALE_GRACE_S:
-                    shutil.rmtree(folder, ignore_errors=True)
-                    removed.append(folder)
-                continue
-            fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its process is alive
-        finally:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            if now - owner.stat().st_mtime <= STALE_GRACE_S:  # never a folder whose owner is still starting
-                continue
-            log.info("removing %s, left by a simulator process that no longer runs", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+    return sweep_owned_folders(shm, "fl-sim-")
 
 
 def logging_configured() -> bool:

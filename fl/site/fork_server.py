@@ -26,6 +26,7 @@ import ctypes
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl.fsutil import owned_folder
 from fl.log import adapter
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
@@ -59,9 +61,10 @@ _active: ForkServer | None = None
 class ForkServer:
     """Handle of a running fork server (its process and the socket it listens on)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], socket_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], socket_path: Path, owner_fd: int | None = None) -> None:
         self.process = process
         self.socket_path = socket_path
+        self._owner_fd = owner_fd  # the folder's lock (fl.fsutil.owned_folder): a later start sweeps it if we die
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -72,9 +75,10 @@ class ForkServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        with contextlib.suppress(OSError):
-            self.socket_path.unlink()
-            self.socket_path.parent.rmdir()
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
         if _active is self:
             _active = None
 
@@ -85,7 +89,9 @@ def start(*, preload: tuple[str, ...] = PRELOAD, timeout: float = READY_TIMEOUT_
     Call it before this process starts gRPC; :func:`active_socket` then names it to job runners.
     """
     global _active
-    folder = Path(tempfile.mkdtemp(prefix="fl-fork-"))  # 0700: whoever can connect can run code
+    # 0700: whoever can connect can run code. Owned (a lock held while this process lives), so that the
+    # folder of a sites host killed with SIGKILL is removed by the next start.
+    folder, owner_fd = owned_folder(Path(tempfile.gettempdir()), "fl-fork-")
     path = folder / "socket"
     command = module_command("fl.site.fork_server", str(path), ",".join(preload))
     process = popen_bound_to_parent(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
@@ -97,8 +103,10 @@ def start(*, preload: tuple[str, ...] = PRELOAD, timeout: float = READY_TIMEOUT_
     if not ready or ready[0].strip() != b"ready":
         process.kill()
         process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(owner_fd)
         raise RuntimeError(f"the fork server did not start within {timeout:.0f} s (exit code {process.poll()})")
-    _active = ForkServer(process, path)
+    _active = ForkServer(process, path, owner_fd)
     return _active
 
 

@@ -170,7 +170,8 @@ class JobRunner:
 
     def _fetch(self, task: pb.Task) -> tuple[bool, Path | None]:
         """Download the task's model (if it has one) into the exchange and run the data filters on it:
-        (True, its path or None), or (False, None) once the failure is reported to the server."""
+        (True, its path or None), or (False, None) once the failure is reported to the server. Called
+        once the app is configured (its data filters known)."""
         path: Path | None = None
         try:
             if task.model.blob_id:
@@ -208,10 +209,8 @@ class JobRunner:
             )
 
         shared = self.agent.shared_downloads
-        if shared is not None:
-            self._configured.wait()  # the data filters are known (a filtered file is this site's own)
-            if not self.data_filters.for_task(task.name):
-                return shared.fetch(task.model.checksum, task.model.size, path, download)
+        if shared is not None and not self.data_filters.for_task(task.name):  # a filtered file is the site's own
+            return shared.fetch(task.model.checksum, task.model.size, path, download)
         download()
         return False
 

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from fl.channel import ChannelClosed, LineChannel
 from fl.server.jobstore import JobError, extract_zip
 from fl.site.kube_tls import RelayCertificate
-from fl.site.kube_wire import Wire, authenticate, zip_folder
+from fl.site.kube_wire import Wire, authenticate, zip_folder, zip_state
 
 __all__ = [
     "JOB_ROOT",
@@ -684,15 +684,13 @@ class Relay:
             zip_folder(self.args.job_dir / "app", archive)
             wire.send({"op": "_app"}, archive)
             state_zip = Path(tmp) / "state.zip"
-            folder = self._state_dir()
-            if folder is not None and folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
-                zip_folder(folder, state_zip, compress=False)
-                if state_zip.stat().st_size > self.config.max_state_bytes:
-                    return self._fail(
-                        f"the job's state on this site ({state_zip.stat().st_size} bytes) exceeds maxStateBytes "
-                        f"({self.config.max_state_bytes}): raise it in the launcher config"
-                    )
-            wire.send({"op": "_state"}, state_zip if state_zip.exists() else None)
+            state_size = zip_state(self._state_dir(), state_zip)
+            if state_size is not None and state_size > self.config.max_state_bytes:
+                return self._fail(
+                    f"the job's state on this site ({state_size} bytes) exceeds maxStateBytes "
+                    f"({self.config.max_state_bytes}): raise it in the launcher config"
+                )
+            wire.send({"op": "_state"}, state_zip if state_size is not None else None)
         threading.Thread(target=self._pod_to_runner, args=(wire,), daemon=True).start()
         threading.Thread(target=self._runner_to_pod, args=(wire,), daemon=True).start()
         checked = time.monotonic()

@@ -27,7 +27,7 @@ from typing import Any
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.server.jobstore import extract_zip
 from fl.site.kube_tls import RelayRefused, dial
-from fl.site.kube_wire import Wire, present_token, zip_folder
+from fl.site.kube_wire import Wire, present_token, zip_state
 from fl.site.script_process import start_script
 
 __all__ = ["PathMap", "main"]
@@ -128,13 +128,11 @@ class Shim:
 
     def _send_state(self) -> None:
         """This pod's state folder back to the site (none: nothing to keep), or why it cannot go."""
-        folder = self.state_dir
-        if folder is None or not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+        archive = self.root / "state-out.zip"
+        size = zip_state(self.state_dir, archive)
+        if size is None:
             self.wire.send({"op": "_state"})
             return
-        archive = self.root / "state-out.zip"
-        zip_folder(folder, archive, compress=False)
-        size = archive.stat().st_size
         if size > self.state_limit:
             error = (
                 f"the job pod's state (flare.get_state(), {size} bytes zipped) exceeds the site's maxStateBytes "

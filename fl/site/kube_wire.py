@@ -77,6 +77,15 @@ def zip_folder(folder: Path, archive: Path, *, compress: bool = True) -> None:
                 zf.write(path, path.relative_to(folder).as_posix())
 
 
+def zip_state(folder: Path | None, archive: Path) -> int | None:
+    """The job's state folder (flare.get_state()) stored into ``archive``: its size in bytes, or None
+    (no archive written) when there is no folder or it holds no file, i.e. nothing to carry."""
+    if folder is None or not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+        return None
+    zip_folder(folder, archive, compress=False)
+    return archive.stat().st_size
+
+
 def present_token(wire: Wire, token: str) -> None:
     """The pod's side of the handshake: send the job's token first (inside TLS, see fl.site.kube_tls)."""
     wire.send({"op": "_auth", "token": token})

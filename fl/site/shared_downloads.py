@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fl.fsutil import atomic_write_bytes
+
 __all__ = ["SharedDownloads"]
 
 _KEY = re.compile(r"^[0-9a-zA-Z-]{1,16}:[0-9a-f]{8,128}$")  # a checksum as fl.checksum writes it
@@ -76,6 +78,4 @@ class SharedDownloads:
             if old.stem != key:
                 old.unlink(missing_ok=True)
                 (self.folder / f"{old.stem}.lock").unlink(missing_ok=True)
-        tmp = self.folder / f"{key}.src.tmp"
-        tmp.write_text(str(dest))
-        os.replace(tmp, self.folder / f"{key}.src")
+        atomic_write_bytes(self.folder / f"{key}.src", str(dest).encode(), fsync=False)

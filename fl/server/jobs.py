@@ -458,12 +458,18 @@ class JobRun:
 
     def _end_on_sites(self, status: str, message: str) -> None:
         for site in self.participants:
-            self.manager.registry.drop_directives(
-                site, lambda d: d.WhichOneof("directive") == "task" and d.task.job_id == self.job_id
-            )
+            # Its tasks, and its start where a site has not polled since (told to come back later): a site
+            # must not start a job that is over, whose app the server no longer offers.
+            self.manager.registry.drop_directives(site, self._is_own_task_or_start)
             self.manager.registry.enqueue(
                 site, pb.PollReply(end_job=pb.EndJob(job_id=self.job_id, status=status, message=message))
             )
+
+    def _is_own_task_or_start(self, directive: pb.PollReply) -> bool:
+        kind = directive.WhichOneof("directive")
+        return (kind == "task" and directive.task.job_id == self.job_id) or (
+            kind == "start_job" and directive.start_job.job_id == self.job_id
+        )
 
     def _run(self) -> None:
         status, message = "failed", ""

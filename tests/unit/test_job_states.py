@@ -1,5 +1,6 @@
 """Job states on disk when writes fail: progress is best effort, a terminal state is durable and a
-restarted server agrees with it; temp files of interrupted writes are swept under the workspace lock."""
+restarted server agrees with it; temp files of interrupted writes are swept under the workspace lock; a job
+that ends takes back what it had queued for a site that has not polled since, but its end."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 import fl.server.jobs as jobs
 from fl.fsutil import LockHeld, atomic_path, atomic_write_json, lock_exclusively, sweep_atomic_temps
-from fl.server.jobs import JobManager, JobRecord
+from fl.proto import federation_pb2 as pb
+from fl.server.jobs import JobManager, JobRecord, JobRun
+from fl.server.jobstore import read_job
 from fl.server.sites import SiteRegistry
 from fl.server.tasks import TaskBroker
 from fl.server.transfers import BlobStore, UploadManager
@@ -168,3 +171,31 @@ def test_a_lock_is_released_when_its_descriptor_closes(tmp_path):
         lock_exclusively(tmp_path / "lock")
     os.close(fd)
     os.close(lock_exclusively(tmp_path / "lock"))
+
+
+def test_an_ended_job_leaves_a_site_that_has_not_polled_since_its_end_and_not_its_start_or_task(
+    manager, tmp_path, monkeypatch
+):
+    """A site told to come back later (a refused poll) can miss a whole short job: at its next poll it must
+    not start a job that is over, whose app the server no longer offers, nor run its task."""
+    from fl.job import FedJob, ScriptRunner
+    from fl.workflows.fedavg import FedAvg
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2] / "jobs" / "hello-pt")
+    job = FedJob(name="short", min_clients=1, key_metric=None)
+    job.to(FedAvg(num_clients=1, num_rounds=1), "server")
+    job.to_clients(ScriptRunner(script="src/hello-pt_cifar10_fl.py"))
+    spec = read_job(job.export_job(tmp_path / "export"))
+    record = _running_job(manager)
+    run = JobRun(manager, record, spec, resume=False)
+    away = manager.registry.register("site-2", [], True)
+    other = pb.PollReply(start_job=pb.StartJob(job_id="job-2"))
+    run.participants = ["site-2"]
+    run._start_on_site("site-2")
+    manager.registry.enqueue("site-2", pb.PollReply(task=pb.Task(job_id="job-1", name="train")))
+    manager.registry.enqueue("site-2", other)
+    run._end_on_sites("finished", "")
+    got = [manager.registry.poll(away.session_id, 0.0) for _ in range(3)]
+    assert [reply.WhichOneof("directive") for reply in got] == ["start_job", "end_job", None]
+    assert got[0].start_job.job_id == "job-2"  # another job's start stays
+    assert got[1].end_job.job_id == "job-1" and got[1].end_job.status == "finished"

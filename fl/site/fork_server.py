@@ -41,6 +41,7 @@ from typing import Any
 
 from fl.fsutil import owned_folder
 from fl.log import adapter
+from fl.memory import training_memory_env
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 
@@ -94,7 +95,9 @@ def start(*, preload: tuple[str, ...] = PRELOAD, timeout: float = READY_TIMEOUT_
     folder, owner_fd = owned_folder(Path(tempfile.gettempdir()), "fl-fork-")
     path = folder / "socket"
     command = module_command("fl.site.fork_server", str(path), ",".join(preload))
-    process = popen_bound_to_parent(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    # Its children are the scripts: torch's allocator settings are read once, here (fl.memory).
+    env = {**os.environ, **training_memory_env(os.environ)}
+    process = popen_bound_to_parent(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert process.stdout is not None
     ready: list[bytes] = []
     reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]

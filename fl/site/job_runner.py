@@ -33,6 +33,7 @@ from fl.components.script_executor import LAUNCH_ONCE_ENV, ScriptExecutor
 from fl.components.tracking import MAX_RECORD_TEXT
 from fl.config import ConfigError, build_component, check_config, load_config, resolve_class
 from fl.filters import FilterChain, FilterContext, FilterError, replace_file
+from fl.memory import training_memory_env
 from fl.proto import federation_pb2 as pb
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
@@ -370,6 +371,7 @@ class JobRunner:
             "FL_STATE_DIR": str(self.job_dir / "state"),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(custom), env.get("PYTHONPATH", "")) if p),
+            **training_memory_env(env),
         }
         env.update(own)
         self._env = env

@@ -159,6 +159,41 @@ def test_plus_one_per_task_reaches_the_model_of_a_launch_once_run(make_job, tmp_
         assert (run_dir(tmp_path / "ws") / "logs" / f"{site}.log").read_text().count(f"{site}: ready") == 2
 
 
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
+
+
+@pytest.mark.skipif(
+    _thp_mode() not in ("always", "madvise"), reason=f"needs the kernel's transparent huge pages (mode {_thp_mode()})"
+)
+def test_big_tensors_of_forked_and_launched_scripts_get_huge_pages(tmp_path, monkeypatch):
+    """Both ways a script starts (forked from the warm worker per task, its own process for the job) give
+    torch's allocator THP_MEM_ALLOC_ENABLE=1 (fl.memory): a fresh 8 MiB tensor is backed by huge pages."""
+    from fl.job import FedJob, ScriptRunner
+    from fl.workflows.fedavg import FedAvg
+
+    fixtures = Path(__file__).parent / "fixture_jobs"
+    monkeypatch.chdir(fixtures)
+    monkeypatch.syspath_prepend(str(fixtures))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    from src.models import FlatModel
+
+    job = FedJob(name="pages", min_clients=2)
+    job.to(FedAvg(num_clients=2, num_rounds=1), "server")
+    job.to(FlatModel(16), "server")
+    for site, launch_once in (("site-1", False), ("site-2", True)):
+        runner = ScriptRunner(script="src/plus_one.py", script_args="--report-pages", launch_once=launch_once)
+        job.to(runner, site)
+    assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", threads=2, progress=False) == 0
+    for site in ("site-1", "site-2"):
+        log = (run_dir(tmp_path / "ws") / "logs" / f"{site}.log").read_text()
+        assert f"{site}: huge pages True (THP_MEM_ALLOC_ENABLE=1)" in log, log[-2000:]
+
+
 # ---------------------------------------------------------------------- no orphans
 def _alive(pids: list[int]) -> list[int]:
     alive = []

@@ -8,15 +8,20 @@ child per script run; the child takes its environment, working directory, argv a
 the request and runs the script with ``runpy.run_path(script, run_name="__main__")``. The forked
 children share the server's imported pages copy-on-write.
 
-The job runner still starts a process it can wait on, read and kill: a tiny relay
-(:mod:`fl.site.fork_relay`, ``python -I -S``, no torch) that hands its stdout and its channel
-descriptor to the server over a unix socket (SCM_RIGHTS), forwards SIGTERM and exits with the
-script's status (a signal death is re-raised, so ``Popen.returncode`` reads as it would).
+The job runner starts no process of its own for such a run (no interpreter, no relay): it connects
+to the server's unix socket, hands over the script's stdout (a pipe it reads) and its channel
+descriptor (SCM_RIGHTS) with the run's argv, environment and working directory, and gets a
+:class:`ForkedScript` back: what it uses of a ``Popen`` (pid, stdout, poll, wait, returncode), its
+process group signalled through the server (which alone reaps the script, so it never signals a
+reused pid). Measured here (load 1.5, an empty script, median of 20): 43 ms a run, against 84 ms
+through the relay interpreter (``python -I -S``, started through fl's death-binding ``exec``) that
+used to stand between them.
 
 No orphans: the server gets SIGKILL when its parent dies (:func:`fl.process.popen_bound_to_parent`),
 each child gets SIGKILL when the server dies (``PR_SET_PDEATHSIG``, set right after the fork), and a
-child whose relay's connection closes (the relay died, or was killed by its runner) is killed with
-its process group at once.
+child whose runner's connection closes (the runner died, or gave the run up) is killed with
+its process group at once: the connection is the runner's, so a runner (a sites host) that dies,
+even of SIGKILL, takes its scripts with it.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fl.fsutil import owned_folder
 from fl.log import adapter
@@ -45,15 +52,17 @@ from fl.memory import training_memory_env
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 
-__all__ = ["ForkServer", "active_socket", "relay_command", "start", "start_or_explain"]
+__all__ = ["ForkServer", "ForkedScript", "active_socket", "spawn", "start", "start_or_explain"]
 
 #: What the server imports before it forks (what a hello-pt-like script needs; the job's own modules
 #: are imported by each child, since two jobs may carry modules of the same name).
 PRELOAD = ("torch", "torch.nn", "torch.optim", "torch.utils.data", "numpy", "safetensors.torch", "fl.client")
 MAX_REQUEST_BYTES = 1 << 20
+MAX_REPLY_BYTES = 4096
 READY_TIMEOUT_S = 120.0
 PR_SET_PDEATHSIG = 1
-RELAY = Path(__file__).with_name("fork_relay.py")
+#: The signals a runner may send a forked script's process group (through the server).
+GROUP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
 
 log = adapter("fl.site")
 _active: ForkServer | None = None
@@ -129,22 +138,103 @@ def active_socket() -> Path | None:
     return _active.socket_path
 
 
-def relay_command(socket_path: Path, script: Path, args: list[str]) -> list[str]:
-    """argv of the relay that runs ``script args`` in a child of the fork server at ``socket_path``."""
-    return [sys.executable, "-I", "-S", str(RELAY), str(socket_path), str(script), *args]
+def spawn(
+    socket_path: Path, argv: Sequence[str], *, cwd: str | Path, env: Mapping[str, str], channel_fd: int
+) -> ForkedScript:
+    """Have the fork server at ``socket_path`` fork ``argv`` (a script and its arguments) with ``channel_fd``
+    as its channel; OSError if it cannot. The script's stdout and stderr come on the handle's ``stdout``."""
+    read_end, write_end = os.pipe()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = {"argv": list(argv), "cwd": str(cwd), "env": dict(env)}
+    try:
+        sock.connect(str(socket_path))
+        socket.send_fds(sock, [json.dumps(request).encode()], [write_end, channel_fd])
+        reply = json.loads(sock.recv(MAX_REPLY_BYTES) or b'{"error": "it closed the connection"}')
+        if "error" in reply:
+            raise OSError(f"the fork server could not start the script: {reply['error']}")
+        pid = int(reply["pid"])
+    except (OSError, ValueError, KeyError) as exc:
+        sock.close()
+        os.close(read_end)
+        if isinstance(exc, OSError) and str(exc).startswith("the fork server"):
+            raise
+        raise OSError(f"cannot reach the fork server at {socket_path}: {exc}") from exc
+    finally:
+        os.close(write_end)
+    return ForkedScript(sock, pid, os.fdopen(read_end, "rb"), list(argv))
+
+
+class ForkedScript:
+    """A script the fork server forked for this process, as a job runner sees a process: ``pid``,
+    ``stdout``, ``poll``, ``wait`` and ``returncode`` as a ``Popen`` has them (a signal's death reads
+    as its negative number), and :meth:`signal_group` for its process group."""
+
+    def __init__(self, conn: socket.socket, pid: int, stdout: IO[bytes], args: list[str]) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.args = args
+        self.returncode: int | None = None
+        self._conn: socket.socket | None = conn
+        self._lock = threading.Lock()  # one reader of the connection at a time
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._lock.acquire(blocking=False):
+            try:
+                self._receive(0.0)
+            finally:
+                self._lock.release()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            if self._lock.acquire(timeout=-1 if left is None else left):
+                try:
+                    self._receive(left)
+                finally:
+                    self._lock.release()
+        return self.returncode
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the script's process group (the server does, while the script is unreaped)."""
+        conn = self._conn
+        if conn is not None and self.returncode is None:
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps({"op": "signal", "signal": int(sig)}).encode())
+
+    def _receive(self, timeout: float | None) -> None:
+        """Read the server's status message (within ``timeout``; None: until it comes)."""
+        conn = self._conn
+        if conn is None:
+            return
+        conn.settimeout(timeout)
+        try:
+            data = conn.recv(MAX_REPLY_BYTES)
+        except (TimeoutError, BlockingIOError):
+            return
+        except OSError:
+            data = b""
+        status = json.loads(data).get("status") if data else None
+        # No status: the server went away, and the script with it (PR_SET_PDEATHSIG).
+        self.returncode = -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(int(status))
+        self._conn = None
+        conn.close()
 
 
 # ---------------------------------------------------------------------- the server process
 @dataclass
 class _Run:
-    """One forked script: its pid and the relay connection it answers to (None once that closed)."""
+    """One forked script: its pid and the runner's connection it answers to (None once that closed)."""
 
     pid: int
     conn: socket.socket | None
 
 
 def _serve(path: Path, preload: list[str]) -> None:
-    """The server's loop (single-threaded): accept relays, fork their scripts, report their exits."""
+    """The server's loop (single-threaded): accept runners, fork their scripts, report their exits."""
     for module in preload:
         with contextlib.suppress(ImportError):  # a site without torch still forks its scripts
             __import__(module)
@@ -178,7 +268,7 @@ def _serve(path: Path, preload: list[str]) -> None:
                     continue
                 selector.register(conn, selectors.EVENT_READ)
             elif sock.fileno() in by_conn:
-                _relay_message(sock, by_conn, selector)
+                _runner_message(sock, by_conn, selector)
             else:
                 _first_request(sock, listener, runs, by_conn, selector)
         _reap(runs, by_conn, selector)
@@ -212,7 +302,7 @@ def _first_request(
     by_conn: dict[int, _Run],
     selector: selectors.BaseSelector,
 ) -> None:
-    """A relay's request: fork its script, or answer why not."""
+    """A runner's request: fork its script, or answer why not."""
     fds: list[int] = []
     try:
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 2)
@@ -236,16 +326,18 @@ def _first_request(
             os.close(fd)
 
 
-def _relay_message(conn: socket.socket, by_conn: dict[int, _Run], selector: selectors.BaseSelector) -> None:
-    """``term`` from the relay forwards its SIGTERM; a closed connection kills the script at once."""
+def _runner_message(conn: socket.socket, by_conn: dict[int, _Run], selector: selectors.BaseSelector) -> None:
+    """``signal`` from the runner goes to the script's group; a closed connection kills the script at once."""
     run = by_conn[conn.fileno()]
     try:
         data = conn.recv(4096)
     except OSError:
         data = b""
     if data:
-        if json.loads(data).get("op") == "term":
-            _signal_group(run.pid, signal.SIGTERM)
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            message = json.loads(data)
+            if message.get("op") == "signal" and message.get("signal") in GROUP_SIGNALS:
+                _signal_group(run.pid, int(message["signal"]))
         return
     _signal_group(run.pid, signal.SIGKILL)
     del by_conn[conn.fileno()]
@@ -255,7 +347,7 @@ def _relay_message(conn: socket.socket, by_conn: dict[int, _Run], selector: sele
 
 
 def _reap(runs: dict[int, _Run], by_conn: dict[int, _Run], selector: selectors.BaseSelector) -> None:
-    """Collect exited scripts: end what is left of their process group, tell their relay the status."""
+    """Collect exited scripts: end what is left of their process group, tell their runner the status."""
     while runs:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -297,7 +389,7 @@ def _child(request: dict[str, Any], out_fd: int, channel_fd: int, server_fds: li
 
 
 def _become_script(request: dict[str, Any], out_fd: int, channel_fd: int, server_fds: list[int]) -> None:
-    os.setsid()  # its own process group: what the server kills when its relay goes
+    os.setsid()  # its own process group: what the server kills when its runner goes
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() == 1:

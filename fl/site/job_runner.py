@@ -38,9 +38,10 @@ from fl.proto import federation_pb2 as pb
 from fl.rounds import log_round
 from fl.server.jobstore import JobError, extract_zip
 from fl.site import fork_server
+from fl.site.fork_server import ForkedScript
 from fl.site.kube_launch import relay_command
 from fl.site.launch import Launch, training_command
-from fl.site.script_process import start_script
+from fl.site.script_process import signal_group, start_forked, start_script, wait_unreaped
 from fl.site.transfers import TransferFailed, download_blob, file_reader, upload_stream
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES
 
@@ -92,7 +93,7 @@ class JobRunner:
         self.current_task: pb.Task | None = None
         self.tasks: queue.Queue[tuple[pb.Task, Path | None] | _Ended] = queue.Queue()
         self.current: pb.Task | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | ForkedScript | None = None
         self.last_lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
         self.forward_metrics = True
         self.executor: ScriptExecutor | None = None
@@ -117,6 +118,7 @@ class JobRunner:
         #: per task: the task (and its model) the script being started is to get, until it asks for it
         self._run_item: tuple[pb.Task, Path | None] | None = None
         self._command: list[str] = []
+        self._fork_socket: Path | None = None  # where each run is forked (per-task runs with a fork server)
         self._env: dict[str, str] = {}
         self.data_filters = FilterChain("task_data_filters")
         self.result_filters = FilterChain("task_result_filters")
@@ -379,8 +381,9 @@ class JobRunner:
         self._command = self._script_command(script, launch, [*self.start_msg.env, *own])
 
     def _script_command(self, script: Path, launch: Launch, env_names: list[str]) -> list[str]:
-        """argv of one run: the Kubernetes relay (the script runs in a job pod), a relay to this
-        process's fork server where one runs, else the interpreter (or torch.distributed.run)."""
+        """argv of one run: the Kubernetes relay (the script runs in a job pod), the script and its
+        arguments for this process's fork server where one runs (``_fork_socket`` then names it), else
+        the interpreter (or torch.distributed.run)."""
         global _fallback_logged
         assert self.executor is not None
         if self.agent.launcher_config is not None:
@@ -397,7 +400,8 @@ class JobRunner:
         warm = fork_server.active_socket()
         plain = bool(self.executor.command) or launch.distributed
         if warm is not None and not self.launch_once and not plain:
-            return fork_server.relay_command(warm, script, shlex.split(self.executor.task_script_args or ""))
+            self._fork_socket = warm
+            return [str(script), *shlex.split(self.executor.task_script_args or "")]
         if warm is not None and not self.launch_once and not _fallback_logged:
             _fallback_logged = True
             self.log.info(
@@ -414,15 +418,17 @@ class JobRunner:
         log("starting training script: %s", _shown(command))
         # The Kubernetes relay deletes the job's pod when it gets SIGTERM: it must not die of SIGKILL.
         death_signal = signal.SIGTERM if self.agent.launcher_config is not None else signal.SIGKILL
-        # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
-        started = start_script(
-            command,
-            distributed=self._distributed,
-            channel_dir=self.job_dir,
-            cwd=self.job_dir,
-            env=self._env,
-            death_signal=death_signal,
-        )
+        if self._fork_socket is not None:
+            started = start_forked(self._fork_socket, command, cwd=self.job_dir, env=self._env)
+        else:  # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
+            started = start_script(
+                command,
+                distributed=self._distributed,
+                channel_dir=self.job_dir,
+                cwd=self.job_dir,
+                env=self._env,
+                death_signal=death_signal,
+            )
         self.process, self._listener = started.process, started.listener
         channel = LineChannel(started.parent) if started.parent is not None else None
         self._drain_done = threading.Event()
@@ -794,23 +800,16 @@ class JobRunner:
         The script is waited for without being reaped, so that its pid, the group's id, is not reused meanwhile.
         """
         assert self.process is not None
-        with contextlib.suppress(ChildProcessError):  # reaped already, by _kill_script (which kills the group)
-            os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        wait_unreaped(self.process)
 
     def _kill_script(self) -> None:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        signal_group(process, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # the script if it is still running, and what it started
-            os.killpg(process.pid, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)  # the script if it is still running, and what it started
 
 
 def _shown(command: list[str]) -> str:

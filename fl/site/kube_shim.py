@@ -26,9 +26,10 @@ from typing import Any
 
 from fl.channel import ChannelClosed, ChannelListener, LineChannel
 from fl.server.jobstore import extract_zip
+from fl.site.fork_server import ForkedScript
 from fl.site.kube_tls import RelayRefused, dial
 from fl.site.kube_wire import Wire, present_token, zip_state
-from fl.site.script_process import start_script
+from fl.site.script_process import signal_group, start_script
 
 __all__ = ["PathMap", "main"]
 
@@ -64,7 +65,7 @@ class Shim:
     def __init__(self, wire: Wire, root: Path) -> None:
         self.wire = wire
         self.root = root
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | ForkedScript | None = None
         #: This pod's copy of the job's state folder (flare.get_state()), relayed back at the end; its size limit.
         self.state_dir: Path | None = None
         self.state_limit = 0
@@ -149,11 +150,10 @@ class Shim:
         process = self.process
         if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-            os.killpg(process.pid, signal.SIGKILL)
+        signal_group(process, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+        signal_group(process, signal.SIGKILL)
 
     def _pump_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -1,11 +1,15 @@
 """Start a job's training script with its channel: a socketpair it inherits, or (ranks of
-``torch.distributed.run``, which inherit no fd) a unix socket its rank 0 connects to.
+``torch.distributed.run``, which inherit no fd) a unix socket its rank 0 connects to; or fork it
+from this process's fork server (:mod:`fl.site.fork_server`, per-task runs), socketpair and all.
 
-One mechanism for the site's job runner and the Kubernetes launcher's shim in the job pod.
+One mechanism for the site's job runner and the Kubernetes launcher's shim in the job pod;
+:func:`signal_group` and :func:`wait_unreaped` treat both kinds of process alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -15,8 +19,9 @@ from pathlib import Path
 
 from fl.channel import ChannelListener
 from fl.process import popen_bound_to_parent
+from fl.site.fork_server import ForkedScript, spawn
 
-__all__ = ["ScriptProcess", "start_script"]
+__all__ = ["ScriptProcess", "signal_group", "start_forked", "start_script", "wait_unreaped"]
 
 
 @dataclass
@@ -24,7 +29,7 @@ class ScriptProcess:
     """The script's process, its output on ``process.stdout``; ``parent``: the socketpair's end for the
     site (None for ranks); ``listener``: where rank 0 connects (None for a plain script)."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedScript
     parent: socket.socket | None
     listener: ChannelListener | None
 
@@ -72,3 +77,38 @@ def start_script(
         if child is not None:
             child.close()
     return ScriptProcess(process, parent, listener)
+
+
+def start_forked(socket_path: Path, argv: Sequence[str], *, cwd: str | Path, env: Mapping[str, str]) -> ScriptProcess:
+    """Fork ``argv`` (a script and its arguments) from the fork server at ``socket_path``, with a socketpair channel."""
+    parent, child = socket.socketpair()
+    try:
+        process = spawn(socket_path, argv, cwd=cwd, env=env, channel_fd=child.fileno())
+    except OSError:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return ScriptProcess(process, parent, None)
+
+
+def signal_group(process: subprocess.Popen[bytes] | ForkedScript, sig: int) -> None:
+    """Send ``sig`` to the script's process group (the script and what it started), if it still runs."""
+    if isinstance(process, ForkedScript):
+        process.signal_group(sig)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def wait_unreaped(process: subprocess.Popen[bytes] | ForkedScript) -> None:
+    """Wait until the script exits, then end what is left of its process group; the script itself is
+    not reaped here, so that its pid (the group's id) cannot be reused meanwhile. (A forked script's
+    server does the same before it reports the exit.)"""
+    if isinstance(process, ForkedScript):
+        process.wait()
+        return
+    with contextlib.suppress(ChildProcessError):  # reaped already (by a kill that waited for it)
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

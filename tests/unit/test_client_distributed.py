@@ -60,7 +60,8 @@ try:
 except (TypeError, ValueError) as exc:
     out["error"] = str(exc)
 dist.barrier()
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+dist.destroy_process_group()  # a gloo group left to exit can abort the process (SIGABRT)
 """
 )
 
@@ -79,7 +80,8 @@ out["after_end"] = fld.receive_all(poll_s=0.2) is None
 out["talks"] = flare._context._channel is not None
 out["site"] = flare.get_site_name()
 dist.barrier()
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+dist.destroy_process_group()  # a gloo group left to exit can abort the process (SIGABRT)
 """
 )
 

@@ -150,17 +150,17 @@ def spawn(
         sock.connect(str(socket_path))
         socket.send_fds(sock, [json.dumps(request).encode()], [write_end, channel_fd])
         reply = json.loads(sock.recv(MAX_REPLY_BYTES) or b'{"error": "it closed the connection"}')
-        if "error" in reply:
-            raise OSError(f"the fork server could not start the script: {reply['error']}")
-        pid = int(reply["pid"])
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         sock.close()
         os.close(read_end)
-        if isinstance(exc, OSError) and str(exc).startswith("the fork server"):
-            raise
         raise OSError(f"cannot reach the fork server at {socket_path}: {exc}") from exc
     finally:
         os.close(write_end)
+    if not isinstance(reply.get("pid"), int):
+        sock.close()
+        os.close(read_end)
+        raise OSError(f"the fork server could not start the script: {reply.get('error', reply)}")
+    pid = reply["pid"]
     return ForkedScript(sock, pid, os.fdopen(read_end, "rb"), list(argv))
 
 

@@ -10,7 +10,6 @@ wait out a deadline.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import queue
@@ -41,7 +40,7 @@ from fl.site import fork_server
 from fl.site.fork_server import ForkedScript
 from fl.site.kube_launch import relay_command
 from fl.site.launch import Launch, training_command
-from fl.site.script_process import signal_group, start_forked, start_script, wait_unreaped
+from fl.site.script_process import start_forked, start_script, stop_group, wait_unreaped
 from fl.site.transfers import TransferFailed, download_blob, file_reader, upload_stream
 from fl.transport.bulk import BULK_UPLOAD_CHUNK_BYTES
 
@@ -806,10 +805,7 @@ class JobRunner:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        signal_group(process, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        signal_group(process, signal.SIGKILL)  # the script if it is still running, and what it started
+        stop_group(process)  # the script, and what it started
 
 
 def _shown(command: list[str]) -> str:

@@ -13,7 +13,6 @@ with the script's exit code; if the relay goes away it stops the script and exit
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -29,7 +28,7 @@ from fl.server.jobstore import extract_zip
 from fl.site.fork_server import ForkedScript
 from fl.site.kube_tls import RelayRefused, dial
 from fl.site.kube_wire import Wire, present_token, zip_state
-from fl.site.script_process import signal_group, start_script
+from fl.site.script_process import start_script, stop_group
 
 __all__ = ["PathMap", "main"]
 
@@ -150,10 +149,7 @@ class Shim:
         process = self.process
         if process is None:
             return
-        signal_group(process, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        signal_group(process, signal.SIGKILL)
+        stop_group(process)
 
     def _pump_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None

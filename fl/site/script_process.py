@@ -21,7 +21,10 @@ from fl.channel import ChannelListener
 from fl.process import popen_bound_to_parent
 from fl.site.fork_server import ForkedScript, spawn
 
-__all__ = ["ScriptProcess", "signal_group", "start_forked", "start_script", "wait_unreaped"]
+__all__ = ["ScriptProcess", "signal_group", "start_forked", "start_script", "stop_group", "wait_unreaped"]
+
+#: Seconds a script gets after SIGTERM before its group gets SIGKILL (:func:`stop_group`).
+STOP_GRACE_S = 10.0
 
 
 @dataclass
@@ -112,3 +115,11 @@ def wait_unreaped(process: subprocess.Popen[bytes] | ForkedScript) -> None:
         os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def stop_group(process: subprocess.Popen[bytes] | ForkedScript, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to the script's group, ``grace`` seconds for it to exit, then SIGKILL to what is left of it."""
+    signal_group(process, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    signal_group(process, signal.SIGKILL)

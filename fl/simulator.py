@@ -370,6 +370,7 @@ def simulate(
     progress: bool | None = None,
     status_interval: float | None = None,
     site_memory: int | None = None,
+    fresh_processes: bool = False,
 ) -> int:
     """Run an exported job; returns 0 when it finished, 1 when it failed, 2 when it could not start
     (bad job, workspace in use, more memory needed than the machine has), 130 on Ctrl-C.
@@ -378,6 +379,8 @@ def simulate(
     ``status_interval``: seconds between the lines that say whom a waiting round waits for (30).
     ``site_memory``: bytes one site's script needs while it trains, for the memory estimate
     (default :data:`fl.simulator_memory.TRAINING_SITE_BYTES`).
+    ``fresh_processes``: in per-task mode, fork a process for each run instead of running it on a
+    reused worker (:mod:`fl.site.warm_worker`; what a fresh process would see, faster).
     """
     if not logging_configured():
         setup_logging()
@@ -396,7 +399,7 @@ def simulate(
         return 2
     with held:
         interval = status_interval or SIM_STATUS_INTERVAL_S
-        return _run(job_dir, workspace, sites, threads, gpu, timeout, progress, interval)
+        return _run(job_dir, workspace, sites, threads, gpu, timeout, progress, interval, fresh_processes)
 
 
 def _run(
@@ -408,13 +411,14 @@ def _run(
     timeout: float | None,
     progress: bool | None,
     status_interval: float,
+    fresh_processes: bool = False,
 ) -> int:
     """The run itself, in a locked and prepared workspace (see :func:`simulate`)."""
     concurrent = min(threads or len(sites), len(sites))
     per_site = max(1, (os.cpu_count() or 1) // concurrent)
     gpus = [g.strip() for g in gpu.split(",")] if gpu else []
     launch_once, why = choose_launch_once(job_launch_once(job_dir), len(sites), threads)
-    log.info("%s", launch_mode_line(launch_once, why))
+    log.info("%s", launch_mode_line(launch_once, why, reused=not fresh_processes))
 
     def site_env(site: str, n: int) -> dict[str, str]:
         env = {"OMP_NUM_THREADS": str(per_site), "MKL_NUM_THREADS": str(per_site), "FL_TORCH_THREADS": str(per_site)}
@@ -426,7 +430,9 @@ def _run(
     started = time.monotonic()
     server = _sim_server(workspace / "server", len(sites), site_env, status_interval)
     port = server.start()
-    host = _SitesHost(f"127.0.0.1:{port}", workspace, sites, threads, fork_server=not launch_once)
+    host = _SitesHost(
+        f"127.0.0.1:{port}", workspace, sites, threads, fork_server=not launch_once, fresh_processes=fresh_processes
+    )
     interrupted = threading.Event()
     previous_handler = None
 
@@ -555,7 +561,14 @@ class _SitesHost:
     """
 
     def __init__(
-        self, server: str, workspace: Path, sites: list[str], threads: int | None, *, fork_server: bool = False
+        self,
+        server: str,
+        workspace: Path,
+        sites: list[str],
+        threads: int | None,
+        *,
+        fork_server: bool = False,
+        fresh_processes: bool = False,
     ) -> None:
         groups = 1 if threads else max(1, min(len(sites), os.cpu_count() or 1))
         self.commands = [
@@ -563,6 +576,7 @@ class _SitesHost:
                 "fl.simulator", "--server", server, "--workspace", str(workspace),
                 "--sites", ",".join(sites[i::groups]), "--threads", str(threads or 0),
                 "--log-format", os.environ.get("FL_LOG_FORMAT", "text"), *(["--fork-server"] if fork_server else []),
+                *(["--fresh-processes"] if fresh_processes else []),
             )
             for i in range(groups)
         ]  # fmt: skip
@@ -637,10 +651,12 @@ def _run_sites(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--fork-server", action="store_true", help="start per-task scripts from a warm fork worker")
+    parser.add_argument("--fresh-processes", action="store_true", help="a fork per run, no reused workers")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(args.log_format)
-    warm = fork_server.start_or_explain() if args.fork_server else None  # before any gRPC thread exists
+    # before any gRPC thread exists
+    warm = fork_server.start_or_explain(reuse=not args.fresh_processes) if args.fork_server else None
     sites = args.sites.split(",")
     gate = RunGate(args.threads) if 0 < args.threads < len(sites) else None
     memory = _memory_folder()

@@ -63,6 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         timeout=args.job_timeout,
         status_interval=args.status_interval,
+        fresh_processes=args.fresh_processes,
         **_site_memory(args.site_memory_gib),
     )
 

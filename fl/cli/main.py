@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GIB",
         help="memory one site's script needs while it trains, for the run's memory estimate (default 0.25)",
     )
+    p.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="when scripts run per task: fork a process for each run rather than reuse worker processes "
+        "(slower; for scripts whose libraries keep state that fl cannot reset between runs)",
+    )
     gpu = p.add_argument("--gpu", metavar="IDS", help="comma-separated GPU ids, assigned to sites in turn (also -gpu)")
     add_alias(p, gpu, "-gpu")
     job_timeout = p.add_argument(

@@ -47,6 +47,13 @@ __all__ = [
 _context = ClientAPI()
 
 
+def _new_context() -> None:
+    """Start this process's next script run afresh (fl.site.warm_worker runs many in one process)."""
+    global _context
+    old, _context = _context, ClientAPI()
+    old.detach()
+
+
 def init(rank: int | str | None = None) -> None:
     """Connect to the site agent that started this script."""
     _context.init(rank)

@@ -134,6 +134,12 @@ class ClientAPI:
             self._channel.close()
             self._channel = None
 
+    def detach(self) -> None:
+        """Close the channel without a word, as the process's exit would (a reused script worker's run ended)."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
     # ------------------------------------------------------------------ tasks
     def _next_task(self, timeout: float | None) -> bool:
         """Fetch the next task from the agent; False when the job has ended."""

@@ -115,13 +115,18 @@ def choose_launch_once(job_setting: bool | None, sites: int, threads: int | None
     return True, f"every site of {sites} trains at once (threads={threads or sites})"
 
 
-def launch_mode_line(launch_once: bool, reason: str) -> str:
-    """The one line a simulation logs about its mode."""
+def launch_mode_line(launch_once: bool, reason: str, *, reused: bool = False) -> str:
+    """The one line a simulation logs about its mode (``reused``: per-task runs share worker processes)."""
     if launch_once:
         return f"scripts run once for the whole job (launch_once): {reason}"
+    how = (
+        "each run on a reused worker process, the job's modules imported afresh (--fresh-processes: a fork each)"
+        if reused
+        else "each run a fork of its own"
+    )
     return (
-        f"scripts run per task (launch_once=False): {reason}; a script's in-memory state does not survive "
-        "between rounds in this mode: keep what must in flare.get_state()"
+        f"scripts run per task (launch_once=False): {reason}; {how}; a script's in-memory state does not "
+        "survive between rounds in this mode: keep what must in flare.get_state()"
     )
 
 

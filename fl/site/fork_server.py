@@ -6,7 +6,9 @@ host therefore starts ONE fork server (:func:`start`, a fresh single-threaded pr
 process that runs gRPC threads is unsafe) that imports torch and fl's Client API, then forks one
 child per script run; the child takes its environment, working directory, argv and descriptors from
 the request and runs the script with ``runpy.run_path(script, run_name="__main__")``. The forked
-children share the server's imported pages copy-on-write.
+children share the server's imported pages copy-on-write. A request that names a key (the job's id)
+goes, where the server reuses workers (the simulator's default), to a worker that ran runs of the
+same key before (:mod:`fl.site.warm_worker`): no fork, exit or copy-on-write faults per run.
 
 The job runner starts no process of its own for such a run (no interpreter, no relay): it connects
 to the server's unix socket, hands over the script's stdout (a pipe it reads) and its channel
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import selectors
@@ -60,6 +63,8 @@ PRELOAD = ("torch", "torch.nn", "torch.optim", "torch.utils.data", "numpy", "saf
 MAX_REQUEST_BYTES = 1 << 20
 MAX_REPLY_BYTES = 4096
 READY_TIMEOUT_S = 120.0
+#: Seconds an idle worker waits for its next run before it is retired (its memory given back).
+WORKER_IDLE_S = 30.0
 PR_SET_PDEATHSIG = 1
 #: The signals a runner may send a forked script's process group (through the server).
 GROUP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
@@ -93,8 +98,10 @@ class ForkServer:
             _active = None
 
 
-def start(*, preload: tuple[str, ...] = PRELOAD, timeout: float = READY_TIMEOUT_S) -> ForkServer:
+def start(*, preload: tuple[str, ...] = PRELOAD, reuse: bool = True, timeout: float = READY_TIMEOUT_S) -> ForkServer:
     """Start this process's fork server and wait until it has imported ``preload`` and listens.
+    ``reuse``: runs that name a key (a job's) run on reused workers (:mod:`fl.site.warm_worker`), else
+    each run is a fork of its own.
 
     Call it before this process starts gRPC; :func:`active_socket` then names it to job runners.
     """
@@ -103,7 +110,7 @@ def start(*, preload: tuple[str, ...] = PRELOAD, timeout: float = READY_TIMEOUT_
     # folder of a sites host killed with SIGKILL is removed by the next start.
     folder, owner_fd = owned_folder(Path(tempfile.gettempdir()), "fl-fork-")
     path = folder / "socket"
-    command = module_command("fl.site.fork_server", str(path), ",".join(preload))
+    command = module_command("fl.site.fork_server", str(path), ",".join(preload), "reuse" if reuse else "fork")
     # Its children are the scripts: torch's allocator settings are read once, here (fl.memory).
     env = {**os.environ, **training_memory_env(os.environ)}
     process = popen_bound_to_parent(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
@@ -122,10 +129,10 @@ def start(*, preload: tuple[str, ...] = PRELOAD, timeout: float = READY_TIMEOUT_
     return _active
 
 
-def start_or_explain() -> ForkServer | None:
+def start_or_explain(*, reuse: bool = True) -> ForkServer | None:
     """:func:`start`, or None after one log line saying why scripts will start as processes instead."""
     try:
-        return start()
+        return start(reuse=reuse)
     except (OSError, RuntimeError) as exc:
         log.warning("no warm fork worker (%s): training scripts start as processes of their own", exc)
         return None
@@ -139,13 +146,23 @@ def active_socket() -> Path | None:
 
 
 def spawn(
-    socket_path: Path, argv: Sequence[str], *, cwd: str | Path, env: Mapping[str, str], channel_fd: int
+    socket_path: Path,
+    argv: Sequence[str],
+    *,
+    cwd: str | Path,
+    env: Mapping[str, str],
+    channel_fd: int,
+    key: str | None = None,
 ) -> ForkedScript:
-    """Have the fork server at ``socket_path`` fork ``argv`` (a script and its arguments) with ``channel_fd``
-    as its channel; OSError if it cannot. The script's stdout and stderr come on the handle's ``stdout``."""
+    """Have the fork server at ``socket_path`` run ``argv`` (a script and its arguments) with ``channel_fd``
+    as its channel; OSError if it cannot. The script's stdout and stderr come on the handle's ``stdout``.
+    ``key`` (a job's id): the run may take a worker that ran runs of the same key before, if the server
+    reuses workers; without one it is a fork of its own."""
     read_end, write_end = os.pipe()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    request = {"argv": list(argv), "cwd": str(cwd), "env": dict(env)}
+    request: dict[str, Any] = {"argv": list(argv), "cwd": str(cwd), "env": dict(env)}
+    if key is not None:
+        request["key"] = key
     try:
         sock.connect(str(socket_path))
         socket.send_fds(sock, [json.dumps(request).encode()], [write_end, channel_fd])
@@ -217,9 +234,9 @@ class ForkedScript:
             return
         except OSError:
             data = b""
-        status = json.loads(data).get("status") if data else None
-        # No status: the server went away, and the script with it (PR_SET_PDEATHSIG).
-        self.returncode = -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(int(status))
+        code = json.loads(data).get("exit_code") if data else None
+        # No exit code: the server went away, and the script with it (PR_SET_PDEATHSIG).
+        self.returncode = -signal.SIGKILL if not isinstance(code, int) else code
         self._conn = None
         conn.close()
 
@@ -227,35 +244,65 @@ class ForkedScript:
 # ---------------------------------------------------------------------- the server process
 @dataclass
 class _Run:
-    """One forked script: its pid and the runner's connection it answers to (None once that closed)."""
+    """One script run: the pid of its process and the runner's connection it answers to (None once
+    that closed); ``worker`` when a reused worker runs it."""
 
     pid: int
     conn: socket.socket | None
+    worker: _Worker | None = None
 
 
-def _serve(path: Path, preload: list[str]) -> None:
-    """The server's loop (single-threaded): accept runners, fork their scripts, report their exits."""
+@dataclass
+class _Worker:
+    """A forked process that runs script runs in turn (:mod:`fl.site.warm_worker`): the server's end of
+    its connection, the key of the runs it may take (a job's), its current run and since when it idles."""
+
+    pid: int
+    sock: socket.socket
+    key: str
+    run: _Run | None = None
+    idle_since: float = 0.0
+
+
+@dataclass
+class _State:
+    """The server's bookkeeping: runs by pid and by their runner's connection, workers by their socket."""
+
+    selector: selectors.BaseSelector
+    listener: socket.socket
+    reuse: bool
+    runs: dict[int, _Run]
+    by_conn: dict[int, _Run]
+    workers: dict[int, _Worker]  # by the fd of the server's end of the worker's connection
+
+    def server_fds(self) -> list[int]:
+        return [self.listener.fileno(), *(k.fd for k in self.selector.get_map().values())]
+
+
+def _serve(path: Path, preload: list[str], reuse: bool) -> None:
+    """The server's loop (single-threaded): accept runners, run their scripts (forked, or on a reused
+    worker), report their ends."""
     for module in preload:
         with contextlib.suppress(ImportError):  # a site without torch still forks its scripts
             __import__(module)
     _warm_torch()
+    gc.collect()
+    gc.freeze()  # what is imported is never garbage: no collection in a child walks (and copies) its pages
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path))
     listener.listen(64)
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
+    state = _State(selectors.DefaultSelector(), listener, reuse, {}, {}, {})
+    state.selector.register(listener, selectors.EVENT_READ)
     wakeup, woken = socket.socketpair()  # SIGCHLD wakes the loop: an exit is reported at once
     wakeup.setblocking(False)
     woken.setblocking(False)
     signal.set_wakeup_fd(woken.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    selector.register(wakeup, selectors.EVENT_READ)
-    runs: dict[int, _Run] = {}  # by pid
-    by_conn: dict[int, _Run] = {}  # by the connection's fd
+    state.selector.register(wakeup, selectors.EVENT_READ)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     while True:
-        for key, _ in selector.select(timeout=1.0):
+        for key, _ in state.selector.select(timeout=1.0):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if sock is wakeup:
@@ -266,12 +313,15 @@ def _serve(path: Path, preload: list[str]) -> None:
                 if _peer_uid(conn) != os.getuid():
                     conn.close()
                     continue
-                selector.register(conn, selectors.EVENT_READ)
-            elif sock.fileno() in by_conn:
-                _runner_message(sock, by_conn, selector)
+                state.selector.register(conn, selectors.EVENT_READ)
+            elif sock.fileno() in state.workers:
+                _worker_message(state, state.workers[sock.fileno()])
+            elif sock.fileno() in state.by_conn:
+                _runner_message(state, sock)
             else:
-                _first_request(sock, listener, runs, by_conn, selector)
-        _reap(runs, by_conn, selector)
+                _first_request(state, sock)
+        _reap(state)
+        _retire_idle(state, time.monotonic() - WORKER_IDLE_S)
 
 
 def _warm_torch() -> None:
@@ -295,40 +345,120 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def _first_request(
-    conn: socket.socket,
-    listener: socket.socket,
-    runs: dict[int, _Run],
-    by_conn: dict[int, _Run],
-    selector: selectors.BaseSelector,
-) -> None:
-    """A runner's request: fork its script, or answer why not."""
+def _first_request(state: _State, conn: socket.socket) -> None:
+    """A runner's request: run its script (on an idle worker of its key, else a new one, or forked
+    for this run alone), or answer why not."""
     fds: list[int] = []
     try:
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 2)
         request = json.loads(data) if data else None
         if not isinstance(request, dict) or len(fds) != 2:
             raise ValueError("a request is a JSON object with two descriptors (output, channel)")
-        pid = os.fork()
-        if pid == 0:
-            _child(request, fds[0], fds[1], [listener.fileno(), *(k.fd for k in selector.get_map().values())])
-        run = _Run(pid, conn)
-        runs[pid] = run
-        by_conn[conn.fileno()] = run
-        conn.send(json.dumps({"pid": pid}).encode())
+        if state.reuse and isinstance(request.get("key"), str):
+            run = _run_on_worker(state, conn, request, fds)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _child(request, fds[0], fds[1], state.server_fds())
+            run = _Run(pid, conn)
+        state.runs[run.pid] = run
+        state.by_conn[conn.fileno()] = run
+        conn.send(json.dumps({"pid": run.pid}).encode())
     except (OSError, ValueError) as exc:
         with contextlib.suppress(OSError):
             conn.send(json.dumps({"error": str(exc)}).encode())
-        selector.unregister(conn)
+        state.selector.unregister(conn)
         conn.close()
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _runner_message(conn: socket.socket, by_conn: dict[int, _Run], selector: selectors.BaseSelector) -> None:
-    """``signal`` from the runner goes to the script's group; a closed connection kills the script at once."""
-    run = by_conn[conn.fileno()]
+def _run_on_worker(state: _State, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> _Run:
+    """Hand the run to an idle worker of the request's key (a job's runs share workers, other jobs' do
+    not), forking one when none idles; workers idling for another key are retired meanwhile."""
+    key = request["key"]
+    for worker in [w for w in state.workers.values() if w.run is None and w.key != key]:
+        _retire(state, worker)
+    idle = [w for w in state.workers.values() if w.run is None]
+    for worker in idle:
+        try:
+            socket.send_fds(worker.sock, [json.dumps(request).encode()], fds)
+        except OSError:  # it died meanwhile: the reaper collects it
+            _retire(state, worker)
+            continue
+        worker.run = _Run(worker.pid, conn, worker)
+        return worker.run
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _worker_child(theirs.fileno(), [*state.server_fds(), ours.fileno(), *fds])
+        worker = _Worker(pid, ours, key)
+        state.workers[ours.fileno()] = worker
+        state.selector.register(ours, selectors.EVENT_READ)
+    except OSError:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    socket.send_fds(ours, [json.dumps(request).encode()], fds)  # it waits for its first run
+    worker.run = _Run(pid, conn, worker)
+    return worker.run
+
+
+def _worker_message(state: _State, worker: _Worker) -> None:
+    """A worker's report on its run (its exit code, and whether it retires), or its end."""
+    try:
+        data = worker.sock.recv(MAX_REPLY_BYTES)
+    except OSError:
+        data = b""
+    if not data:  # it exited (the reaper reports the run it had)
+        _forget_worker(state, worker)
+        return
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        report = json.loads(data)
+        run, worker.run, worker.idle_since = worker.run, None, time.monotonic()
+        if run is not None:
+            state.runs.pop(run.pid, None)
+            _report(state, run, int(report["code"]))
+        if report.get("retire"):
+            _forget_worker(state, worker)  # it exits by itself; the reaper collects it
+
+
+def _retire(state: _State, worker: _Worker) -> None:
+    """End an idle worker (SIGKILL to its group: it holds nothing of a run)."""
+    _signal_group(worker.pid, signal.SIGKILL)
+    _forget_worker(state, worker)
+
+
+def _forget_worker(state: _State, worker: _Worker) -> None:
+    if state.workers.pop(worker.sock.fileno(), None) is not None:
+        state.selector.unregister(worker.sock)
+        worker.sock.close()
+
+
+def _retire_idle(state: _State, idle_before: float) -> None:
+    for worker in [w for w in state.workers.values() if w.run is None and w.idle_since < idle_before]:
+        _retire(state, worker)
+
+
+def _report(state: _State, run: _Run, exit_code: int) -> None:
+    """Tell the run's runner how it ended (a Popen-style exit code) and close the connection."""
+    if run.conn is None:
+        return
+    with contextlib.suppress(OSError):
+        run.conn.send(json.dumps({"exit_code": exit_code}).encode())
+    state.by_conn.pop(run.conn.fileno(), None)
+    state.selector.unregister(run.conn)
+    run.conn.close()
+    run.conn = None
+
+
+def _runner_message(state: _State, conn: socket.socket) -> None:
+    """``signal`` from the runner goes to the script's group; a closed connection kills the script at
+    once (a worker with it: it was in the middle of that run)."""
+    run = state.by_conn[conn.fileno()]
     try:
         data = conn.recv(4096)
     except OSError:
@@ -340,15 +470,16 @@ def _runner_message(conn: socket.socket, by_conn: dict[int, _Run], selector: sel
                 _signal_group(run.pid, int(message["signal"]))
         return
     _signal_group(run.pid, signal.SIGKILL)
-    del by_conn[conn.fileno()]
-    selector.unregister(conn)
+    del state.by_conn[conn.fileno()]
+    state.selector.unregister(conn)
     conn.close()
     run.conn = None
 
 
-def _reap(runs: dict[int, _Run], by_conn: dict[int, _Run], selector: selectors.BaseSelector) -> None:
-    """Collect exited scripts: end what is left of their process group, tell their runner the status."""
-    while runs:
+def _reap(state: _State) -> None:
+    """Collect exited processes: end what is left of their process group, tell the runner of the run
+    they had how it ended."""
+    while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
@@ -357,14 +488,11 @@ def _reap(runs: dict[int, _Run], by_conn: dict[int, _Run], selector: selectors.B
             return
         _signal_group(info.si_pid, signal.SIGKILL)  # processes the script started (pid not reaped: no reuse)
         _, status = os.waitpid(info.si_pid, 0)
-        run = runs.pop(info.si_pid, None)
-        if run is None or run.conn is None:
-            continue
-        with contextlib.suppress(OSError):
-            run.conn.send(json.dumps({"status": status}).encode())
-        by_conn.pop(run.conn.fileno(), None)
-        selector.unregister(run.conn)
-        run.conn.close()
+        for worker in [w for w in state.workers.values() if w.pid == info.si_pid]:
+            _forget_worker(state, worker)
+        run = state.runs.pop(info.si_pid, None)
+        if run is not None:
+            _report(state, run, os.waitstatus_to_exitcode(status))
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -373,11 +501,13 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _child(request: dict[str, Any], out_fd: int, channel_fd: int, server_fds: list[int]) -> None:
-    """In the forked child: become the script's process (descriptors, env, cwd, argv) and run it."""
+    """In a child forked for one run: become the script's process (descriptors, env, cwd, argv) and run it."""
     code = 1
     try:
-        _become_script(request, out_fd, channel_fd, server_fds)
-        code = _run_script(request["argv"])
+        _become_child(server_fds)
+        _enter_run(request, out_fd, channel_fd)
+        os.closerange(4, 1 << 16)
+        code = _run_script([str(a) for a in request["argv"]])
     except BaseException:  # never return into the server's loop
         with contextlib.suppress(Exception):
             traceback.print_exc()
@@ -388,7 +518,23 @@ def _child(request: dict[str, Any], out_fd: int, channel_fd: int, server_fds: li
         os._exit(code)
 
 
-def _become_script(request: dict[str, Any], out_fd: int, channel_fd: int, server_fds: list[int]) -> None:
+def _worker_child(conn_fd: int, server_fds: list[int]) -> None:
+    """In a forked worker: become a script process once, then serve runs (fl.site.warm_worker)."""
+    from fl.site import warm_worker
+
+    try:
+        _become_child(server_fds)
+        warm_worker.serve(conn_fd, _enter_run, _run_script)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+def _become_child(server_fds: list[int]) -> None:
+    """Once per forked process: its own session, death with the server, the signals a script starts
+    with, the server's descriptors closed, its standard streams."""
     os.setsid()  # its own process group: what the server kills when its runner goes
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -401,21 +547,28 @@ def _become_script(request: dict[str, Any], out_fd: int, channel_fd: int, server
     for fd in server_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-    channel = os.dup(channel_fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    if devnull != 0:
+        os.close(devnull)
+    sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
+
+
+def _enter_run(request: dict[str, Any], out_fd: int, channel_fd: int) -> None:
+    """Per run: its output on descriptors 1 and 2, its channel on 3, its environment, working
+    directory, ``sys.path`` and ``sys.argv``."""
+    channel = os.dup(channel_fd)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     if channel != 3:
         os.dup2(channel, 3)
-    os.closerange(4, 1 << 16)
+        os.close(channel)
     env = {str(k): str(v) for k, v in dict(request["env"]).items()}
     env["FL_CHANNEL_FD"] = "3"
     os.environ.clear()
     os.environ.update(env)
     os.chdir(str(request["cwd"]))
-    sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
     script = str(request["argv"][0])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [os.path.dirname(os.path.abspath(script)), *paths, *(p for p in sys.path if p not in ("", "."))]
@@ -452,7 +605,8 @@ def _exit_code(value: object) -> int:
 
 def _main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the simulator's to handle
-    _serve(Path(argv[0]), [m for m in argv[1].split(",") if m] if len(argv) > 1 else list(PRELOAD))
+    preload = [m for m in argv[1].split(",") if m] if len(argv) > 1 else list(PRELOAD)
+    _serve(Path(argv[0]), preload, reuse=len(argv) > 2 and argv[2] == "reuse")
     return 0
 
 

@@ -418,7 +418,7 @@ class JobRunner:
         # The Kubernetes relay deletes the job's pod when it gets SIGTERM: it must not die of SIGKILL.
         death_signal = signal.SIGTERM if self.agent.launcher_config is not None else signal.SIGKILL
         if self._fork_socket is not None:
-            started = start_forked(self._fork_socket, command, cwd=self.job_dir, env=self._env)
+            started = start_forked(self._fork_socket, command, cwd=self.job_dir, env=self._env, key=self.job_id)
         else:  # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
             started = start_script(
                 command,

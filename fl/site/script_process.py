@@ -82,11 +82,14 @@ def start_script(
     return ScriptProcess(process, parent, listener)
 
 
-def start_forked(socket_path: Path, argv: Sequence[str], *, cwd: str | Path, env: Mapping[str, str]) -> ScriptProcess:
-    """Fork ``argv`` (a script and its arguments) from the fork server at ``socket_path``, with a socketpair channel."""
+def start_forked(
+    socket_path: Path, argv: Sequence[str], *, cwd: str | Path, env: Mapping[str, str], key: str | None = None
+) -> ScriptProcess:
+    """Run ``argv`` (a script and its arguments) from the fork server at ``socket_path``, with a socketpair
+    channel; ``key``: runs of the same key may share a reused worker (:func:`fl.site.fork_server.spawn`)."""
     parent, child = socket.socketpair()
     try:
-        process = spawn(socket_path, argv, cwd=cwd, env=env, channel_fd=child.fileno())
+        process = spawn(socket_path, argv, cwd=cwd, env=env, channel_fd=child.fileno(), key=key)
     except OSError:
         parent.close()
         raise

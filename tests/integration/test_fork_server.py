@@ -100,3 +100,78 @@ def test_a_request_the_server_cannot_serve_is_an_oserror_naming_it(server, tmp_p
     with pytest.raises(OSError, match="cannot reach the fork server"):
         start_forked(tmp_path / "no-such-socket", ["x.py"], cwd=tmp_path, env={})
     assert len(os.listdir("/proc/self/fd")) < 200  # nothing leaked per attempt (pipes, sockets)
+
+
+# ---------------------------------------------------------------------- reused workers (fl.site.warm_worker)
+def _run(
+    server: fork_server.ForkServer, script: Path, *args: str, key: str = "job-1", env: dict[str, str] | None = None
+):
+    started = start_forked(server.socket_path, [str(script), *args], cwd=script.parent, env=env or {}, key=key)
+    assert started.process.stdout is not None
+    code = started.process.wait(30)
+    out = started.process.stdout.read().decode()  # EOF: the worker let go of the run's output
+    assert started.parent is not None
+    started.parent.settimeout(5)
+    assert started.parent.recv(10) == b"", "the run's channel is still open in the worker"
+    started.parent.close()
+    return started.process.pid, code, out
+
+
+def test_runs_of_one_key_share_a_worker_and_each_sees_what_a_fresh_process_would(server, tmp_path):
+    (tmp_path / "jobmodule.py").write_text("COUNT = []\n")
+    script = _script(
+        tmp_path,
+        "import logging, os, random, sys, jobmodule\n"
+        "jobmodule.COUNT.append(1)\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "logging.info('log line')\n"
+        "print(sys.argv[1], os.environ.get('WHO'), os.environ.get('LEFT'), len(jobmodule.COUNT), random.random())\n"
+        "os.environ['LEFT'] = 'over'\n"
+        "os.chdir('/')\n",
+    )
+    first = _run(server, script, "a", env={"WHO": "site-1"})
+    second = _run(server, script, "b", env={"WHO": "site-2"})
+    assert first[0] == second[0], "the second run did not reuse the first run's worker"
+    assert first[1] == second[1] == 0
+    a, b = first[2].splitlines(), second[2].splitlines()
+    assert a[0] == b[0] == "log line"  # one handler each run: basicConfig's of the last run is gone
+    words_a, words_b = a[1].split(), b[1].split()
+    assert words_a[:4] == ["a", "site-1", "None", "1"]
+    assert words_b[:4] == ["b", "site-2", "None", "1"], "state of the last run leaked into this one"
+    assert words_a[4] == words_b[4], "the random generator was not put back"
+    other = _run(server, script, "c", key="job-2")
+    assert other[0] != first[0], "another job's run took this job's worker"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n", 0),
+        ("import subprocess\nsubprocess.Popen(['sleep', '30'])\n", 0),
+        ("import os\nkept = os.dup(1)\n", 0),
+        ("raise SystemExit(4)\n", 4),
+    ],
+    ids=["thread", "child-process", "output-descriptor", "failed-run"],
+)
+def test_a_run_that_leaves_something_behind_retires_its_worker(server, tmp_path, body, code):
+    leaky = _script(tmp_path, body)
+    pid, got, _ = _run(server, leaky, key=f"job-{tmp_path.name}")
+    assert got == code
+    assert _ends_within(pid, 10.0), "the worker was kept after a run it could not clean up after"
+    clean = tmp_path / "clean.py"
+    clean.write_text("print('ok')\n")
+    again = _run(server, clean, key=f"job-{tmp_path.name}")
+    assert again[0] != pid and again[1:] == (0, "ok\n")
+
+
+def test_a_worker_signalled_or_given_up_mid_run_ends_and_the_next_run_gets_a_fresh_one(server, tmp_path):
+    script = _script(tmp_path, "import sys, time\nprint('up', flush=True)\ntime.sleep(300)\n")
+    started = start_forked(server.socket_path, [str(script)], cwd=tmp_path, env={}, key="job-sig")
+    assert started.process.stdout is not None and started.process.stdout.readline() == b"up\n"
+    signal_group(started.process, signal.SIGTERM)
+    assert started.process.wait(30) == -signal.SIGTERM
+    given_up = start_forked(server.socket_path, [str(script)], cwd=tmp_path, env={}, key="job-sig")
+    assert given_up.process.stdout is not None and given_up.process.stdout.readline() == b"up\n"
+    assert given_up.process.pid != started.process.pid
+    given_up.process._conn.close()  # type: ignore[union-attr]
+    assert _ends_within(given_up.process.pid, 10.0)

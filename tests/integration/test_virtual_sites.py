@@ -103,20 +103,24 @@ def _set_launch_once(job: Path, launch_once: bool | None) -> Path:
 
 
 def test_per_task_runs_take_one_task_each_and_train_to_the_launch_once_model(tmp_path):
-    """3 sites, 1 training at once: per task (the simulator's choice) and launch-once (the job's) agree."""
+    """3 sites, 1 training at once: per task (the simulator's choice: on a reused worker, or a fork per
+    run) and launch-once (the job's) agree."""
     runs = {}
-    exported = _export_hello_pt(tmp_path / "export", 3, None)  # one export: one initial model for both
-    for mode, setting in (("per-task", None), ("launch-once", True)):
+    exported = _export_hello_pt(tmp_path / "export", 3, None)  # one export: one initial model for all
+    for mode, setting, extra in (
+        ("per-task", None, []), ("fresh", None, ["--fresh-processes"]), ("launch-once", True, [])
+    ):  # fmt: skip
         job = _set_launch_once(shutil.copytree(exported, tmp_path / mode / "job"), setting)
         workspace = tmp_path / mode / "ws"
         code = subprocess.run(
-            [sys.executable, "-m", "fl", "simulate", str(job), "-w", str(workspace), "-t", "1"],
+            [sys.executable, "-m", "fl", "simulate", str(job), "-w", str(workspace), "-t", "1", *extra],
             capture_output=True, text=True, env=_env(), timeout=600,
         )  # fmt: skip
         assert code.returncode == 0, code.stdout[-3000:] + code.stderr[-3000:]
         runs[mode] = (workspace, code.stderr)
     per_task, log = runs["per-task"]
     assert "scripts run per task (launch_once=False): 3 sites and threads=1" in log
+    assert "each run on a reused worker process" in log and "each run a fork of its own" in runs["fresh"][1]
     assert "the job sets launch_once=True" in runs["launch-once"][1]
     for site in ("site-1", "site-2", "site-3"):
         site_log = (run_dir(per_task) / "logs" / f"{site}.log").read_text()
@@ -129,10 +133,11 @@ def test_per_task_runs_take_one_task_each_and_train_to_the_launch_once_model(tmp
         assert (per_task / site / run_dir(per_task).name / "state" / "state.safetensors").is_file()
     versions = [m["model_version"] for m in read_json(run_dir(per_task) / "validation.json")["models"]]
     assert versions == [0, 1, 2]
-    expected, got = _final_model(runs["launch-once"][0]), _final_model(per_task)
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=1e-6), name
+    expected = _final_model(runs["launch-once"][0])
+    for got in (_final_model(per_task), _final_model(runs["fresh"][0])):
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            assert torch.allclose(got[name], value, atol=1e-6), name
 
 
 def test_a_crash_in_a_per_task_run_fails_the_job_with_its_last_lines(make_job, tmp_path):

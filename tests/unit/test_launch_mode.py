@@ -32,6 +32,8 @@ def test_the_per_task_line_says_why_and_that_memory_state_does_not_survive():
     line = launch_mode_line(chosen, reason)
     assert "per task" in line and "200 sites and threads=2" in line and "flare.get_state()" in line
     assert "the job sets launch_once=True" in launch_mode_line(*choose_launch_once(True, 200, 2))
+    assert "reused worker process" in launch_mode_line(chosen, reason, reused=True)
+    assert "a fork of its own" in line
 
 
 def _job(tmp_path, args):

@@ -71,15 +71,28 @@ GROUP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
 
 log = adapter("fl.site")
 _active: ForkServer | None = None
+_give_up_lock = threading.Lock()
 
 
 class ForkServer:
-    """Handle of a running fork server (its process and the socket it listens on)."""
+    """Handle of a started fork server (its process and the socket it listens on, once it is ready)."""
 
     def __init__(self, process: subprocess.Popen[bytes], socket_path: Path, owner_fd: int | None = None) -> None:
         self.process = process
         self.socket_path = socket_path
         self._owner_fd = owner_fd  # the folder's lock (fl.fsutil.owned_folder): a later start sweeps it if we die
+        self._ready = threading.Event()
+        self._said: bytes = b""
+        threading.Thread(target=self._read_ready, name="fl-fork-server-ready", daemon=True).start()
+
+    def _read_ready(self) -> None:
+        assert self.process.stdout is not None
+        self._said = self.process.stdout.readline()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Whether it has imported what it preloads and listens (waiting up to ``timeout`` seconds)."""
+        return self._ready.wait(timeout) and self._said.strip() == b"ready" and self.alive()
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -98,10 +111,13 @@ class ForkServer:
             _active = None
 
 
-def start(*, preload: tuple[str, ...] = PRELOAD, reuse: bool = True, timeout: float = READY_TIMEOUT_S) -> ForkServer:
-    """Start this process's fork server and wait until it has imported ``preload`` and listens.
-    ``reuse``: runs that name a key (a job's) run on reused workers (:mod:`fl.site.warm_worker`), else
-    each run is a fork of its own.
+def start(
+    *, preload: tuple[str, ...] = PRELOAD, reuse: bool = True, wait: bool = True, timeout: float = READY_TIMEOUT_S
+) -> ForkServer:
+    """Start this process's fork server; with ``wait``, wait until it has imported ``preload`` and
+    listens (RuntimeError if it does not within ``timeout``), else let it get ready while this process
+    goes on (:func:`active_socket` waits for it). ``reuse``: runs that name a key (a job's) run on reused
+    workers (:mod:`fl.site.warm_worker`), else each run is a fork of its own.
 
     Call it before this process starts gRPC; :func:`active_socket` then names it to job runners.
     """
@@ -114,35 +130,42 @@ def start(*, preload: tuple[str, ...] = PRELOAD, reuse: bool = True, timeout: fl
     # Its children are the scripts: torch's allocator settings are read once, here (fl.memory).
     env = {**os.environ, **training_memory_env(os.environ)}
     process = popen_bound_to_parent(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    ready: list[bytes] = []
-    reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout)
-    if not ready or ready[0].strip() != b"ready":
-        process.kill()
-        process.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.close(owner_fd)
+    server = ForkServer(process, path, owner_fd)
+    if wait and not server.wait_ready(timeout):
+        server.stop()
         raise RuntimeError(f"the fork server did not start within {timeout:.0f} s (exit code {process.poll()})")
-    _active = ForkServer(process, path, owner_fd)
-    return _active
+    _active = server
+    return server
 
 
 def start_or_explain(*, reuse: bool = True) -> ForkServer | None:
-    """:func:`start`, or None after one log line saying why scripts will start as processes instead."""
+    """:func:`start` without waiting (the server imports torch while this process registers its sites),
+    or None after one log line saying why scripts will start as processes instead."""
     try:
-        return start(reuse=reuse)
-    except (OSError, RuntimeError) as exc:
+        return start(reuse=reuse, wait=False)
+    except OSError as exc:
         log.warning("no warm fork worker (%s): training scripts start as processes of their own", exc)
         return None
 
 
 def active_socket() -> Path | None:
-    """The socket of this process's fork server, if one runs."""
-    if _active is None or not _active.alive():
+    """The socket of this process's fork server once it is ready (waiting for it, if it is getting
+    ready), or None if none runs; a server that did not get ready is stopped, said once in the log."""
+    global _active
+    server = _active
+    if server is None:
         return None
-    return _active.socket_path
+    if server.wait_ready():
+        return server.socket_path
+    with _give_up_lock:
+        if _active is server:
+            log.warning(
+                "the warm fork worker did not get ready (exit code %s): "
+                "training scripts start as processes of their own",
+                server.process.poll(),
+            )
+            server.stop()
+    return None
 
 
 def spawn(

@@ -312,19 +312,7 @@ class JobRunner:
             raise JobError("this site's policy refuses jobs that carry custom code (--no-custom-code)")
         self.job_dir.mkdir(parents=True, exist_ok=True)
         self.exchange.mkdir(parents=True, exist_ok=True)
-        archive = self.job_dir / "app.zip"
-        download_blob(
-            self.agent.bulk,
-            self.agent.current_session,
-            self.start_msg.app,
-            archive,
-            deadline=time.time() + 600,
-            stop=self.stop_event,
-            meter=self.agent.metrics.transfers,
-        )
-        app = self.job_dir / "app"
-        extract_zip(archive, app)
-        archive.unlink()
+        app = self._unpack_app()
         config = load_config(app / "config" / "config_fed_client.json")
         check_config(config, custom_dir=app / "custom", where="config_fed_client.json")
         executors = config.get("executors") or []
@@ -347,6 +335,38 @@ class JobRunner:
             _, component = build_component(entry, where="config_fed_client.json")
             if isinstance(component, ConvertToFedEvent) and component.forwards_analytics:
                 self.forward_metrics = True
+
+    def _unpack_app(self) -> Path:
+        """The job's app in ``<job folder>/app``: downloaded and unpacked, or (sites sharing downloads, as the
+        simulator's do) a link to the one copy unpacked for every site that got the same archive."""
+
+        def unpack(folder: Path) -> None:
+            archive = folder.with_name(folder.name + ".zip")
+            download_blob(
+                self.agent.bulk,
+                self.agent.current_session,
+                self.start_msg.app,
+                archive,
+                deadline=time.time() + 600,
+                stop=self.stop_event,
+                meter=self.agent.metrics.transfers,
+            )
+            try:
+                extract_zip(archive, folder)
+            finally:
+                archive.unlink(missing_ok=True)
+
+        app = self.job_dir / "app"
+        if app.is_symlink():
+            app.unlink()
+        shared = self.agent.shared_downloads
+        source = shared.unpacked(self.start_msg.app.checksum, unpack) if shared is not None else None
+        if source is None:
+            unpack(app)
+        else:
+            shutil.rmtree(app, ignore_errors=True)
+            app.symlink_to(source, target_is_directory=True)
+        return app
 
     def _prepare_launch(self) -> None:
         """The script's command and environment (the same for every run of it)."""

@@ -12,6 +12,7 @@ import pytest
 from fl.site.shared_downloads import SharedDownloads
 
 BLOB = b"model bytes " * 1000
+CHECKSUM = "xxh3-128:0123456789abcdef"
 
 
 def _downloader(dest: Path, calls: list[Path], data: bytes = BLOB, delay: float = 0.0):  # type: ignore[no-untyped-def]
@@ -108,3 +109,40 @@ def test_a_checksum_that_is_no_plain_name_is_downloaded_without_sharing(tmp_path
     assert shared.fetch("../../etc/x", len(BLOB), a, _downloader(a, calls)) is False
     assert calls == [a]
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == []
+
+
+def test_an_app_is_unpacked_once_for_the_sites_that_get_the_same_archive(tmp_path: Path) -> None:
+    shared = SharedDownloads(tmp_path / "index")
+    calls: list[Path] = []
+
+    def unpack(folder: Path) -> None:
+        calls.append(folder)
+        time.sleep(0.05)  # the other sites arrive meanwhile and wait
+        (folder / "custom").mkdir(parents=True)
+        (folder / "custom" / "client.py").write_text("print('hi')\n")
+
+    got: list[Path | None] = []
+    threads = [threading.Thread(target=lambda: got.append(shared.unpacked(CHECKSUM, unpack))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(got)) == 1 and got[0] is not None
+    assert (got[0] / "custom" / "client.py").read_text() == "print('hi')\n"
+    assert [p.name for p in got[0].parent.iterdir()] == [got[0].name], "a partial folder was left"
+    assert shared.unpacked("../etc", unpack) is None  # no folder named by such a checksum
+
+
+def test_an_unpack_that_fails_leaves_nothing_and_the_next_site_unpacks_again(tmp_path: Path) -> None:
+    shared = SharedDownloads(tmp_path / "index")
+
+    def broken(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "half").write_text("x")
+        raise OSError("connection cut")
+
+    with pytest.raises(OSError, match="connection cut"):
+        shared.unpacked(CHECKSUM, broken)
+    assert list((tmp_path / "index" / "apps").iterdir()) == []
+    folder = shared.unpacked(CHECKSUM, lambda f: f.mkdir(parents=True))
+    assert folder is not None and folder.is_dir()

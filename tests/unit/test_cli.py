@@ -105,7 +105,10 @@ def test_flare_simulator_command_line_reaches_the_simulator(monkeypatch, tmp_pat
         "gpu": "0,1",
         "timeout": 9.0,
         "status_interval": None,
+        "fresh_processes": False,
     }
+    assert main([*argv[:-1], "--fresh-processes", argv[-1]]) == 0
+    assert calls[1][1]["fresh_processes"] is True
 
 
 @pytest.mark.parametrize(

@@ -267,12 +267,11 @@ class ForkedScript:
 # ---------------------------------------------------------------------- the server process
 @dataclass
 class _Run:
-    """One script run: the pid of its process and the runner's connection it answers to (None once
-    that closed); ``worker`` when a reused worker runs it."""
+    """One script run: the pid of its process (a fork of its own or a reused worker) and the runner's
+    connection it answers to (None once that closed)."""
 
     pid: int
     conn: socket.socket | None
-    worker: _Worker | None = None
 
 
 @dataclass
@@ -410,7 +409,7 @@ def _run_on_worker(state: _State, conn: socket.socket, request: dict[str, Any], 
         except OSError:  # it died meanwhile: the reaper collects it
             _retire(state, worker)
             continue
-        worker.run = _Run(worker.pid, conn, worker)
+        worker.run = _Run(worker.pid, conn)
         return worker.run
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -426,7 +425,7 @@ def _run_on_worker(state: _State, conn: socket.socket, request: dict[str, Any], 
     finally:
         theirs.close()
     socket.send_fds(ours, [json.dumps(request).encode()], fds)  # it waits for its first run
-    worker.run = _Run(pid, conn, worker)
+    worker.run = _Run(pid, conn)
     return worker.run
 
 
@@ -439,14 +438,18 @@ def _worker_message(state: _State, worker: _Worker) -> None:
     if not data:  # it exited (the reaper reports the run it had)
         _forget_worker(state, worker)
         return
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
+    try:
         report = json.loads(data)
-        run, worker.run, worker.idle_since = worker.run, None, time.monotonic()
-        if run is not None:
-            state.runs.pop(run.pid, None)
-            _report(state, run, int(report["code"]))
-        if report.get("retire"):
-            _forget_worker(state, worker)  # it exits by itself; the reaper collects it
+        code, retire = int(report["code"]), bool(report.get("retire"))
+    except (ValueError, TypeError, KeyError, AttributeError):  # not a report: its run is reported as it dies
+        _retire(state, worker)
+        return
+    run, worker.run, worker.idle_since = worker.run, None, time.monotonic()
+    if run is not None:
+        state.runs.pop(run.pid, None)
+        _report(state, run, code)
+    if retire:
+        _forget_worker(state, worker)  # it exits by itself; the reaper collects it
 
 
 def _retire(state: _State, worker: _Worker) -> None:

@@ -185,7 +185,11 @@ class Baseline:
                     return "the run left a child process running"
         except ChildProcessError:
             pass
-        if _identity(CHANNEL_FD) != _identity(0):
+        try:
+            closed = _identity(CHANNEL_FD) != _identity(0)
+        except OSError:
+            closed = True
+        if closed:
             return "an object of the run closed a descriptor after it ended (it may close the next run's)"
         fds = _open_fds()
         if given & set(fds.values()):

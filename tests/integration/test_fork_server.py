@@ -150,8 +150,10 @@ def test_runs_of_one_key_share_a_worker_and_each_sees_what_a_fresh_process_would
         ("import subprocess\nsubprocess.Popen(['sleep', '30'])\n", 0),
         ("import os\nkept = os.dup(1)\n", 0),
         ("raise SystemExit(4)\n", 4),
+        # a socket on the channel's descriptor kept alive by a cycle: the collection after the run closes it
+        ("import os, socket\nclass Holder: pass\nh = Holder()\nh.me, h.sock = h, socket.socket(fileno=3)\n", 0),
     ],
-    ids=["thread", "child-process", "output-descriptor", "failed-run"],
+    ids=["thread", "child-process", "output-descriptor", "failed-run", "stale-channel-object"],
 )
 def test_a_run_that_leaves_something_behind_retires_its_worker(server, tmp_path, body, code):
     leaky = _script(tmp_path, body)

@@ -571,16 +571,22 @@ class JobRunner:
             raise TransferFailed("the script announced a result without a valid size and checksum")
 
         lost: list[str] = []  # why the script's bytes can no longer be read: the upload stops, no retry
-        one_reader = threading.Lock()  # a stalled call's reader finishes its piece before a retry's asks
+        # The channel has one reader at a time. gRPC reads a call's request iterator on a thread of its own,
+        # which may still be pulling a piece after its call ended (refused, cut): a retry's reader waits for it,
+        # and once the upload is over no reader may start, so the channel is the serving loop's alone again.
+        one_reader = threading.Lock()
+        over = False
 
         def read_from(start: int) -> Iterator[bytes]:
             for offset in range(start, size, BULK_UPLOAD_CHUNK_BYTES):
-                try:
-                    with one_reader:
+                with one_reader:
+                    if over:  # asked by a call that ended: the script has moved on, its channel is not ours
+                        return
+                    try:
                         data = self._pull(channel, offset, min(BULK_UPLOAD_CHUNK_BYTES, size - offset))
-                except (ChannelClosed, ValueError, TransferFailed) as exc:
-                    lost.append(str(exc))
-                    raise
+                    except (ChannelClosed, ValueError, TransferFailed) as exc:
+                        lost.append(str(exc))
+                        raise
                 yield data
 
         started = time.monotonic()
@@ -602,6 +608,9 @@ class JobRunner:
             if lost:
                 raise TransferFailed(f"the script's result could not be read: {lost[0]}") from None
             raise
+        finally:
+            with one_reader:  # waits for a piece an ended call's reader is still pulling
+                over = True
         self._log_transfer("result uploaded", size, started, task)
         return upload_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,23 @@ from fl.workflows.fedavg import FedAvg
 from tests.integration.federation import Federation
 
 FIXTURES = Path(__file__).parent / "fixture_jobs"
+
+
+#: Lines of each daemon's log a failed test's report shows (the server's and the sites', newest last).
+FAILURE_LOG_LINES = 80
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that ran a federation shows the end of each of its daemons' logs in its report,
+    so a failure seen only in CI (a race under load) can be read there."""
+    report = yield
+    fed = getattr(item, "funcargs", {}).get("federation")
+    if report.when == "call" and report.failed and isinstance(fed, Federation):
+        for daemon in fed.daemons:
+            tail = daemon.log().splitlines()[-FAILURE_LOG_LINES:]
+            report.sections.append((f"log of {daemon.name} (last {len(tail)} lines)", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture

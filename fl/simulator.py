@@ -92,37 +92,56 @@ def _sampled_per_round(spec: JobSpec) -> int | None:
     return max(counts) if counts else None
 
 
-#: Sites training at once a core when the simulator chooses (all at once would not fit in memory): their
-#: scripts run per task, and a light script's run is mostly starting and ending a process and waiting on
-#: its channel, not computing, so runs overlap on a core. Measured on 2 cores (64 hello-pt sites, 16
-#: samples each): 13-15 s a round with 8 at once, 25-28 s with 2, the same peak memory (0.7 GiB).
+#: Sites training at once a core when the simulator chooses (more sites than that, or all at once would
+#: not fit in memory): their scripts run per task, and a light script's run is mostly starting and ending
+#: a process and waiting on its channel, not computing, so runs overlap on a core. Measured on 2 cores
+#: (64 hello-pt sites, 16 samples each): 13-15 s a round with 8 at once, 25-28 s with 2, the same peak
+#: memory (0.7 GiB); all 64 at once (scripts that run once) needed 16 GiB by the estimate and, on a loaded
+#: machine, starved the sites' heartbeats until the server declared sites lost.
 AUTO_RUNS_PER_CORE = 4
 
 
-def _check_memory(spec: JobSpec, n_sites: int, threads: int | None, site_memory: int | None) -> int | None:
+def _check_memory(
+    spec: JobSpec, n_sites: int, threads: int | None, site_memory: int | None, launch_once: bool | None = None
+) -> int | None:
     """The sites that train at once (``threads``; None: all), checked against the memory the machine
     has left: refused (JobError, saying what to change) when it does not fit. Without ``threads``,
-    every site trains at once when that fits; when it does not, :data:`AUTO_RUNS_PER_CORE` a core (at
-    most as many as fit), their scripts run per task (:func:`fl.components.script_executor.choose_launch_once`)."""
+    every site trains at once when there are at most :data:`AUTO_RUNS_PER_CORE` a core and that fits;
+    otherwise that many a core (at most as many as fit), their scripts run per task
+    (:func:`fl.components.script_executor.choose_launch_once`). ``launch_once``: the job's own setting.
+
+    The estimate counts the scripts that exist at once: every site's when they run once for the whole job
+    (an idle one holds its imports as a training one does), else the runs at once (of the sampled sites)."""
     available, where = sim_memory.available_memory()
     model_bytes = sim_memory.model_bytes_of(spec.folder)
     per_site = site_memory if site_memory is not None else sim_memory.TRAINING_SITE_BYTES
+    sampled = min(n_sites, _sampled_per_round(spec) or n_sites)
 
     def need(at: int | None) -> sim_memory.MemoryEstimate:
-        at_once = min(at or n_sites, n_sites, _sampled_per_round(spec) or n_sites)
-        return sim_memory.estimate(n_sites, at_once, model_bytes, per_site)
+        once, _ = choose_launch_once(launch_once, n_sites, at)
+        scripts = n_sites if once else min(at or n_sites, sampled)
+        return sim_memory.estimate(n_sites, scripts, model_bytes, per_site)
 
-    all_at_once = need(threads)
-    if threads is None and all_at_once.total > available:
-        most = min(n_sites, AUTO_RUNS_PER_CORE * (os.cpu_count() or 1))
-        fitting = [t for t in range(most, 0, -1) if need(t).total <= available]
-        if fitting:
-            log.info(
-                "every site training at once would need an estimated %s, %.2f GiB is %s: %d at once "
-                f"({AUTO_RUNS_PER_CORE} a core; -t/--threads to choose)",
-                all_at_once.describe(), available / sim_memory.GiB, where, fitting[0],
-            )  # fmt: skip
-            threads = fitting[0]
+    if threads is None:
+        cores = os.cpu_count() or 1
+        most = AUTO_RUNS_PER_CORE * cores
+        all_at_once = need(None)
+        too_many = n_sites > most
+        if too_many or all_at_once.total > available:
+            # Per task, more at once than the sampled sites (or than all but one) would change nothing.
+            top = most if launch_once else min(most, sampled if sampled < n_sites else n_sites - 1)
+            fitting = [t for t in range(top, 0, -1) if need(t).total <= available]
+            if fitting:
+                why = (
+                    f"{n_sites} sites on {cores} cores"
+                    if too_many and all_at_once.total <= available
+                    else f"every site training at once would need an estimated {all_at_once.describe()}, "
+                    f"{available / sim_memory.GiB:.2f} GiB is {where}"
+                )
+                log.info(
+                    "%s: %d train at once (%d a core; -t/--threads to choose)", why, fitting[0], AUTO_RUNS_PER_CORE
+                )
+                threads = fitting[0]
     estimate = need(threads)
     problem = sim_memory.refusal(estimate, available, where, threads=threads)
     if problem is not None:
@@ -390,7 +409,7 @@ def simulate(
     try:
         spec = read_job(job_dir)
         sites = _site_names(spec, n_clients, clients)
-        threads = _check_memory(spec, len(sites), threads, site_memory)
+        threads = _check_memory(spec, len(sites), threads, site_memory, job_launch_once(job_dir))
         held.enter_context(workspace_lock(workspace))
         _prepare_workspace(workspace)
     except JobError as exc:

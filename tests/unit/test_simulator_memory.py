@@ -100,15 +100,47 @@ def test_without_threads_a_run_whose_sites_cannot_all_train_at_once_trains_four_
     assert AUTO_RUNS_PER_CORE == 4
     folder = export(sites=8, per_round=8)
     job = read_job(folder)
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
     room = estimate(8, 8, model_bytes_of(folder)).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
-    assert _check_memory(job, 8, None, None) is None  # all at once fits: all at once
+    assert _check_memory(job, 8, None, None) is None  # all at once fits, 4 a core: all at once
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (room - 1, "available on this machine"))
-    assert _check_memory(job, 8, None, None) == 4  # four a core
+    assert _check_memory(job, 8, None, None) == 7  # per task: at most all but one (all would run once)
     three = estimate(8, 3, model_bytes_of(folder)).total
     monkeypatch.setattr(sim_memory, "available_memory", lambda: (three, "available on this machine"))
-    assert _check_memory(job, 8, None, None) == 3  # as many as fit, when fewer than the cores
+    assert _check_memory(job, 8, None, None) == 3  # as many as fit
+
+
+def test_without_threads_more_sites_than_four_a_core_train_four_a_core_even_when_all_would_fit(export, monkeypatch):
+    """Memory is not the only bound: 64 scripts at once on 2 cores fit the estimate, but starved the
+    sites' heartbeats on a loaded machine until sites were declared lost."""
+    from fl.server.jobstore import read_job
+    from fl.simulator import _check_memory
+
+    folder = export(sites=8, per_round=8)
+    job = read_job(folder)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    plenty = 100 * estimate(8, 8, model_bytes_of(folder)).total
+    monkeypatch.setattr(sim_memory, "available_memory", lambda: (plenty, "available on this machine"))
+    assert _check_memory(job, 8, None, None) == 4  # 8 sites, 1 core: 4 at once, per task
+    assert _check_memory(job, 8, None, None, launch_once=True) == 4  # the job's launch_once: 4 train at once
+    assert _check_memory(job, 8, 8, None) == 8  # -t 8, said so: kept
+
+
+def test_scripts_that_run_once_count_every_site_a_sampled_round_leaves_idle(export, monkeypatch):
+    """With launch_once every site's script exists for the whole job, sampled this round or not: the
+    estimate counts them all, and a run that cannot hold them runs per task, the sampled sites at once."""
+    from fl.server.jobstore import JobError, read_job
+    from fl.simulator import _check_memory
+
+    folder = export(sites=8, per_round=2)
+    job = read_job(folder)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    room = estimate(8, 2, model_bytes_of(folder)).total
+    monkeypatch.setattr(sim_memory, "available_memory", lambda: (room, "available on this machine"))
+    assert _check_memory(job, 8, None, None) == 2  # per task: the two sampled sites at once
+    with pytest.raises(JobError, match="8 training at once"):
+        _check_memory(job, 8, None, None, launch_once=True)  # the job insists on 8 scripts: refused
 
 
 def test_a_lighter_script_said_so_fits_where_the_default_does_not(export, monkeypatch):

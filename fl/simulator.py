@@ -525,8 +525,14 @@ class Liveness:
 #: Heartbeats a second the server hears from all sites together, at most: the interval grows with the
 #: sites (2 s up to 20 sites, 20 s for 200, 60 s from 600), as a heartbeat costs ~2 ms of CPU.
 HEARTBEATS_PER_S = 10.0
-#: The longest heartbeat interval; a site is declared lost after 4 intervals without a word.
+#: The longest heartbeat interval; a site is declared lost after 4 intervals without a word, and never
+#: before SIM_LOST_AFTER_S.
 MAX_HEARTBEAT_S = 60.0
+#: The least silence after which a simulated site is declared lost. A sites host that dies is seen at
+#: once (its process exits: the run aborts), and a hung one by the round's timeout; what a short loss
+#: timeout caught here was a host starved of CPU by its own scripts (64 at once on 2 loaded cores: 20
+#: sites silent for 27-53 s, declared lost, the job failed) — slow, not lost.
+SIM_LOST_AFTER_S = 120.0
 #: A simulated site's long poll waits this long (the server caps a poll at 60 s): an idle site polls
 #: once a minute, while a directive still reaches it at once.
 SIM_POLL_WAIT_S = 55.0
@@ -547,7 +553,7 @@ def liveness(n_sites: int) -> Liveness:
     heartbeat = min(MAX_HEARTBEAT_S, max(2.0, n_sites / HEARTBEATS_PER_S))
     return Liveness(
         heartbeat_interval=heartbeat,
-        lost_after=max(20.0, 4 * heartbeat),
+        lost_after=max(SIM_LOST_AFTER_S, 4 * heartbeat),
         rpc_workers=rpc_workers_for(n_sites),  # every site's long poll holds a server thread
     )
 

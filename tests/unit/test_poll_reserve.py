@@ -114,3 +114,14 @@ def test_workers_kept_from_polls_are_an_eighth_within_8_to_64_and_the_simulator_
 def test_max_parked_polls_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         SiteRegistry(max_parked_polls=0)
+
+
+def test_a_simulated_site_is_declared_lost_only_after_long_silence():
+    """A simulated sites host that dies is seen when its process exits; a short loss timeout only
+    ever caught hosts starved of CPU by their own scripts (slow, not lost)."""
+    from fl.simulator import SIM_LOST_AFTER_S, liveness
+
+    assert SIM_LOST_AFTER_S >= 120
+    for sites in (2, 64, 256, 1000):
+        settings = liveness(sites)
+        assert settings.lost_after == max(SIM_LOST_AFTER_S, 4 * settings.heartbeat_interval)

@@ -409,7 +409,8 @@ def simulate(
     try:
         spec = read_job(job_dir)
         sites = _site_names(spec, n_clients, clients)
-        threads = _check_memory(spec, len(sites), threads, site_memory, job_launch_once(job_dir))
+        job_setting = job_launch_once(job_dir)
+        threads = _check_memory(spec, len(sites), threads, site_memory, job_setting)
         held.enter_context(workspace_lock(workspace))
         _prepare_workspace(workspace)
     except JobError as exc:
@@ -418,7 +419,7 @@ def simulate(
         return 2
     with held:
         interval = status_interval or SIM_STATUS_INTERVAL_S
-        return _run(job_dir, workspace, sites, threads, gpu, timeout, progress, interval, fresh_processes)
+        return _run(job_dir, workspace, sites, threads, job_setting, gpu, timeout, progress, interval, fresh_processes)
 
 
 def _run(
@@ -426,17 +427,19 @@ def _run(
     workspace: Path,
     sites: list[str],
     threads: int | None,
+    job_launch_once_setting: bool | None,
     gpu: str | None,
     timeout: float | None,
     progress: bool | None,
     status_interval: float,
     fresh_processes: bool = False,
 ) -> int:
-    """The run itself, in a locked and prepared workspace (see :func:`simulate`)."""
+    """The run itself, in a locked and prepared workspace (see :func:`simulate`); ``job_launch_once_setting``:
+    the job's own ``launch_once`` (:func:`fl.components.script_executor.job_launch_once`)."""
     concurrent = min(threads or len(sites), len(sites))
     per_site = max(1, (os.cpu_count() or 1) // concurrent)
     gpus = [g.strip() for g in gpu.split(",")] if gpu else []
-    launch_once, why = choose_launch_once(job_launch_once(job_dir), len(sites), threads)
+    launch_once, why = choose_launch_once(job_launch_once_setting, len(sites), threads)
     log.info("%s", launch_mode_line(launch_once, why, reused=not fresh_processes))
 
     def site_env(site: str, n: int) -> dict[str, str]:

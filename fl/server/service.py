@@ -203,6 +203,9 @@ class BulkServicer(FederationServicer):
             self.server.registry.touch(meta.session_id)
         except TransferError as exc:
             self.server.metrics.transfers.failed("upload", session.name)
+            self.server.broker.note_refusal(
+                site=session.name, job_id=meta.job_id, task_id=meta.task_id, reason=str(exc)
+            )
             _abort(context, exc.code, str(exc))
         return pb.UploadReply(received=upload.received, complete=upload.complete)
 

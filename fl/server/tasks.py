@@ -86,6 +86,8 @@ class PendingTask:
     busy: bool = False  # a result is being processed
     #: the job's server-side task_result_filters, run on a result before ``on_result``
     result_filters: FilterChain | None = None
+    #: why the server refused this task's last upload (a full disk, a bad update): said if the round times out
+    last_refusal: str | None = None
 
 
 class TaskBroker:
@@ -158,6 +160,14 @@ class TaskBroker:
         if layout is None:
             raise TransferError("FAILED_PRECONDITION", f"task {task_id} ({task.spec.name}) takes no params")
         return layout, layout.data_bytes + HEADER_ALLOWANCE
+
+    def note_refusal(self, *, site: str, job_id: str, task_id: str, reason: str) -> None:
+        """Remember why an upload for a pending task of ``site`` was refused (a round that times out
+        waiting for it says so); a refusal for a task that is not pending, or not the site's, is ignored."""
+        with self._lock:
+            task = self._pending.get(task_id)
+            if task is not None and task.site == site and task.job_id == job_id:
+                task.last_refusal = reason
 
     def spool_limit(self, site: str) -> int:
         """Spool bytes ``site``'s uploads may hold together, from the largest model it has a task for."""
@@ -312,7 +322,12 @@ class JobCommunicator:
         if len(accepted) < min_responses:
             problems = [f"{s}: {r}" for s, r in failed.items()]
             if outcome == "deadline":
-                problems += [f"{s}: no result within {timeout:.0f} s (round_timeout)" for s in unanswered]
+                refused = {p.site: p.last_refusal for p in pending if p.last_refusal}
+                problems += [
+                    f"{s}: no result within {timeout:.0f} s (round_timeout)"
+                    + (f"; an upload of its result was refused: {refused[s]}" if s in refused else "")
+                    for s in unanswered
+                ]
             else:
                 problems += [f"{s}: still working when the round failed" for s in unanswered]
             raise RoundFailed(

@@ -99,9 +99,9 @@ def test_a_full_disk_fails_the_job_once_and_a_restarted_server_agrees(federation
     for name in ("site-1", "site-2"):
         fed.start_site(name)
     fed.wait_sites(["site-1", "site-2"])
-    job_id = _submit(
-        fed, make_job(rounds=8, numel=NUMEL, script_args={s: "--sleep 1" for s in ("site-1", "site-2")}), tmp_path
-    )
+    # The round after the disk fills waits for results the server cannot store: until its deadline.
+    job = make_job(rounds=8, numel=NUMEL, script_args={s: "--sleep 1" for s in ("site-1", "site-2")}, round_timeout=40)
+    job_id = _submit(fed, job, tmp_path)
     job_dir = disk.view / "jobs" / job_id
     state = job_dir / "state.json"
     wait_for(lambda: state.exists() and json.loads(state.read_text())["next_round"] >= 2, 180, "round 2 to complete")

@@ -121,6 +121,21 @@ def test_a_site_silent_until_the_deadline_is_reported_as_such(tmp_path):
     assert not accepted and "its 1 s deadline (round_timeout) passed with 1 results (2 needed)" in message
 
 
+def test_a_site_whose_uploads_the_server_refused_is_reported_with_the_refusal_at_the_deadline(tmp_path):
+    rnd = Round(tmp_path)
+    rnd.start(min_responses=2, timeout=1.0)
+    assert rnd.submit("site-1") == (True, "accepted")
+    full = "the server cannot store the upload: No space left on device"
+    rnd.broker.note_refusal(site="site-2", job_id=JOB, task_id=rnd.task_ids["site-2"], reason=full)
+    rnd.broker.note_refusal(site="site-1", job_id=JOB, task_id=rnd.task_ids["site-2"], reason="not site-1's task")
+    rnd.broker.note_refusal(site="site-2", job_id=JOB, task_id="no-such-task", reason="not pending")
+    rnd.join()
+    assert str(rnd.error).endswith(
+        f"site-2: no result within 1 s (round_timeout); an upload of its result was refused: {full}"
+    ), str(rnd.error)
+    assert "not site-1's task" not in str(rnd.error) and "not pending" not in str(rnd.error)
+
+
 def test_a_waiting_round_says_whom_it_waits_for_and_what_they_last_did(tmp_path, records):
     rnd = Round(tmp_path, status_interval=0.1, describe_site=lambda site: f"last output of {site}")
     rnd.start(min_responses=1, timeout=1.0)

@@ -450,10 +450,22 @@ def _run(
         return env
 
     started = time.monotonic()
-    server = _sim_server(workspace / "server", len(sites), site_env, status_interval)
-    port = server.start()
+    # One warm worker for the run, shared by its sites hosts: it imports torch while the server starts
+    # and the sites register, and the scripts start as its forks.
+    warm = fork_server.start_or_explain(reuse=not fresh_processes)
+    try:
+        server = _sim_server(workspace / "server", len(sites), site_env, status_interval)
+        port = server.start()
+    except BaseException:
+        if warm is not None:
+            warm.stop()
+        raise
     host = _SitesHost(
-        f"127.0.0.1:{port}", workspace, sites, threads, fork_server=not launch_once, fresh_processes=fresh_processes
+        f"127.0.0.1:{port}",
+        workspace,
+        sites,
+        threads,
+        fork_socket=warm.socket_path if warm is not None else None,
     )
     interrupted = threading.Event()
     previous_handler = None
@@ -506,6 +518,8 @@ def _run(
         # Scripts of a job that ended were told so: they get time to exit on their own.
         ended = record is not None and record.status in TERMINAL
         host.stop(graceful=ended and not interrupted.is_set() and not broken)
+        if warm is not None:
+            warm.stop()
         server.stop()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -595,16 +609,15 @@ class _SitesHost:
         sites: list[str],
         threads: int | None,
         *,
-        fork_server: bool = False,
-        fresh_processes: bool = False,
+        fork_socket: Path | None = None,
     ) -> None:
         groups = 1 if threads else max(1, min(len(sites), os.cpu_count() or 1))
         self.commands = [
             module_command(
                 "fl.simulator", "--server", server, "--workspace", str(workspace),
                 "--sites", ",".join(sites[i::groups]), "--threads", str(threads or 0),
-                "--log-format", os.environ.get("FL_LOG_FORMAT", "text"), *(["--fork-server"] if fork_server else []),
-                *(["--fresh-processes"] if fresh_processes else []),
+                "--log-format", os.environ.get("FL_LOG_FORMAT", "text"),
+                *(["--fork-socket", str(fork_socket)] if fork_socket is not None else []),
             )
             for i in range(groups)
         ]  # fmt: skip
@@ -678,13 +691,11 @@ def _run_sites(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--log-format", default="text")
-    parser.add_argument("--fork-server", action="store_true", help="start per-task scripts from a warm fork worker")
-    parser.add_argument("--fresh-processes", action="store_true", help="a fork per run, no reused workers")
+    parser.add_argument("--fork-socket", help="the run's warm fork worker: scripts start as its forks")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(args.log_format)
-    # before any gRPC thread exists
-    warm = fork_server.start_or_explain(reuse=not args.fresh_processes) if args.fork_server else None
+    warm = fork_server.attach(Path(args.fork_socket)) if args.fork_socket else None  # the run's, its parent owns it
     sites = args.sites.split(",")
     gate = RunGate(args.threads) if 0 < args.threads < len(sites) else None
     memory = _memory_folder()

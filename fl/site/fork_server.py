@@ -55,7 +55,16 @@ from fl.memory import training_memory_env
 from fl.process import popen_bound_to_parent
 from fl.pythonpath import module_command
 
-__all__ = ["ForkServer", "ForkedScript", "active_socket", "spawn", "start", "start_or_explain"]
+__all__ = [
+    "ForkServer",
+    "ForkedScript",
+    "SharedForkServer",
+    "active_socket",
+    "attach",
+    "spawn",
+    "start",
+    "start_or_explain",
+]
 
 #: What the server imports before it forks (what a hello-pt-like script needs; the job's own modules
 #: are imported by each child, since two jobs may carry modules of the same name).
@@ -66,11 +75,12 @@ READY_TIMEOUT_S = 120.0
 #: Seconds an idle worker waits for its next run before it is retired (its memory given back).
 WORKER_IDLE_S = 30.0
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 #: The signals a runner may send a forked script's process group (through the server).
 GROUP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
 
 log = adapter("fl.site")
-_active: ForkServer | None = None
+_active: ForkServer | SharedForkServer | None = None
 _give_up_lock = threading.Lock()
 
 
@@ -88,6 +98,8 @@ class ForkServer:
     def _read_ready(self) -> None:
         assert self.process.stdout is not None
         self._said = self.process.stdout.readline()
+        if self._said.strip() != b"ready":  # processes that share it (attach) see its folder go, and give up
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
         self._ready.set()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
@@ -96,6 +108,9 @@ class ForkServer:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
 
     def stop(self) -> None:
         """Stop the server; its children get SIGKILL through PR_SET_PDEATHSIG."""
@@ -109,6 +124,46 @@ class ForkServer:
             self._owner_fd = None
         if _active is self:
             _active = None
+
+
+class SharedForkServer:
+    """A fork server another process of the run started and owns (the simulator's, which its sites
+    hosts share): ready once its socket takes a connection, given up once its folder is gone (its
+    owner stopped it, or it did not get ready) or ``timeout`` passed."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._ready = False
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                try:
+                    probe.connect(str(self.socket_path))
+                    self._ready = True
+                except OSError:
+                    if not self.socket_path.parent.is_dir() or time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.02)
+        return True
+
+    def exit_code(self) -> int | None:
+        return None  # its owner knows
+
+    def stop(self) -> None:
+        """Stop using it (its owner stops the server)."""
+        global _active
+        if _active is self:
+            _active = None
+
+
+def attach(socket_path: Path) -> SharedForkServer:
+    """Have this process's job runners fork their scripts from the fork server at ``socket_path``,
+    which another process of the run started (:func:`start`) and owns."""
+    global _active
+    _active = SharedForkServer(socket_path)
+    return _active
 
 
 def start(
@@ -162,7 +217,7 @@ def active_socket() -> Path | None:
             log.warning(
                 "the warm fork worker did not get ready (exit code %s): "
                 "training scripts start as processes of their own",
-                server.process.poll(),
+                server.exit_code(),
             )
             server.stop()
     return None
@@ -596,9 +651,16 @@ def _enter_run(request: dict[str, Any], out_fd: int, channel_fd: int) -> None:
     os.environ.update(env)
     os.chdir(str(request["cwd"]))
     script = str(request["argv"][0])
+    _name_process(os.path.basename(script))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [os.path.dirname(os.path.abspath(script)), *paths, *(p for p in sys.path if p not in ("", "."))]
     sys.argv = [str(a) for a in request["argv"]]
+
+
+def _name_process(name: str) -> None:
+    """Name this process after the script it runs (its first 15 bytes: what ``top``, ``ps -o comm``
+    and ``pgrep`` show; the command line stays the fork server's)."""
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def _run_script(argv: list[str]) -> int:

@@ -117,7 +117,7 @@ class JobRunner:
         #: per task: the task (and its model) the script being started is to get, until it asks for it
         self._run_item: tuple[pb.Task, Path | None] | None = None
         self._command: list[str] = []
-        self._fork_socket: Path | None = None  # where each run is forked (per-task runs with a fork server)
+        self._fork_socket: Path | None = None  # where each run is forked (where this process runs a fork server)
         self._env: dict[str, str] = {}
         self.data_filters = FilterChain("task_data_filters")
         self.result_filters = FilterChain("task_result_filters")
@@ -418,10 +418,10 @@ class JobRunner:
             )
         warm = fork_server.active_socket()
         plain = bool(self.executor.command) or launch.distributed
-        if warm is not None and not self.launch_once and not plain:
+        if warm is not None and not plain:
             self._fork_socket = warm
             return [str(script), *shlex.split(self.executor.task_script_args or "")]
-        if warm is not None and not self.launch_once and not _fallback_logged:
+        if warm is not None and not _fallback_logged:
             _fallback_logged = True
             self.log.info(
                 "the job names its own launcher (command or ranks): its scripts start as processes, not forks"
@@ -434,11 +434,14 @@ class JobRunner:
         self.last_lines.clear()
         self._script_exited.clear()
         log = self.log.info if self.launch_once else self.log.debug
-        log("starting training script: %s", _shown(command))
+        how = " (a fork of the warm worker, torch imported)" if self._fork_socket is not None else ""
+        log("starting training script%s: %s", how, _shown(command))
         # The Kubernetes relay deletes the job's pod when it gets SIGTERM: it must not die of SIGKILL.
         death_signal = signal.SIGTERM if self.agent.launcher_config is not None else signal.SIGKILL
         if self._fork_socket is not None:
-            started = start_forked(self._fork_socket, command, cwd=self.job_dir, env=self._env, key=self.job_id)
+            # A run per task may reuse a worker of the job's; a script that runs once is a fork of its own.
+            key = None if self.launch_once else self.job_id
+            started = start_forked(self._fork_socket, command, cwd=self.job_dir, env=self._env, key=key)
         else:  # torchrun's ranks inherit no fd: rank 0 connects to a socket in the job folder
             started = start_script(
                 command,

@@ -177,3 +177,30 @@ def test_a_worker_signalled_or_given_up_mid_run_ends_and_the_next_run_gets_a_fre
     assert given_up.process.pid != started.process.pid
     given_up.process._conn.close()  # type: ignore[union-attr]
     assert _ends_within(given_up.process.pid, 10.0)
+
+
+# ---------------------------------------------------------------------- one server shared by a run's processes
+def test_a_process_that_shares_anothers_server_forks_from_it_and_gives_up_once_it_is_gone(server, tmp_path):
+    """The simulator starts the run's fork server and its sites hosts attach to it (fl.site.fork_server.attach)."""
+    shared = fork_server.SharedForkServer(server.socket_path)
+    assert shared.wait_ready(10)
+    script = _script(tmp_path, "print('forked', flush=True)\n")
+    started = start_forked(shared.socket_path, [str(script)], cwd=tmp_path, env={})
+    assert started.process.stdout is not None and started.process.stdout.read() == b"forked\n"
+    assert started.process.wait(30) == 0
+
+    before = fork_server._active
+    try:
+        # A server that dies before it is ready takes its folder with it: whoever shares it gives up at once.
+        dying = fork_server.start(preload=("torch",), wait=False)
+        dying.process.kill()
+        began = time.monotonic()
+        assert not fork_server.SharedForkServer(dying.socket_path).wait_ready(60)
+        assert time.monotonic() - began < 10, "waited for a server that was gone"
+        dying.stop()
+        attached = fork_server.attach(server.socket_path)
+        assert fork_server.active_socket() == server.socket_path
+        attached.stop()  # stops using it; its owner keeps it
+        assert fork_server.active_socket() is None and server.alive()
+    finally:
+        fork_server._active = before

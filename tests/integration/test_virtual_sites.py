@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,8 @@ def test_per_task_runs_take_one_task_each_and_train_to_the_launch_once_model(tmp
     assert "scripts run per task (launch_once=False): 3 sites and threads=1" in log
     assert "each run on a reused worker process" in log and "each run a fork of its own" in runs["fresh"][1]
     assert "the job sets launch_once=True" in runs["launch-once"][1]
+    # Scripts that run once start as forks of the run's warm worker too (torch imported while sites register).
+    assert runs["launch-once"][1].count("starting training script (a fork of the warm worker") == 3
     for site in ("site-1", "site-2", "site-3"):
         site_log = (run_dir(per_task) / "logs" / f"{site}.log").read_text()
         # 2 train tasks and the final validation: three runs of the script, one task each
@@ -175,9 +178,10 @@ def _thp_mode() -> str:
 @pytest.mark.skipif(
     _thp_mode() not in ("always", "madvise"), reason=f"needs the kernel's transparent huge pages (mode {_thp_mode()})"
 )
-def test_big_tensors_of_forked_and_launched_scripts_get_huge_pages(tmp_path, monkeypatch):
-    """Both ways a script starts (forked from the warm worker per task, its own process for the job) give
-    torch's allocator THP_MEM_ALLOC_ENABLE=1 (fl.memory): a fresh 8 MiB tensor is backed by huge pages."""
+def test_big_tensors_of_forked_and_launched_scripts_get_huge_pages(tmp_path, monkeypatch, capfd):
+    """Both ways a script starts (forked from the warm worker, or its own process where the job names its
+    interpreter command) give torch's allocator THP_MEM_ALLOC_ENABLE=1 (fl.memory): a fresh 8 MiB tensor
+    is backed by huge pages."""
     from fl.job import FedJob, ScriptRunner
     from fl.workflows.fedavg import FedAvg
 
@@ -190,13 +194,15 @@ def test_big_tensors_of_forked_and_launched_scripts_get_huge_pages(tmp_path, mon
     job = FedJob(name="pages", min_clients=2)
     job.to(FedAvg(num_clients=2, num_rounds=1), "server")
     job.to(FlatModel(16), "server")
-    for site, launch_once in (("site-1", False), ("site-2", True)):
-        runner = ScriptRunner(script="src/plus_one.py", script_args="--report-pages", launch_once=launch_once)
+    for site, command in (("site-1", None), ("site-2", f"{sys.executable} -u")):
+        runner = ScriptRunner(script="src/plus_one.py", script_args="--report-pages", command=command)
         job.to(runner, site)
     assert simulate(job.export_job(tmp_path / "export"), tmp_path / "ws", threads=2, progress=False) == 0
-    for site in ("site-1", "site-2"):
+    output = capfd.readouterr().err
+    for site, started in (("site-1", " (a fork of the warm worker"), ("site-2", f": {sys.executable} -u")):
         log = (run_dir(tmp_path / "ws") / "logs" / f"{site}.log").read_text()
         assert f"{site}: huge pages True (THP_MEM_ALLOC_ENABLE=1)" in log, log[-2000:]
+        assert re.search(rf"\[{site} job=\w+\] starting training script{re.escape(started)}", output), output[-3000:]
 
 
 # ---------------------------------------------------------------------- no orphans
@@ -217,9 +223,10 @@ def _still_alive_after(pids: list[int], bound: float = DEATH_BOUND_S) -> list[in
 
 
 @contextlib.contextmanager
-def _sleeping_per_task_run(make_job, tmp_path) -> Iterator[tuple[psutil.Process, list[psutil.Process]]]:
-    """A per-task simulation (3 sites, 2 at once) whose scripts sleep; yields its fork server and the
-    scripts forked from it, once two train; kills what is left at the end."""
+def _sleeping_per_task_run(make_job, tmp_path) -> Iterator[tuple[psutil.Process, list[psutil.Process], psutil.Process]]:
+    """A per-task simulation (3 sites, 2 at once) whose scripts sleep; yields its fork server (the
+    driver's: one for the run), the scripts forked from it, once two train, and the sites host; kills
+    what is left at the end."""
     job = make_job(sites=3, rounds=2, script_args={s: "--sleep 120" for s in ("site-1", "site-2", "site-3")})
     folder = job.export_job(tmp_path / "export")
     log = tmp_path / "sim.log"
@@ -235,10 +242,13 @@ def _sleeping_per_task_run(make_job, tmp_path) -> Iterator[tuple[psutil.Process,
         forked = [p for p in tree if "fl.site.fork_server" in p.cmdline()]  # the server, and its children
         servers = [p for p in forked if p.ppid() not in {f.pid for f in forked}]
         assert len(servers) == 1, json.dumps([p.cmdline() for p in tree])
+        assert servers[0].ppid() == driver.pid
         scripts = servers[0].children()
         assert len(scripts) == 2, [p.cmdline() for p in scripts]
+        hosts = [p for p in tree if "fl.simulator" in p.cmdline() and "--sites" in p.cmdline()]
+        assert len(hosts) == 1, json.dumps([p.cmdline() for p in tree])
         seen = [p.pid for p in tree]
-        yield servers[0], scripts
+        yield servers[0], scripts, hosts[0]
     finally:
         driver.kill()
         driver.wait(10)
@@ -248,7 +258,7 @@ def _sleeping_per_task_run(make_job, tmp_path) -> Iterator[tuple[psutil.Process,
 
 
 def test_kill_9_of_the_fork_server_ends_every_script_it_forked(make_job, tmp_path):
-    with _sleeping_per_task_run(make_job, tmp_path) as (server, scripts):
+    with _sleeping_per_task_run(make_job, tmp_path) as (server, scripts, _):
         pids = [p.pid for p in scripts]
         server.kill()
         assert _still_alive_after(pids) == [], "scripts outlived their fork server"
@@ -256,9 +266,9 @@ def test_kill_9_of_the_fork_server_ends_every_script_it_forked(make_job, tmp_pat
 
 def test_kill_9_of_the_sites_host_ends_the_scripts_forked_for_it(make_job, tmp_path):
     """The runner's connection to the fork server is the scripts' tie to their sites host: no relay."""
-    with _sleeping_per_task_run(make_job, tmp_path) as (server, scripts):
-        assert [p for p in server.parent().children() if p.pid != server.pid] == [], "a relay or other process"
-        server.parent().kill()
+    with _sleeping_per_task_run(make_job, tmp_path) as (_, scripts, host):
+        assert host.children() == [], "a relay or other process"
+        host.kill()
         assert _still_alive_after([p.pid for p in scripts]) == [], "scripts outlived their sites host"
 
 

@@ -109,8 +109,8 @@ class ForkServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def exit_code(self) -> int | None:
-        return self.process.poll()
+    def why_not_ready(self) -> str:
+        return f"exit code {self.process.poll()}"
 
     def stop(self) -> None:
         """Stop the server; its children get SIGKILL through PR_SET_PDEATHSIG."""
@@ -148,8 +148,9 @@ class SharedForkServer:
                     time.sleep(0.02)
         return True
 
-    def exit_code(self) -> int | None:
-        return None  # its owner knows
+    def why_not_ready(self) -> str:
+        gone = not self.socket_path.parent.is_dir()
+        return "the process that started it stopped it" if gone else "its socket took no connection in time"
 
     def stop(self) -> None:
         """Stop using it (its owner stops the server)."""
@@ -194,8 +195,8 @@ def start(
 
 
 def start_or_explain(*, reuse: bool = True) -> ForkServer | None:
-    """:func:`start` without waiting (the server imports torch while this process registers its sites),
-    or None after one log line saying why scripts will start as processes instead."""
+    """:func:`start` without waiting (the server imports torch while the run's server starts and its
+    sites register), or None after one log line saying why scripts will start as processes instead."""
     try:
         return start(reuse=reuse, wait=False)
     except OSError as exc:
@@ -215,9 +216,8 @@ def active_socket() -> Path | None:
     with _give_up_lock:
         if _active is server:
             log.warning(
-                "the warm fork worker did not get ready (exit code %s): "
-                "training scripts start as processes of their own",
-                server.exit_code(),
+                "the warm fork worker did not get ready (%s): training scripts start as processes of their own",
+                server.why_not_ready(),
             )
             server.stop()
     return None

@@ -117,7 +117,7 @@ class JobRunner:
         #: per task: the task (and its model) the script being started is to get, until it asks for it
         self._run_item: tuple[pb.Task, Path | None] | None = None
         self._command: list[str] = []
-        self._fork_socket: Path | None = None  # where each run is forked (where this process runs a fork server)
+        self._fork_socket: Path | None = None  # where each run is forked (the run's fork server, where there is one)
         self._env: dict[str, str] = {}
         self.data_filters = FilterChain("task_data_filters")
         self.result_filters = FilterChain("task_result_filters")

@@ -160,12 +160,13 @@ def test_kill_9_in_a_simulation_ends_every_process_below_the_killed_one(make_job
         hosts = [p for p in psutil.Process(driver.pid).children() if "fl.simulator" in p.cmdline()]
         killed = driver if victim == "driver" else hosts[0]
         below = psutil.Process(killed.pid).children(recursive=True)
+        run_scripts = _scripts_of(driver.pid)
         if victim == "sites host":  # its scripts are forks of the run's warm worker, tied to it by their connection
             names = set(killed.cmdline()[killed.cmdline().index("--sites") + 1].split(","))
-            below += [p for p in _scripts_of(driver.pid) if Path(p.cwd()).parent.name in names]  # <site>/<job>
+            below += [p for p in run_scripts if Path(p.cwd()).parent.name in names]  # <site>/<job>
         pids = [p.pid for p in below]
-        scripts = [p for p in below if p.pid in {s.pid for s in _scripts_of(driver.pid)}]
-        assert scripts and len(_scripts_of(driver.pid)) == 2, json.dumps([p.cmdline() for p in below])
+        scripts = [p for p in below if p in run_scripts]
+        assert scripts and len(run_scripts) == 2, json.dumps([p.cmdline() for p in below])
         killed.kill()
         left = _still_alive_after(pids)
         assert left == [], f"still running after kill -9 of the {victim}: {left}"
